@@ -1,0 +1,22 @@
+"""se_retrofit: retrofit Squeeze-and-Excitation (and relatives) into pretrained networks.
+
+Example:
+    >>> import timm, torch, se_retrofit
+    >>> base = timm.create_model("resnet18").eval()
+    >>> model = se_retrofit.retrofit(base, position="standard", reduction=16)
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> bool(torch.equal(model(x), base(x)))
+    True
+"""
+from .analysis import Analysis, Block, analyze, find_blocks
+from .attention import create_attention, list_attentions, register_attention
+from .config import POSITIONS, RetrofitConfig, Site
+from .core import StackedAttentionWarning, plan, record_of, retrofit, retrofit_with
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Analysis", "Block", "POSITIONS", "RetrofitConfig", "Site", "StackedAttentionWarning", "analyze",
+    "create_attention", "find_blocks", "list_attentions", "plan", "record_of", "register_attention",
+    "retrofit", "retrofit_with", "__version__",
+]

@@ -1,0 +1,103 @@
+"""The public entry point: analyse, plan and edit in one call."""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+from torch import nn
+
+from .analysis import Analysis, analyze
+from .config import RetrofitConfig, RetrofitRecord
+from .planning import NoResidualBlocksError, Plan, plan_sites
+from .surgery import apply_sites
+
+RECORD_ATTR = "se_retrofit"
+
+
+class StackedAttentionWarning(UserWarning):
+    """The blocks being edited already apply channel attention of their own."""
+
+
+def plan(model: nn.Module, config: RetrofitConfig | None = None, example_input: Any = None,
+         **options) -> tuple[Analysis, Plan]:
+    """Analyse ``model`` and plan the sites for ``config`` (or keyword options); changes nothing.
+
+    Example:
+        >>> import timm, se_retrofit
+        >>> analysis, plan = se_retrofit.plan(timm.create_model("resnet18"), stages=[4])
+        >>> [site.block for site in plan.sites]
+        ['layer4.0', 'layer4.1']
+    """
+    config = config or RetrofitConfig(**options)
+    analysis = analyze(model, example_input)
+    return analysis, plan_sites(model, analysis, config)
+
+
+def retrofit(model: nn.Module, *, attention: str = "se", position: str = "standard", reduction: int = 16,
+             stages: list[int] | None = None, init: str = "identity", divisor: int = 8,
+             example_input: Any = None, inplace: bool = False) -> nn.Module:
+    """Insert attention into every residual block of ``model`` (or those of ``stages``).
+
+    With ``init="identity"`` the returned model computes exactly what ``model`` computes, in
+    train and eval mode, until fine-tuning moves the new parameters. The model keeps its class
+    and attributes, its state-dict keys are unchanged, and new parameters appear under each block
+    (``layer1.0.se.fc1.weight``). ``model`` itself is left untouched unless ``inplace=True``.
+
+    Args:
+        model: any timm or torchvision network (or your own ``nn.Module``).
+        attention: registered attention type (see :func:`se_retrofit.list_attentions`).
+        position: ``standard``, ``pre``, ``post`` or ``identity`` (SE paper, Sec. 6.5).
+        reduction: the reduction ratio r of the excitation MLP.
+        stages: 1-based resolution stages to edit, e.g. ``[3, 4]``; all when None.
+        init: ``identity`` (outputs unchanged at start) or ``random`` (the paper's init).
+        divisor: round the hidden width to a multiple of this (timm: 8; the paper: 1).
+        example_input: an input the model accepts, for probing shapes (default: its input size).
+        inplace: edit ``model`` itself instead of a copy.
+
+    Example:
+        >>> import timm, torch, se_retrofit
+        >>> base = timm.create_model("resnet18").eval()
+        >>> model = se_retrofit.retrofit(base, position="post", reduction=16)
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> bool(torch.equal(model(x), base(x)))
+        True
+        >>> "layer1.0.se.fc1.weight" in model.state_dict()
+        True
+    """
+    config = RetrofitConfig(attention=attention, position=position, reduction=reduction,
+                            stages=list(stages) if stages is not None else None, init=init, divisor=divisor)
+    return retrofit_with(model, config, example_input=example_input, inplace=inplace)
+
+
+def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: Any = None,
+                  inplace: bool = False) -> nn.Module:
+    """:func:`retrofit` driven by a :class:`RetrofitConfig`."""
+    analysis, site_plan = plan(model, config, example_input)
+    if not site_plan.sites:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(site_plan.skipped.items())[:3])
+        raise NoResidualBlocksError(f"no block could be edited ({analysis.describe()}): {reasons}")
+    if site_plan.stacked:
+        warnings.warn(f"{len(site_plan.stacked)} of the blocks edited already apply channel attention "
+                      f"(first: {site_plan.stacked[0]}); {config.attention} will be stacked on top of it",
+                      StackedAttentionWarning, stacklevel=3)
+    target = model if inplace else copy.deepcopy(model)
+    apply_sites(target, site_plan.sites, config)
+    base = dict(getattr(getattr(model, RECORD_ATTR, None), "base", {}) or {})
+    setattr(target, RECORD_ATTR, RetrofitRecord(config, site_plan.sites, base))
+    return target
+
+
+def apply_record(model: nn.Module, record: RetrofitRecord) -> nn.Module:
+    """Re-apply recorded sites to a fresh base model, in place (used by :func:`se_retrofit.load`)."""
+    apply_sites(model, record.sites, record.config)
+    setattr(model, RECORD_ATTR, record)
+    return model
+
+
+def record_of(model: nn.Module) -> RetrofitRecord:
+    """What :func:`retrofit` did to ``model``; a ValueError for a model it did not edit."""
+    record = getattr(model, RECORD_ATTR, None)
+    if not isinstance(record, RetrofitRecord):
+        raise ValueError("this model was not edited by se_retrofit.retrofit(): nothing to save or convert")
+    return record

@@ -1,0 +1,100 @@
+"""What kind of operation an fx node performs: the vocabulary the residual criterion speaks."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.modules.pooling import (
+    _AdaptiveAvgPoolNd,
+    _AdaptiveMaxPoolNd,
+    _AvgPoolNd,
+    _MaxPoolNd,
+)
+
+CONV, LINEAR, NORM, NORM_ACT, POOL, IDENTITY, DROPOUT, PAD, ACT, ADD, MUL, OTHER = (
+    "conv", "linear", "norm", "norm_act", "pool", "identity", "dropout", "pad", "act", "add", "mul",
+    "other",
+)
+#: kinds a shortcut projection may consist of (downsample conv/BN, pooling, padding, no-ops)
+PROJECTION_KINDS = frozenset({CONV, NORM, POOL, IDENTITY, DROPOUT, PAD})
+#: kinds that only regularise or pass through: the standard position sits before them
+PASSTHROUGH_KINDS = frozenset({IDENTITY, DROPOUT})
+
+_MODULE_KINDS: list[tuple[tuple[type, ...], str]] = [
+    ((_ConvNd,), CONV),
+    ((nn.Linear,), LINEAR),
+    ((_BatchNorm, nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm), NORM),
+    ((_AvgPoolNd, _MaxPoolNd, _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd), POOL),
+    ((nn.Identity,), IDENTITY),
+    ((_DropoutNd,), DROPOUT),
+    ((nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+      nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh), ACT),
+]
+# Module classes from other libraries recognised by name (stochastic depth and activations).
+_MODULE_NAME_KINDS = {
+    "DropPath": DROPOUT, "StochasticDepth": DROPOUT, "DropBlock2d": DROPOUT,
+    "Swish": ACT, "SwishMe": ACT, "Mish": ACT, "MishMe": ACT, "HardSwish": ACT, "HardSwishMe": ACT,
+    "HardMish": ACT, "HardMishMe": ACT, "GELU": ACT, "GELUTanh": ACT, "QuickGELU": ACT,
+}
+
+_FUNCTION_KINDS = {
+    F.conv1d: CONV, F.conv2d: CONV, F.conv3d: CONV, torch.conv1d: CONV, torch.conv2d: CONV,
+    torch.conv3d: CONV, F.linear: LINEAR,
+    F.batch_norm: NORM, F.layer_norm: NORM, F.group_norm: NORM, F.instance_norm: NORM,
+    torch.batch_norm: NORM,
+    F.avg_pool1d: POOL, F.avg_pool2d: POOL, F.avg_pool3d: POOL, F.max_pool1d: POOL,
+    F.max_pool2d: POOL, F.max_pool3d: POOL, F.adaptive_avg_pool1d: POOL,
+    F.adaptive_avg_pool2d: POOL, F.adaptive_avg_pool3d: POOL, F.adaptive_max_pool2d: POOL,
+    F.dropout: DROPOUT, F.dropout1d: DROPOUT, F.dropout2d: DROPOUT, F.dropout3d: DROPOUT,
+    F.pad: PAD,
+    F.relu: ACT, F.relu6: ACT, F.silu: ACT, F.gelu: ACT, F.hardswish: ACT, F.hardsigmoid: ACT,
+    F.leaky_relu: ACT, F.elu: ACT, F.mish: ACT, torch.relu: ACT, torch.relu_: ACT,
+    torch.sigmoid: ACT, torch.tanh: ACT, F.sigmoid: ACT, F.tanh: ACT,
+    operator.add: ADD, operator.iadd: ADD, torch.add: ADD,
+    operator.mul: MUL, operator.imul: MUL, torch.mul: MUL,
+}
+_METHOD_KINDS = {
+    "add": ADD, "add_": ADD, "mul": MUL, "mul_": MUL,
+    "relu": ACT, "relu_": ACT, "sigmoid": ACT, "sigmoid_": ACT, "tanh": ACT,
+    "contiguous": IDENTITY, "clone": IDENTITY,
+}
+
+
+def module_kind(module: nn.Module) -> str:
+    """The kind of a module; a norm that carries its own activation (timm's BatchNormAct2d) is
+    ``norm_act``, which is no projection."""
+    kind = _base_module_kind(module)
+    if kind == NORM and any(_base_module_kind(m) == ACT for m in module.children()):
+        return NORM_ACT
+    return kind
+
+
+def _base_module_kind(module: nn.Module) -> str:
+    for types, kind in _MODULE_KINDS:
+        if isinstance(module, types):
+            return kind
+    return _MODULE_NAME_KINDS.get(type(module).__name__, OTHER)
+
+
+def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """The kind of operation ``node`` performs (one of the constants above)."""
+    if node.op == "call_module":
+        return module_kind(modules[node.target])
+    if node.op == "call_function":
+        return _FUNCTION_KINDS.get(node.target, OTHER)
+    if node.op == "call_method":
+        return _METHOD_KINDS.get(node.target, OTHER)
+    return OTHER
+
+
+def has_weights(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True where the node applies learned parameters (a module with parameters, or a get_attr input)."""
+    if node.op == "call_module":
+        return any(True for _ in modules[node.target].parameters())
+    return any(arg.op == "get_attr" for arg in node.all_input_nodes)

@@ -1,0 +1,188 @@
+"""Surgery: insert attention modules at planned sites by rewriting each block's own forward.
+
+Each edited block is traced alone with all of its children kept as leaves, so only the block's
+own ``forward`` is regenerated: children keep their code, hooks and train/eval behaviour, the
+block keeps its class, and every state-dict key stays where it was. The block is traced in
+train and in eval mode; where the two graphs differ (a block that reads ``self.training``), the
+new forward dispatches on ``self.training`` so both behaviours are kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from collections import defaultdict
+from typing import Callable, Iterator
+
+from torch import fx, nn
+from torch.fx.graph_module import _forward_from_src
+
+from . import op_kinds as K
+from .analysis import add_operands, dominated_cone, dynamic_inputs, mark_dynamic
+from .attention import create_attention
+from .config import RetrofitConfig, Site
+from .tracing import restore_training, snapshot_training, trace
+
+
+class SurgeryError(RuntimeError):
+    """A planned site could not be found again in its block's forward."""
+
+
+def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig) -> None:
+    """Insert one attention module per site into ``model`` (edited in place)."""
+    by_block: dict[str, list[Site]] = defaultdict(list)
+    for site in sites:
+        by_block[site.block].append(site)
+    for path, block_sites in by_block.items():
+        try:
+            block = model.get_submodule(path)
+        except AttributeError:
+            raise SurgeryError(f"the model has no module {path!r}: it does not match the sites planned "
+                               "for it") from None
+        attention = {s.module_name: _new_attention(s, config) for s in block_sites}
+        edit_block(block, block_sites, attention)
+
+
+def _new_attention(site: Site, config: RetrofitConfig) -> nn.Module:
+    return create_attention(config.attention, site.channels, init=config.init,
+                            spatial_dims=site.spatial_dims, **config.attention_options())
+
+
+def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Module]) -> None:
+    """Give ``block`` the attention modules (by attribute name) and a forward that calls them."""
+    graphs = {mode: _trace_block(block, mode) for mode in (True, False)}
+    for name, module in attention.items():
+        _attach(block, name, module)
+    modules = dict(block.named_modules())
+    forwards = {}
+    for mode, graph in graphs.items():
+        mark_dynamic(graph)
+        for site in sites:
+            _insert(graph, site, modules)
+        graph.lint()
+        forwards[mode] = graph.python_code(root_module="self")
+    _install_forward(block, forwards)
+
+
+def _trace_block(block: nn.Module, training: bool) -> fx.Graph:
+    snapshot = snapshot_training(block)
+    try:
+        block.train(training)
+        with _instance_forward_as_class(block):
+            return trace(block, leaf_children=True)
+    finally:
+        restore_training(snapshot)
+
+
+@contextlib.contextmanager
+def _instance_forward_as_class(block: nn.Module) -> Iterator[None]:
+    """fx traces ``type(root).forward``; a block edited before carries its forward on the instance."""
+    forward = vars(block).get("forward")
+    if forward is None:
+        yield
+        return
+    cls = type(block)
+    block.__class__ = type(cls.__name__, (cls,), {"forward": forward.__func__, "__module__": cls.__module__})
+    try:
+        yield
+    finally:
+        block.__class__ = cls
+
+
+def _attach(block: nn.Module, name: str, module: nn.Module) -> None:
+    if name in vars(block) and vars(block)[name] is None:
+        delattr(block, name)  # timm keeps `self.se = None` where a block has no attention
+    block.add_module(name, module)
+
+
+# --- placing one module in a block's graph ----------------------------------------------------
+
+def _insert(graph: fx.Graph, site: Site, modules: dict[str, nn.Module]) -> None:
+    adds = [n for n in graph.nodes if K.node_kind(n, modules) == K.ADD]
+    if site.add_index >= len(adds):
+        raise SurgeryError(f"{site.block}: its forward has {len(adds)} additions, the plan expects "
+                           f"addition #{site.add_index}")
+    add = adds[site.add_index]
+    operands = add_operands(add)
+    if operands is None:
+        raise SurgeryError(f"{site.block}: addition #{site.add_index} does not add two tensors")
+    shortcut, branch = operands[site.shortcut_arg], operands[1 - site.shortcut_arg]
+    _PLACERS[site.position](graph, add, branch, shortcut, site.module_name, modules)
+
+
+def _place_standard(graph, add, branch, shortcut, name, modules) -> None:
+    """After the branch's last layer, before stochastic depth / dropout and the addition."""
+    target = branch
+    while K.node_kind(target, modules) in K.PASSTHROUGH_KINDS and len(target.users) == 1:
+        inputs = dynamic_inputs(target)
+        if len(inputs) != 1 or len(inputs[0].users) != 1:
+            break
+        target = inputs[0]
+    _wrap_output(graph, target, name)
+
+
+def _place_post(graph, add, branch, shortcut, name, modules) -> None:
+    """After the addition, and after the activation that directly follows it."""
+    users = list(add.users)
+    follows = len(users) == 1 and K.node_kind(users[0], modules) == K.ACT
+    _wrap_output(graph, users[0] if follows else add, name)
+
+
+def _place_identity(graph, add, branch, shortcut, name, modules) -> None:
+    """On the shortcut, just before the addition; the branch is untouched."""
+    with graph.inserting_before(add):
+        gated = graph.call_module(name, (shortcut,))
+    add.replace_input_with(shortcut, gated)
+
+
+def _place_pre(graph, add, branch, shortcut, name, modules) -> None:
+    """On the block input as the branch sees it; the shortcut keeps the raw input."""
+    block_input, cone = _block_input(shortcut, branch)
+    users = [u for u in block_input.users if u in cone]
+    first = next(n for n in graph.nodes if n in users)
+    with graph.inserting_before(first):
+        gated = graph.call_module(name, (block_input,))
+    for user in users:
+        user.replace_input_with(block_input, gated)
+
+
+_PLACERS: dict[str, Callable] = {
+    "standard": _place_standard, "pre": _place_pre, "post": _place_post, "identity": _place_identity,
+}
+
+
+def _wrap_output(graph: fx.Graph, target: fx.Node, name: str) -> None:
+    with graph.inserting_after(target):
+        gated = graph.call_module(name, (target,))
+    target.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
+
+
+def _block_input(shortcut: fx.Node, branch: fx.Node) -> tuple[fx.Node, set[fx.Node]]:
+    """The node the shortcut starts from: the nearest one on its way back that dominates the branch."""
+    node = shortcut
+    for _ in range(16):
+        cone = dominated_cone(branch, node) if node is not branch else None
+        if cone:
+            return node, cone
+        inputs = dynamic_inputs(node)
+        if len(inputs) != 1:
+            break
+        node = inputs[0]
+    raise SurgeryError(f"could not find the block input feeding both {shortcut.name} and {branch.name}")
+
+
+# --- the new forward ---------------------------------------------------------------------------
+
+def _install_forward(block: nn.Module, code: dict[bool, fx.graph.PythonCode]) -> None:
+    train_fn = _forward_from_src(code[True].src, code[True].globals)
+    if code[True].src == code[False].src:
+        forward = train_fn
+    else:
+        forward = _dispatch_on_mode(train_fn, _forward_from_src(code[False].src, code[False].globals))
+    block.forward = types.MethodType(forward, block)
+
+
+def _dispatch_on_mode(train_fn: Callable, eval_fn: Callable) -> Callable:
+    def forward(self, *args, **kwargs):
+        return (train_fn if self.training else eval_fn)(self, *args, **kwargs)
+
+    return forward

@@ -1,0 +1,136 @@
+"""torch.fx tracing that honours timm's notrace registries and records module paths.
+
+Two tracing granularities are used:
+
+* analysis traces through every container, down to ``torch.nn`` leaves (and timm's
+  registered notrace modules), so the residual structure of every block is visible;
+* surgery traces a single block with all of its children kept as leaves, so only the
+  block's own ``forward`` is regenerated and every child keeps its own code, hooks and
+  train/eval behaviour.
+
+Every node gets ``node.meta["module_path"]``: the dotted path of the module whose forward
+created it (``""`` for the root), in the spirit of torchvision's ``NodePathTracer``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+MODULE_PATH = "module_path"
+
+
+def _timm_notrace() -> tuple[list[type], list]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm is a dependency, but tracing does not need it
+        return [], []
+    return list(get_notrace_modules()), list(get_notrace_functions())
+
+
+class RetrofitTracer(fx.Tracer):
+    """A tracer that keeps timm's notrace modules/functions opaque and records module paths.
+
+    Args:
+        leaf_children: if True, every direct child of the traced root is a leaf
+            (block-level tracing for surgery). Otherwise only ``torch.nn`` modules and
+            timm's notrace modules are leaves (whole-model tracing for analysis).
+    """
+
+    def __init__(self, leaf_children: bool = False):
+        leaf_types, functions = _timm_notrace()
+        super().__init__(autowrap_functions=tuple(functions), param_shapes_constant=True)
+        self._leaf_types = tuple(leaf_types)
+        self._leaf_children = leaf_children
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_children:
+            return module_qualified_name != ""
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        stack = getattr(self, "module_stack", None)
+        scope = next(reversed(stack.values()))[0] if stack else ""
+        if kind == "call_module" and scope == target:
+            # the leaf itself is on the stack while its call node is made: its scope is the parent
+            scope = _parent_path(target)
+        node.meta[MODULE_PATH] = scope
+        return node
+
+
+def _parent_path(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def trace(module: nn.Module, leaf_children: bool = False) -> fx.Graph:
+    """Trace ``module`` symbolically and return its graph (module paths in ``node.meta``)."""
+    return RetrofitTracer(leaf_children=leaf_children).trace(module)
+
+
+@dataclass
+class TracedRegion:
+    """A part of the model that traced as one graph: the whole model, or a submodule of it."""
+
+    path: str
+    module: nn.Module
+    graph: fx.Graph
+
+
+@dataclass
+class TraceResult:
+    """The graphs covering a model, plus the modules that could not be traced and why."""
+
+    regions: list[TracedRegion] = field(default_factory=list)
+    untraceable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def whole(self) -> bool:
+        return len(self.regions) == 1 and self.regions[0].path == ""
+
+
+def trace_regions(model: nn.Module, max_untraceable_depth: int = 12) -> TraceResult:
+    """Trace the whole model, or, where that fails, each child recursively.
+
+    A module whose own forward cannot be traced is split into its children; a leaf module
+    that cannot be traced is recorded in ``untraceable`` with the tracer's message.
+    """
+    result = TraceResult()
+    _trace_into(model, "", result, max_untraceable_depth)
+    return result
+
+
+def _trace_into(module: nn.Module, path: str, result: TraceResult, depth: int) -> None:
+    try:
+        graph = trace(module)
+    except Exception as error:  # any tracer failure means: try the children one by one
+        children = list(module.named_children())
+        if not children or depth == 0:
+            result.untraceable[path or "<root>"] = _one_line(error)
+            return
+        for name, child in children:
+            _trace_into(child, f"{path}.{name}" if path else name, result, depth - 1)
+        return
+    if path:
+        for node in graph.nodes:
+            inner = node.meta.get(MODULE_PATH, "")
+            node.meta[MODULE_PATH] = f"{path}.{inner}" if inner else path
+    result.regions.append(TracedRegion(path, module, graph))
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".strip()
+
+
+def snapshot_training(module: nn.Module) -> dict[nn.Module, bool]:
+    """Snapshot of every submodule's ``training`` flag, to restore with :func:`restore_training`."""
+    return {m: m.training for m in module.modules()}
+
+
+def restore_training(snapshot: dict[nn.Module, bool]) -> None:
+    for m, flag in snapshot.items():
+        m.training = flag
+
