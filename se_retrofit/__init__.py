@@ -12,11 +12,13 @@ from .analysis import Analysis, Block, analyze, find_blocks
 from .attention import create_attention, list_attentions, register_attention
 from .config import POSITIONS, RetrofitConfig, Site
 from .core import StackedAttentionWarning, plan, record_of, retrofit, retrofit_with
+from .io import load, save
+from .convert import fold_gate_scale, to_timm_native
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "Analysis", "Block", "POSITIONS", "RetrofitConfig", "Site", "StackedAttentionWarning", "analyze",
     "create_attention", "find_blocks", "list_attentions", "plan", "record_of", "register_attention",
-    "retrofit", "retrofit_with", "__version__",
+    "retrofit", "retrofit_with", "__version__", "load", "save", "fold_gate_scale", "to_timm_native",
 ]

@@ -83,9 +83,20 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
                       StackedAttentionWarning, stacklevel=3)
     target = model if inplace else copy.deepcopy(model)
     apply_sites(target, site_plan.sites, config)
-    base = dict(getattr(getattr(model, RECORD_ATTR, None), "base", {}) or {})
+    base = dict(getattr(getattr(model, RECORD_ATTR, None), "base", {}) or {}) or describe_base(model)
     setattr(target, RECORD_ATTR, RetrofitRecord(config, site_plan.sites, base))
     return target
+
+
+def describe_base(model: nn.Module) -> dict[str, Any]:
+    """What can be told of a model handed to :func:`retrofit`: its timm architecture, or its class."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    cls = type(model)
+    info: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}",
+                            "weights": "as passed to se_retrofit.retrofit()"}
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        info.update(name=cfg["architecture"], source="timm", pretrained_tag=cfg.get("tag"))
+    return info
 
 
 def apply_record(model: nn.Module, record: RetrofitRecord) -> nn.Module:

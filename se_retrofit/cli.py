@@ -1,0 +1,252 @@
+"""Command line: ``se-retrofit MODEL [options]``.
+
+Examples:
+    se-retrofit resnet50 --position post --r 16
+    se-retrofit torchvision:resnet50 --stages 3,4 --weights none --dry-run
+    se-retrofit resnet50 --weights ./resnet50.safetensors --out ./resnet50-se --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from ._version import __version__
+from .analysis import ProbeError, default_example_input
+from .attention import UnknownAttentionError, create_attention, list_attentions
+from .config import POSITION_HELP, POSITIONS, ConfigError, RetrofitConfig
+from .core import RECORD_ATTR, StackedAttentionWarning, plan, retrofit_with
+from .hub import OfflineWarning, UnknownModelError, WeightsError, create, resolve
+from .io import SaveError, save
+from .planning import NoResidualBlocksError, Plan, StageError
+from .surgery import SurgeryError
+
+USER_ERRORS = (ConfigError, UnknownModelError, UnknownAttentionError, WeightsError, SaveError,
+               NoResidualBlocksError, StageError, ProbeError, SurgeryError)
+EXIT_USER_ERROR, EXIT_INTERNAL = 2, 1
+
+
+class UsageError(Exception):
+    """Bad command-line arguments (reported in one line, exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise UsageError(f"{message} (see se-retrofit --help)")
+
+
+def _positive_int(text: str) -> int:
+    if not re.fullmatch(r"\d+", text.strip()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _stage_list(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(re.fullmatch(r"\d+", p) and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be comma-separated stage numbers such as 3,4, got {text!r}")
+    return sorted({int(p) for p in parts})
+
+
+def _size(text: str) -> tuple[int, ...]:
+    parts = text.split(",")
+    if not all(re.fullmatch(r"\d+", p.strip()) and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be C,H,W (or C,L / C,D,H,W) such as 3,224,224, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="se-retrofit",
+        description="Retrofit Squeeze-and-Excitation attention into a pretrained timm or torchvision "
+                    "network, starting at exact identity, and save it for fine-tuning.")
+    parser.add_argument("model", nargs="?", help="timm name (resnet50) or torchvision name (torchvision:resnet50)")
+    parser.add_argument("--source", choices=("timm", "torchvision"), help="library to take MODEL from")
+    parser.add_argument("--attention", default="se", help="attention type (default se; see --list-attentions)")
+    parser.add_argument("--position", default="standard", choices=POSITIONS,
+                        help="; ".join(f"{k}: {v}" for k, v in POSITION_HELP.items()))
+    parser.add_argument("--r", type=_positive_int, default=16, help="reduction ratio r (default 16)")
+    parser.add_argument("--divisor", type=_positive_int, default=8,
+                        help="round the hidden width to a multiple of this (default 8 as timm; 1: exact C/r)")
+    parser.add_argument("--stages", type=_stage_list, help="stages to edit, e.g. 3,4 (default: all)")
+    parser.add_argument("--init", choices=("identity", "random"), default="identity",
+                        help="identity: the edited model computes what the original does (default)")
+    parser.add_argument("--weights", default="pretrained",
+                        help="pretrained (library weights; random with a warning when offline), none, "
+                             "or PATH to a state dict (.safetensors, or .pth read with weights_only)")
+    parser.add_argument("--input-size", type=_size, help="probe input size C,H,W (default: the model's own)")
+    parser.add_argument("--out", type=Path, help="output directory (default ./MODEL-ATTENTION-POSITION-rR)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--dry-run", action="store_true", help="show the plan, write nothing")
+    parser.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
+    parser.add_argument("--list-attentions", action="store_true", help="list the attention types and exit")
+    parser.add_argument("--version", action="version", version=f"se-retrofit {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    out = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args, out, err)
+    except UsageError as error:
+        err.print(f"se-retrofit: error: {error}", markup=False, highlight=False)
+        return EXIT_USER_ERROR
+    except USER_ERRORS as error:
+        err.print(f"se-retrofit: error: {error}", markup=False, highlight=False)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        err.print("se-retrofit: interrupted; nothing was written", highlight=False)
+        return 130
+    except Exception as error:  # a bug: one line, traceback only on request
+        if os.environ.get("SE_RETROFIT_DEBUG"):
+            raise
+        err.print(f"se-retrofit: internal error: {type(error).__name__}: {error} "
+                  "(set SE_RETROFIT_DEBUG=1 for the traceback)", markup=False, highlight=False)
+        return EXIT_INTERNAL
+
+
+def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.list_attentions:
+        for name, spec in list_attentions().items():
+            out.print(f"{name:10s} {spec.summary}", markup=False, highlight=False)
+        return 0
+    if not args.model:
+        raise UsageError("the following arguments are required: model")
+    config = RetrofitConfig(attention=args.attention, position=args.position, reduction=args.r,
+                            divisor=args.divisor, stages=args.stages, init=args.init)
+    ref = resolve(args.model, args.source)
+    out_dir = args.out or Path(f"{ref.name.replace('/', '_')}-{config.attention}-{config.position}-r{config.reduction}")
+    if not args.dry_run and out_dir.exists() and not args.overwrite:
+        raise SaveError(f"output directory {out_dir} already exists; pass --overwrite or choose --out")
+    if args.weights not in ("pretrained", "none") and not Path(args.weights).is_file():
+        raise WeightsError(f"weights file {args.weights} does not exist (use pretrained, none or a file path)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, origin = create(ref, args.weights)
+    _report_warnings(caught, err)
+    model.eval()
+    example = _example(model, args.input_size)
+    analysis, site_plan = plan(model, config, example)
+    report = _report(ref, origin, config, analysis, site_plan, model)
+    if not args.dry_run:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            edited = retrofit_with(model, config, example_input=example)
+        _report_warnings(caught, err)
+        getattr(edited, RECORD_ATTR).base = {"name": ref.name, "source": ref.source, "weights": origin}
+        report.update(_identity(model, edited, example), params_after=_count(edited))
+        report["params_added_pct"] = 100.0 * (report["params_after"] / report["params_before"] - 1)
+        report["output_dir"] = str(save(edited, out_dir, overwrite=args.overwrite))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report, out)
+    return 0
+
+
+def _example(model: nn.Module, size: tuple[int, ...] | None) -> torch.Tensor:
+    if size is None:
+        return default_example_input(model)
+    return torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+
+
+def _report_warnings(caught: list, err: Console) -> None:
+    for item in caught:
+        if issubclass(item.category, (OfflineWarning, StackedAttentionWarning)):
+            err.print(f"warning: {item.message}", markup=False, highlight=False, style="yellow")
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _site_rows(site_plan: Plan, config: RetrofitConfig) -> list[dict[str, Any]]:
+    rows = []
+    for site in site_plan.sites:
+        module = create_attention(config.attention, site.channels, init=config.init,
+                                  spatial_dims=site.spatial_dims, **config.attention_options())
+        rows.append({"block": site.block, "module": site.module_path, "stage": site.stage,
+                     "channels": site.channels, "reduced": _reduced(module), "params": _count(module)})
+    return rows
+
+
+def _reduced(module: nn.Module) -> int | None:
+    fc1 = getattr(module, "fc1", None)
+    return getattr(fc1, "out_channels", None)
+
+
+def _report(ref, origin: str, config: RetrofitConfig, analysis, site_plan: Plan, model: nn.Module) -> dict:
+    sites = _site_rows(site_plan, config)
+    return {
+        "model": str(ref), "weights": origin, **config.to_dict(),
+        "blocks_found": len(analysis.blocks), "stages_found": analysis.stages,
+        "already_with_attention": site_plan.stacked, "skipped": site_plan.skipped,
+        "sites": sites, "params_before": _count(model),
+        "params_planned": sum(s["params"] for s in sites), "dry_run": True,
+    }
+
+
+def _identity(original: nn.Module, edited: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+    """Max |Δ| between the original and edited model outputs on ``example`` in eval mode."""
+    original.eval()
+    edited.eval()
+    with torch.no_grad():
+        a, b = original(example), edited(example)
+    a, b = _first_tensor(a), _first_tensor(b)
+    diff = (a - b).abs().max().item()
+    scale = a.abs().max().item() or 1.0
+    return {"dry_run": False, "identity_max_abs_diff": diff, "identity_max_rel_diff": diff / scale}
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    while not isinstance(value, torch.Tensor):
+        value = value[0] if isinstance(value, (tuple, list)) else next(iter(value.values()))
+    return value.float()
+
+
+def _print_report(report: dict, out: Console) -> None:
+    out.print(f"[bold]{report['model']}[/]  weights: {report['weights']}", highlight=False)
+    table = Table(title=f"{report['attention']} at '{report['position']}', r={report['reduction']}")
+    for column in ("block", "stage", "channels", "reduced", "params added"):
+        table.add_column(column, justify="left" if column == "block" else "right")
+    for row in report["sites"]:
+        table.add_row(row["block"], str(row["stage"]), str(row["channels"]), str(row["reduced"] or "-"),
+                      f"{row['params']:,}")
+    out.print(table)
+    before = report["params_before"]
+    out.print(f"blocks found: {report['blocks_found']} (stages {_stage_text(report['stages_found'])}); "
+              f"edited: {len(report['sites'])}", highlight=False)
+    if report["already_with_attention"]:
+        out.print(f"[yellow]note:[/] {len(report['already_with_attention'])} blocks already have channel "
+                  "attention; the new modules stack on top of it", highlight=False)
+    for block, reason in report["skipped"].items():
+        out.print(f"skipped {block}: {reason}", highlight=False, markup=False)
+    if report["dry_run"]:
+        out.print(f"parameters: {before:,} → {before + report['params_planned']:,} "
+                  f"(+{100 * report['params_planned'] / before:.2f}%); dry run: nothing written", highlight=False)
+        return
+    out.print(f"parameters: {before:,} → {report['params_after']:,} (+{report['params_added_pct']:.2f}%)",
+              highlight=False)
+    out.print(f"identity check: max |Δ| = {report['identity_max_abs_diff']:.3g} "
+              f"(relative {report['identity_max_rel_diff']:.3g})", highlight=False)
+    out.print(f"saved to {report['output_dir']}", highlight=False)
+
+
+def _stage_text(stages: list[int]) -> str:
+    return ",".join(map(str, stages)) or "-"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

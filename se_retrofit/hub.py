@@ -1,0 +1,241 @@
+"""Base models by name: timm or torchvision, with pretrained, random or local weights.
+
+Offline machines are noticed in a few seconds (a bounded connection probe), instead of the
+minute timm's hub client spends retrying, and the model then starts from random weights with one
+clear warning. Every model comes back with a sentence saying where its weights came from.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCES = ("timm", "torchvision")
+WEIGHTS_HOSTS = {"timm": "huggingface.co", "torchvision": "download.pytorch.org"}
+PROBE_SECONDS = 3.0
+
+
+class UnknownModelError(ValueError):
+    """No timm or torchvision model has that name."""
+
+
+class WeightsError(ValueError):
+    """A weights file could not be read or does not fit the model."""
+
+
+class OfflineWarning(UserWarning):
+    """Pretrained weights could not be fetched; the model starts from random weights."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model name resolved to its library."""
+
+    name: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+def resolve(name: str, source: str | None = None) -> ModelRef:
+    """``resnet50`` → timm, ``torchvision:resnet50`` → torchvision; unknown names get suggestions."""
+    if ":" in name and name.split(":", 1)[0] in SOURCES:
+        prefix, name = name.split(":", 1)
+        if source and source != prefix:
+            raise UnknownModelError(f"model {prefix}:{name} contradicts --source {source}")
+        source = prefix
+    if source is not None and source not in SOURCES:
+        raise UnknownModelError(f"unknown source {source!r}; choose timm or torchvision")
+    candidates = [s for s in (source,) if s] or list(SOURCES)
+    for library in candidates:
+        if name in _model_names(library):
+            return ModelRef(name, library)
+    raise UnknownModelError(_unknown_message(name, candidates))
+
+
+def _model_names(source: str) -> list[str]:
+    if source == "timm":
+        import timm
+
+        return timm.list_models()
+    import torchvision
+
+    return torchvision.models.list_models()
+
+
+def _unknown_message(name: str, sources: list[str]) -> str:
+    pool = {}
+    for source in sources:
+        for known in _model_names(source):
+            pool.setdefault(known, source)
+    close = difflib.get_close_matches(name, list(pool), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(c if pool[c] == 'timm' else 'torchvision:' + c for c in close)}?" \
+        if close else "; list them with timm.list_models() or torchvision.models.list_models()"
+    return f"unknown model {name!r} in {' or '.join(sources)}{hint}"
+
+
+def create(ref: ModelRef, weights: str = "pretrained") -> tuple[nn.Module, str]:
+    """Build the model and say where its weights came from.
+
+    Args:
+        ref: the resolved model.
+        weights: ``pretrained`` (the library's weights; random with a warning when offline),
+            ``none`` (random), or the path of a state dict (``.safetensors``, or ``.pth``/``.pt``
+            read with ``weights_only=True``).
+    """
+    if weights == "none":
+        return _build(ref, pretrained=False), "random initialisation (weights: none)"
+    if weights == "pretrained":
+        return _pretrained(ref)
+    path = Path(weights)
+    model = _build(ref, pretrained=False)
+    load_weights_file(model, path)
+    return model, f"file {path}"
+
+
+def _build(ref: ModelRef, pretrained: bool) -> nn.Module:
+    if ref.source == "timm":
+        import timm
+
+        return timm.create_model(ref.name, pretrained=pretrained)
+    import torchvision
+
+    return torchvision.models.get_model(ref.name, weights="DEFAULT" if pretrained else None)
+
+
+def _pretrained(ref: ModelRef) -> tuple[nn.Module, str]:
+    host = WEIGHTS_HOSTS[ref.source]
+    cached = _cached_weights(ref)
+    if cached is None and not reachable(host):
+        model = _build(ref, pretrained=False)
+        message = (f"offline: {host} cannot be reached and no cached weights for {ref} were found; "
+                   "continuing from RANDOM weights (pass --weights PATH to use a local file)")
+        warnings.warn(message, OfflineWarning, stacklevel=2)
+        return model, f"random initialisation (pretrained weights unavailable offline from {host})"
+    try:
+        with _offline_hub(cached is not None):
+            model = _build(ref, pretrained=True)
+    except Exception as error:  # any download failure: say it once, carry on from random weights
+        warnings.warn(f"pretrained weights for {ref} could not be loaded ({type(error).__name__}); "
+                      "continuing from RANDOM weights", OfflineWarning, stacklevel=2)
+        return _build(ref, pretrained=False), f"random initialisation (pretrained download failed: {error})"
+    return model, f"pretrained: {_weights_tag(ref, model)}" + (" (from local cache)" if cached else "")
+
+
+def reachable(host: str, port: int = 443, seconds: float = PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``seconds`` (DNS included)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and host == WEIGHTS_HOSTS["timm"]:
+        return False
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(outcome and outcome[0])
+
+
+def _cached_weights(ref: ModelRef) -> Path | None:
+    """The local file the library would load pretrained weights from, if already downloaded."""
+    try:
+        if ref.source == "torchvision":
+            import torchvision
+
+            url = torchvision.models.get_model_weights(ref.name).DEFAULT.url
+            path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+            return path if path.is_file() else None
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(ref.name)
+        repo = getattr(cfg, "hf_hub_id", None)
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, filename) if repo else None
+            if isinstance(found, str):
+                return Path(found)
+    except Exception:  # no cache information is the same as no cache
+        return None
+    return None
+
+
+class _offline_hub:
+    """Tell the HF hub client not to reach the network while loading from the local cache."""
+
+    def __init__(self, active: bool):
+        self.active, self.saved = active, None
+
+    def __enter__(self):
+        if self.active:
+            self.saved = os.environ.get("HF_HUB_OFFLINE")
+            os.environ["HF_HUB_OFFLINE"] = "1"
+
+    def __exit__(self, *exc):
+        if self.active:
+            if self.saved is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = self.saved
+
+
+def _weights_tag(ref: ModelRef, model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        return f"timm hub {cfg.get('hf_hub_id') or cfg.get('url') or ref.name}"
+    import torchvision
+
+    return f"torchvision {torchvision.models.get_model_weights(ref.name).DEFAULT}"
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a ``weights_only`` torch file; unwrap common wrappers."""
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"cannot read weights file {path}: {type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a state dict file strictly; the error names missing, unexpected and misshapen keys."""
+    state = read_state_dict(path)
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`WeightsError` unless ``state`` has exactly ``model``'s keys and shapes."""
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    misshapen = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or unexpected or misshapen:
+        parts = [f"{label} {len(keys)} ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                     ("wrong shape", misshapen)) if keys]
+        raise WeightsError(f"weights in {where} do not match the model: {'; '.join(parts)}")

@@ -1,0 +1,187 @@
+"""Save and load edited models: full and attention-only safetensors plus a JSON config.
+
+A saved directory holds:
+
+* ``model.safetensors``: every weight of the edited model;
+* ``attention.safetensors``: the new attention weights alone (an adapter, as in PEFT);
+* ``retrofit_config.json``: base model (name, source, where its weights came from, library
+  versions), attention type, position, r, stages, init and the list of sites.
+
+Loading re-creates the base model (or takes one you pass), re-applies the recorded sites and loads
+the weights strictly. Writes go to a hidden sibling directory that is renamed into place at the
+end, so an interrupted save never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ._version import __version__
+from .config import RetrofitRecord
+from .core import apply_record, record_of
+from .hub import ModelRef, WeightsError, check_state_dict, create
+
+CONFIG_FILE, MODEL_FILE, ATTENTION_FILE = "retrofit_config.json", "model.safetensors", "attention.safetensors"
+FORMAT = "se_retrofit/1"
+
+
+class SaveError(ValueError):
+    """The edited model cannot be saved where asked."""
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``model`` (edited by :func:`se_retrofit.retrofit`) to the directory ``path``.
+
+    Example:
+        >>> import tempfile, timm, se_retrofit
+        >>> model = se_retrofit.retrofit(timm.create_model("resnet18"))
+        >>> out = se_retrofit.save(model, tempfile.mkdtemp() + "/resnet18-se")
+        >>> sorted(p.name for p in out.iterdir())
+        ['attention.safetensors', 'model.safetensors', 'retrofit_config.json']
+    """
+    record = record_of(model)
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise SaveError(f"{path} already exists; choose another directory or pass overwrite=True")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        _write(model, record, staging)
+        _set_default_permissions(staging)
+        _replace_dir(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _write(model: nn.Module, record: RetrofitRecord, directory: Path) -> None:
+    state = _unshared(model.state_dict())
+    save_file(state, str(directory / MODEL_FILE), metadata={"format": FORMAT})
+    save_file(attention_state_dict(model), str(directory / ATTENTION_FILE), metadata={"format": FORMAT})
+    config = {"format": FORMAT, **record.to_dict(), "versions": library_versions(),
+              "files": {"model": MODEL_FILE, "attention": ATTENTION_FILE}}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _set_default_permissions(directory: Path) -> None:
+    """mkdtemp makes private files; give the result the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Safetensors refuses tensors sharing memory (tied weights): give each its own copy."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state.items():
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
+        out[key] = tensor.detach().clone().contiguous() if pointer in seen else tensor.detach().contiguous()
+        seen.add(pointer)
+    return out
+
+
+def _replace_dir(staging: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.replace(path, old / "previous")
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def attention_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of the inserted attention modules only, under their full keys."""
+    prefixes = tuple(f"{site.module_path}." for site in record_of(model).sites)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    return {"se_retrofit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__}
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON config of a saved directory, checked for format."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise WeightsError(f"{path} is not a saved se_retrofit model: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"{file} is not valid JSON: {error}") from None
+    if config.get("format") != FORMAT:
+        raise WeightsError(f"{file} has format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
+         weights: str = "full") -> nn.Module:
+    """Rebuild a model saved by :func:`save`.
+
+    Args:
+        path: the saved directory.
+        base_model: a model to edit (copied, never changed); by default the base is re-created
+            from the config, with no download.
+        weights: ``full`` loads every weight; ``attention`` loads only the attention weights onto
+            ``base_model``'s own weights (the adapter use).
+
+    Example:
+        >>> import tempfile, timm, torch, se_retrofit
+        >>> model = se_retrofit.retrofit(timm.create_model("resnet18")).eval()
+        >>> out = se_retrofit.save(model, tempfile.mkdtemp() + "/m")
+        >>> again = se_retrofit.load(out).eval()
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> bool(torch.equal(again(x), model(x)))
+        True
+    """
+    if weights not in ("full", "attention"):
+        raise ValueError(f"weights must be 'full' or 'attention', not {weights!r}")
+    config = read_config(path)
+    record = RetrofitRecord.from_dict(config)
+    model = copy.deepcopy(base_model) if base_model is not None else _fresh_base(record, weights)
+    apply_record(model, record)
+    if weights == "full":
+        state = load_file(str(Path(path) / MODEL_FILE))
+        check_state_dict(model, state, str(Path(path) / MODEL_FILE))
+        model.load_state_dict(state, strict=True)
+    else:
+        _load_attention(model, Path(path) / ATTENTION_FILE)
+    return model
+
+
+def _fresh_base(record: RetrofitRecord, weights: str) -> nn.Module:
+    if weights == "attention":
+        raise ValueError("weights='attention' needs the base_model to put the attention weights on")
+    name, source = record.base.get("name"), record.base.get("source")
+    if not name or source not in ("timm", "torchvision"):
+        raise WeightsError("the config does not say which timm/torchvision model is the base; pass "
+                           "base_model= to load onto your own model")
+    model, _ = create(ModelRef(name, source), weights="none")
+    return model
+
+
+def _load_attention(model: nn.Module, file: Path) -> None:
+    state = load_file(str(file))
+    expected = attention_state_dict(model)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise WeightsError(f"attention weights in {file} do not match: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    model.load_state_dict(state, strict=False)
