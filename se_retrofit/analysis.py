@@ -282,8 +282,18 @@ _DYNAMIC = "depends_on_input"
 def mark_dynamic(graph: fx.Graph) -> None:
     """Mark in ``node.meta`` which nodes depend on the graph's inputs (parameters do not)."""
     for node in graph.nodes:
-        node.meta[_DYNAMIC] = node.op == "placeholder" or any(
-            n.op != "get_attr" and n.meta.get(_DYNAMIC, True) for n in node.all_input_nodes)
+        if node.op == "placeholder":
+            node.meta[_DYNAMIC] = _is_data_input(node)
+        else:
+            node.meta[_DYNAMIC] = any(n.op != "get_attr" and n.meta.get(_DYNAMIC, True)
+                                      for n in node.all_input_nodes)
+
+
+def _is_data_input(placeholder: fx.Node) -> bool:
+    """A required argument, or an optional one that was given a tensor when probed. Optional
+    arguments left at their default (``attn_mask=None``) are constants, not a second input."""
+    has_default = bool(placeholder.args)
+    return not has_default or placeholder.meta.get(_SHAPE_A) is not None
 
 
 def dynamic_inputs(node: fx.Node) -> list[fx.Node]:
@@ -313,7 +323,7 @@ def dominated_cone(branch: fx.Node, block_input: fx.Node) -> set[fx.Node] | None
             continue
         if node in cone:
             continue
-        if node.op == "placeholder":
+        if node.op == "placeholder" and node.meta.get(_DYNAMIC, True):
             return None
         cone.add(node)
         stack.extend(dynamic_inputs(node))

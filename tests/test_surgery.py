@@ -1,0 +1,183 @@
+"""Surgery: the edited model computes exactly what the original did, keeps what it had, and learns."""
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+
+import se_retrofit
+from se_retrofit import POSITIONS
+
+from conftest import RESIDUAL_MODELS, ResNet1d, as_if_pretrained, make_model, max_rel_diff, run, small_input
+
+DROP_PATH = {"resnet18", "resnet50", "resnext50_32x4d", "convnext_tiny", "efficientnet_b0", "mobilenetv2_100",
+             "regnety_008", "res2net50_26w_4s"}
+
+
+def _base(source, name):
+    kwargs = {"drop_path_rate": 0.2} if source == "timm" and name in DROP_PATH else {}
+    return make_model(source, name, **kwargs)
+
+
+@pytest.mark.parametrize("source,name,count", RESIDUAL_MODELS, ids=[f"{s}:{n}" for s, n, _ in RESIDUAL_MODELS])
+def test_identity_at_every_position_in_eval_and_train(source, name, count):
+    base = _base(source, name)
+    x = small_input()
+    for position in POSITIONS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", se_retrofit.StackedAttentionWarning)
+            edited = se_retrofit.retrofit(base, position=position, example_input=x[:1])
+        assert len(edited.se_retrofit.sites) == count
+        for training in (False, True):
+            expected, got = run(base, x, training), run(edited, x, training)
+            assert max_rel_diff(expected, got) <= 1e-6, (position, training)
+            assert torch.equal(expected, got), (position, training)  # bit-identical by design
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_every_new_parameter_learns_within_two_steps(position):
+    # On a fresh timm model each block's last BN scale is 0: no gate can learn on all-zero features.
+    base = make_model("timm", "resnet18", num_classes=4)
+    model = se_retrofit.retrofit(base, position=position, example_input=small_input(1))
+    new = {n: p for n, p in model.named_parameters() if ".se." in n}
+    assert len(new) == 8 * 4
+    seen = {n: False for n in new}
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = small_input(4), torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for n, p in new.items():
+            seen[n] |= p.grad is not None and bool(p.grad.abs().sum() > 0)
+        optimiser.step()
+    assert all(seen.values()), [n for n, ok in seen.items() if not ok]
+
+
+def test_model_keeps_class_attributes_and_keys():
+    base = timm.create_model("resnet50")
+    edited = se_retrofit.retrofit(base)
+    assert type(edited) is type(base)
+    assert edited.pretrained_cfg == base.pretrained_cfg
+    assert [f["module"] for f in edited.feature_info] == [f["module"] for f in base.feature_info]
+    x = small_input(1)
+    assert torch.equal(edited.eval().forward_features(x), base.eval().forward_features(x))
+    edited.reset_classifier(7)
+    assert edited(x).shape == (1, 7)
+    base_keys, edited_keys = set(base.state_dict()), set(edited.state_dict())
+    assert base_keys < edited_keys
+    assert {k for k in edited_keys - base_keys if k.startswith("layer1.0.")} == {
+        "layer1.0.se.fc1.weight", "layer1.0.se.fc1.bias", "layer1.0.se.fc2.weight", "layer1.0.se.fc2.bias"}
+    assert type(edited.layer1[0]) is type(base.layer1[0])
+
+
+def test_torchvision_model_keeps_its_attributes():
+    base = torchvision.models.resnet50()
+    edited = se_retrofit.retrofit(base, position="post")
+    assert type(edited) is torchvision.models.ResNet and edited.fc.in_features == 2048
+    assert "layer4.2.se.fc2.bias" in edited.state_dict()
+
+
+def test_caller_model_is_not_mutated_unless_inplace():
+    base = timm.create_model("resnet18").train()
+    keys = set(base.state_dict())
+    edited = se_retrofit.retrofit(base)
+    assert edited is not base and set(base.state_dict()) == keys and base.training
+    assert not any("forward" in vars(m) for m in base.modules())
+    same = se_retrofit.retrofit(base, inplace=True)
+    assert same is base and "layer1.0.se.fc1.weight" in base.state_dict()
+
+
+def test_training_mode_of_every_module_is_kept():
+    base = timm.create_model("resnet18").train()
+    base.layer3.eval()
+    edited = se_retrofit.retrofit(base)
+    assert edited.training and not edited.layer3.training and edited.layer2.training
+
+
+def test_stage_selection_and_reduction():
+    edited = se_retrofit.retrofit(timm.create_model("resnet50"), stages=[3, 4], reduction=8)
+    assert [s.block for s in edited.se_retrofit.sites] == [f"layer3.{i}" for i in range(6)] + \
+        [f"layer4.{i}" for i in range(3)]
+    assert edited.layer3[0].se.fc1.out_channels == 1024 // 8
+    with pytest.raises(ValueError, match=r"stage\(s\) 5 out of range.*stages 1-4"):
+        se_retrofit.retrofit(timm.create_model("resnet18"), stages=[5])
+
+
+def test_pre_position_sizes_the_module_for_the_block_input():
+    edited = se_retrofit.retrofit(timm.create_model("resnet50"), position="pre")
+    assert edited.layer1[0].se.fc1.in_channels == 64 and edited.layer2[0].se.fc1.in_channels == 256
+
+
+def test_random_init_changes_the_output():
+    base = make_model("timm", "resnet18").eval()
+    edited = se_retrofit.retrofit(base, init="random").eval()
+    x = small_input(1)
+    assert not torch.allclose(base(x), edited(x))
+    gates = edited.layer1[0].se
+    assert gates.gate_scale == 1.0
+
+
+def test_stacking_on_existing_attention_warns():
+    with pytest.warns(se_retrofit.StackedAttentionWarning, match="already apply channel attention"):
+        se_retrofit.retrofit(timm.create_model("efficientnet_b0"))
+
+
+def test_retrofitting_twice_stacks_and_keeps_identity():
+    base = make_model("timm", "resnet18").eval()
+    once = se_retrofit.retrofit(base, position="standard")
+    with pytest.warns(se_retrofit.StackedAttentionWarning):
+        twice = se_retrofit.retrofit(once, position="post")
+    assert isinstance(twice.layer1[0].se1, torch.nn.Module)
+    x = small_input(1)
+    assert torch.equal(twice.eval()(x), base(x))
+
+
+def test_edited_model_deep_copies_and_runs():
+    edited = se_retrofit.retrofit(make_model("timm", "resnet18")).eval()
+    clone = copy.deepcopy(edited)
+    with torch.no_grad():
+        clone.layer1[0].se.fc2.bias.fill_(3.0)
+    x = small_input(1)
+    assert not torch.equal(clone(x), edited(x))  # the copy's forward uses the copy's modules
+
+
+def test_one_dimensional_and_video_networks():
+    audio = as_if_pretrained(ResNet1d()).eval()
+    signal = torch.randn(2, 1, 400)
+    edited = se_retrofit.retrofit(audio, example_input=signal[:1])
+    assert isinstance(edited.layers[2].se.fc1, torch.nn.Conv1d)
+    assert torch.equal(edited(signal), audio(signal))
+    video = as_if_pretrained(torchvision.models.video.r3d_18()).eval()
+    clip = torch.randn(1, 3, 4, 32, 32)
+    edited = se_retrofit.retrofit(video, position="post", example_input=clip)
+    assert isinstance(edited.layer1[0].se.fc1, torch.nn.Conv3d)
+    with torch.no_grad():
+        assert torch.equal(edited(clip), video(clip))
+
+
+def test_unsupported_layouts_are_skipped_with_a_reason():
+    model = timm.create_model("test_vit", dynamic_img_size=True)
+    analysis, plan = se_retrofit.plan(model, example_input=torch.randn(1, 3, 160, 160))
+    assert not plan.sites and len(plan.skipped) == len(analysis.blocks)
+    assert set(plan.skipped.values()) == {"layout tokens is not supported yet"}
+    with pytest.raises(ValueError, match="no block could be edited"):
+        se_retrofit.retrofit(model, example_input=torch.randn(1, 3, 160, 160))
+
+
+def test_no_residual_blocks_is_a_clear_error():
+    with pytest.raises(ValueError, match="no residual blocks found: 0 residual blocks among 0 additions"):
+        se_retrofit.retrofit(timm.create_model("densenet121"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"position": "middle"}, "unknown position 'middle'"),
+    ({"reduction": 0}, "reduction must be a positive integer"),
+    ({"attention": "nope"}, "unknown attention type 'nope'"),
+    ({"init": "zeros"}, "unknown init 'zeros'"),
+    ({"stages": [0]}, "stages must be positive integers"),
+])
+def test_bad_options_raise_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        se_retrofit.retrofit(timm.create_model("resnet18"), **kwargs)
