@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import random
 import statistics
@@ -134,6 +135,39 @@ def bench_latency(repeats: int, warmup: int) -> dict[str, Any]:
             "goal": GOAL, "goal_met": ratios["retrofit/seresnet50"] <= GOAL}
 
 
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(CPU seconds used on the whole machine, by this process, wall clock) now; None off Linux."""
+    try:
+        jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = jiffies[3] + (jiffies[4] if len(jiffies) > 4 else 0)  # idle + iowait
+    own = os.times()
+    return (sum(jiffies) - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
+
+
+def other_cpu_share(since: tuple[float, float, float] | None) -> float | None:
+    """Share of the machine's CPU capacity that other processes used since the snapshot ``since``.
+
+    Other load matters a great deal here: torch's worker threads contend with it for the cores,
+    and a timed run can come out ten times slower.
+    """
+    now = cpu_snapshot()
+    if since is None or now is None or now[2] <= since[2]:
+        return None
+    other = (now[0] - since[0]) - (now[1] - since[1])
+    return max(0.0, other / ((now[2] - since[2]) * (os.cpu_count() or 1)))
+
+
+def report_load(console: Console, label: str, share: float | None) -> None:
+    """Print the other processes' CPU share, with a warning where it may inflate the timings."""
+    if share is None:
+        return
+    console.print(f"CPU used by other processes {label}: {share:.0%}")
+    if share > 0.1:
+        console.print("[bold yellow]warning[/]: the machine was not idle; timings may be inflated")
+
+
 def environment() -> dict[str, Any]:
     """Versions and settings that the figures depend on."""
     return {
@@ -144,6 +178,7 @@ def environment() -> dict[str, Any]:
         "timm": timm.__version__,
         "se_retrofit": se_retrofit.__version__,
         "torch_num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
     }
 
 
@@ -207,23 +242,30 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     console.print(f"torch {env['torch']}, timm {env['timm']}, se_retrofit {env['se_retrofit']}; "
                   f"torch.get_num_threads() = {env['torch_num_threads']}")
+    snapshot = cpu_snapshot()
+    time.sleep(1.0)
+    load = {"before_start": other_cpu_share(snapshot)}
+    report_load(console, "before start", load["before_start"])
 
-    start = time.perf_counter()
+    snapshot, start = cpu_snapshot(), time.perf_counter()
     with console.status("timing create_model and retrofit..."):
         build = bench_build(args.build_repeats)
     with console.status("timing inference latency..."):
         latency = bench_latency(args.repeats, args.warmup)
+    load["during_run"] = other_cpu_share(snapshot)
     results = {
         "config": {"repeats": args.repeats, "build_repeats": args.build_repeats, "warmup": args.warmup,
                    "quick": args.quick, "seed": args.seed, "batch_shape": list(BATCH_SHAPE),
                    "position": POSITION, "reduction": REDUCTION},
         "environment": env,
+        "other_cpu_share": load,
         "build": build,
         "latency": latency,
         "wall_s": time.perf_counter() - start,
     }
 
     render(console, results)
+    report_load(console, "during the run", load["during_run"])
     console.print(f"benchmark wall time: {results['wall_s']:.1f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

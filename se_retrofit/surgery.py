@@ -23,7 +23,7 @@ from .config import RetrofitConfig, Site
 from .tracing import restore_training, snapshot_training, trace
 
 
-class SurgeryError(RuntimeError):
+class SurgeryError(ValueError):
     """A planned site could not be found again in its block's forward."""
 
 

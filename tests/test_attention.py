@@ -1,0 +1,88 @@
+"""The SE module and the attention registry."""
+import pytest
+import timm
+import torch
+from timm.layers import SEModule
+from torch import nn
+
+import se_retrofit
+from se_retrofit.attention import create_attention, get_attention, list_attentions
+from se_retrofit.attention.se import SqueezeExcite, reduced_channels
+
+
+@pytest.mark.parametrize("channels", [16, 64, 96, 256, 1000, 2048])
+def test_reduced_width_matches_timm(channels):
+    assert SqueezeExcite(channels).fc1.out_channels == SEModule(channels).fc1.out_channels
+    assert reduced_channels(channels, 16, divisor=1) == max(1, int(channels / 16 + 0.5))  # half up
+
+
+def test_state_dict_names_match_timm():
+    ours, theirs = SqueezeExcite(256).state_dict(), SEModule(256).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+def test_random_init_computes_timm_se():
+    ours, theirs = SqueezeExcite(64), SEModule(64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 64, 7, 7)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_identity_init_is_exact_for_any_spatial_rank(dims):
+    se = create_attention("se", 32, init="identity", spatial_dims=dims)
+    x = torch.randn(2, 32, *([5] * dims))
+    assert torch.equal(se(x), x)
+    assert se.gate_scale == 2.0 and not se.fc2.weight.any() and se.fc1.weight.any()
+
+
+def test_gates_leave_identity_once_trained():
+    se = create_attention("se", 32, init="identity")
+    with torch.no_grad():
+        se.fc2.bias.fill_(-1.0)
+    x = torch.randn(1, 32, 4, 4)
+    assert torch.allclose(se(x), x * 2 * torch.sigmoid(torch.tensor(-1.0)))
+
+
+def test_registry_lists_and_rejects():
+    assert "se" in list_attentions()
+    with pytest.raises(ValueError, match="unknown attention type 'cbam2'; registered: .*se"):
+        get_attention("cbam2")
+    with pytest.raises(ValueError, match="must be letters"):
+        se_retrofit.register_attention("bad name!")
+
+
+def test_user_attention_is_used_by_retrofit():
+    @se_retrofit.register_attention("channel_scale_test")
+    class ChannelScale(nn.Module):
+        """Learned per-channel scale."""
+
+        def __init__(self, channels, *, spatial_dims=2, **_):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(1, channels, *([1] * spatial_dims)))
+
+        def init_identity(self):
+            nn.init.ones_(self.scale)
+
+        def forward(self, x):
+            return x * self.scale
+
+    base = timm.create_model("resnet18").eval()
+    edited = se_retrofit.retrofit(base, attention="channel_scale_test")
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(edited(x), base(x))
+    assert "layer1.0.se.scale" in edited.state_dict()
+
+
+def test_user_attention_without_identity_init_needs_random():
+    @se_retrofit.register_attention("no_identity_test")
+    class Plain(nn.Module):
+        def __init__(self, channels, **_):
+            super().__init__()
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="has no identity initialisation"):
+        create_attention("no_identity_test", 8)
+    assert isinstance(create_attention("no_identity_test", 8, init="random"), Plain)

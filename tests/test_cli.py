@@ -1,0 +1,142 @@
+"""The command line: the README command, reports, and one-line errors with exit code 2."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from se_retrofit.cli import main
+
+
+def cli(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _offline_env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+
+
+def test_readme_command_works_offline(tmp_path):
+    script = Path(sys.executable).with_name("se-retrofit")
+    result = subprocess.run([str(script), "resnet50", "--position", "post", "--r", "16"], cwd=tmp_path,
+                            env=_offline_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "offline" in result.stderr and "RANDOM weights" in result.stderr
+    assert "Traceback" not in result.stderr
+    out = result.stdout
+    assert "blocks found: 16 (stages 1,2,3,4); edited: 16" in out
+    assert "parameters: 25,557,032 → 28,088,024 (+9.90%)" in out
+    assert "identity check: max |Δ| = 0 (relative 0)" in out
+    saved = tmp_path / "resnet50-se-post-r16"
+    config = json.loads((saved / "retrofit_config.json").read_text())
+    assert config["base"]["weights"].startswith("random initialisation (pretrained weights unavailable offline")
+    assert (saved / "model.safetensors").stat().st_size > 100_000_000
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "se_retrofit", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--position {standard,pre,post,identity}" in result.stdout
+
+
+def test_json_report(capsys, tmp_path):
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--input-size", "3,64,64", "--json",
+                         "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["blocks_found"] == 8 and len(report["sites"]) == 8
+    assert report["identity_max_abs_diff"] == 0.0 and report["dry_run"] is False
+    assert report["sites"][0] == {"block": "layer1.0", "module": "layer1.0.se", "stage": 1, "channels": 64,
+                                  "reduced": 8, "params": 1096}
+    assert report["output_dir"] == str(tmp_path / "o") and (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_dry_run_writes_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "torchvision:resnet50", "--weights", "none", "--stages", "3,4", "--dry-run",
+                         "--input-size", "3,64,64")
+    assert code == 0, err
+    assert "layer3.0" in out and "layer1.0" not in out and "dry run: nothing written" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stacking_warning_is_printed(capsys, tmp_path):
+    code, out, err = cli(capsys, "efficientnet_b0", "--weights", "none", "--input-size", "3,64,64",
+                         "--dry-run")
+    assert code == 0 and "9 blocks already have channel attention" in out
+
+
+def test_local_weights_file(capsys, tmp_path):
+    weights = tmp_path / "r18.safetensors"
+    model = timm.create_model("resnet18")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    code, out, err = cli(capsys, "resnet18", "--weights", str(weights), "--input-size", "3,64,64",
+                         "--out", str(tmp_path / "o"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["weights"] == f"file {weights}"
+
+
+def _broken(tmp_path):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"\x00garbage")
+    return path
+
+
+def _mismatched(tmp_path):
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet18").state_dict().items()}, str(path))
+    return path
+
+
+ERRORS = [
+    (["resnet5O"], "unknown model 'resnet5O' in timm or torchvision; did you mean resnet50"),
+    (["resnet18", "--r", "0"], "argument --r: must be a positive integer, got '0'"),
+    (["resnet18", "--r", "abc"], "argument --r: must be a positive integer, got 'abc'"),
+    (["resnet18", "--weights", "none", "--stages", "7"], "stage(s) 7 out of range: this model's residual "
+                                                         "blocks are in stages 1-4"),
+    (["resnet18", "--position", "middle"], "argument --position: invalid choice: 'middle'"),
+    (["densenet121", "--weights", "none"], "no residual blocks found: 0 residual blocks among 0 additions"),
+    (["resnet18", "--weights", "missing.safetensors"], "weights file missing.safetensors does not exist"),
+    (["resnet18", "--weights", "{broken}"], "cannot read weights file"),
+    (["resnet50", "--weights", "{mismatched}"], "do not match the model: missing"),
+    (["resnet18", "--attention", "cbamx"], "unknown attention type 'cbamx'"),
+]
+
+
+@pytest.mark.parametrize("args,message", ERRORS, ids=[" ".join(a) for a, _ in ERRORS])
+def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    files = {"{broken}": str(_broken(tmp_path)), "{mismatched}": str(_mismatched(tmp_path))}
+    before = set(tmp_path.iterdir())
+    code, out, err = cli(capsys, *[files.get(a, a) for a in args], "--input-size", "3,64,64")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("se-retrofit: error: "), err
+    assert message in lines[0]
+    assert "Traceback" not in err and out == ""
+    assert set(tmp_path.iterdir()) == before  # nothing written
+
+
+def test_existing_output_directory_is_refused_before_any_work(capsys, tmp_path):
+    (tmp_path / "o").mkdir()
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--out", str(tmp_path / "o"))
+    assert code == 2 and "already exists; pass --overwrite" in err
+
+
+def test_errors_from_the_installed_script_have_no_traceback(tmp_path):
+    script = Path(sys.executable).with_name("se-retrofit")
+    result = subprocess.run([str(script), "resnet18", "--r", "-3"], cwd=tmp_path, capture_output=True,
+                            text=True, env=_offline_env())
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_list_attentions(capsys):
+    code, out, err = cli(capsys, "--list-attentions")
+    assert code == 0 and out.startswith("se ")

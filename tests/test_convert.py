@@ -1,0 +1,62 @@
+"""Folding the identity gate and exporting to timm's native SE networks."""
+import pytest
+import timm
+import torch
+
+import se_retrofit
+from se_retrofit.convert import ConversionError, fold_gate_scale, to_timm_native
+
+from conftest import make_model, small_input
+
+
+def _trained_se(model):
+    """Move the SE weights off their identity start, as fine-tuning would."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".se." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name,native", [("resnet50", "seresnet50"), ("resnet18", "seresnet18"),
+                                         ("resnext50_32x4d", "seresnext50_32x4d")])
+def test_native_checkpoint_loads_strictly_and_matches(name, native):
+    edited = _trained_se(se_retrofit.retrofit(make_model("timm", name))).eval()
+    native_name, state = to_timm_native(edited)
+    assert native_name == native
+    model = timm.create_model(native_name).eval()
+    assert str(model.load_state_dict(state, strict=True)) == "<All keys matched successfully>"
+    x = small_input(2, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), edited(x))
+
+
+def test_fold_is_exact_and_leaves_the_original_alone():
+    edited = _trained_se(se_retrofit.retrofit(make_model("timm", "resnet18"))).eval()
+    folded = fold_gate_scale(edited)
+    assert edited.layer1[0].se.gate_scale == 2.0 and folded.layer1[0].se.gate_scale == 1.0
+    x = small_input(1)
+    with torch.no_grad():
+        assert torch.equal(folded(x), edited(x))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"position": "post"}, "only SE at the standard position"),
+    ({"stages": [4]}, "only SE at the standard position in every stage"),
+])
+def test_no_native_equivalent_is_refused(kwargs, message):
+    edited = se_retrofit.retrofit(timm.create_model("resnet18"), **kwargs)
+    with pytest.raises(ConversionError, match=message):
+        to_timm_native(edited)
+
+
+def test_model_without_native_se_twin_is_refused():
+    edited = se_retrofit.retrofit(timm.create_model("convnext_tiny"))
+    with pytest.raises(ConversionError, match="no native SE model for 'convnext_tiny'"):
+        to_timm_native(edited)
+
+
+def test_unedited_model_is_refused():
+    with pytest.raises(ValueError, match="not edited by se_retrofit"):
+        to_timm_native(timm.create_model("resnet18"))
