@@ -118,6 +118,21 @@ def _trace_into(module: nn.Module, path: str, result: TraceResult, depth: int) -
             inner = node.meta.get(MODULE_PATH, "")
             node.meta[MODULE_PATH] = f"{path}.{inner}" if inner else path
     result.regions.append(TracedRegion(path, module, graph))
+    for target in _opaque_calls(module, graph):
+        _trace_into(module.get_submodule(target), f"{path}.{target}" if path else target, result, depth - 1)
+
+
+def _opaque_calls(module: nn.Module, graph: fx.Graph) -> list[str]:
+    """Targets of calls to timm notrace modules that have children: kept whole in the parent's
+    graph (as timm asks), but their insides may hold residual blocks, so they are traced too."""
+    leaf_types = tuple(_timm_notrace()[0])
+    targets = []
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target not in targets:
+            sub = module.get_submodule(node.target)
+            if leaf_types and isinstance(sub, leaf_types) and next(sub.children(), None) is not None:
+                targets.append(node.target)
+    return targets
 
 
 def _one_line(error: BaseException) -> str:

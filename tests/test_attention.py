@@ -6,7 +6,7 @@ from timm.layers import SEModule
 from torch import nn
 
 import se_retrofit
-from se_retrofit.attention import create_attention, get_attention, list_attentions
+from se_retrofit.attention import create_attention, get_attention, list_attentions, unregister_attention
 from se_retrofit.attention.se import SqueezeExcite, reduced_channels
 
 
@@ -52,7 +52,15 @@ def test_registry_lists_and_rejects():
         se_retrofit.register_attention("bad name!")
 
 
-def test_user_attention_is_used_by_retrofit():
+@pytest.fixture
+def clean_registry():
+    before = set(list_attentions())
+    yield
+    for name in set(list_attentions()) - before:
+        unregister_attention(name)
+
+
+def test_user_attention_is_used_by_retrofit(clean_registry):
     @se_retrofit.register_attention("channel_scale_test")
     class ChannelScale(nn.Module):
         """Learned per-channel scale."""
@@ -74,7 +82,7 @@ def test_user_attention_is_used_by_retrofit():
     assert "layer1.0.se.scale" in edited.state_dict()
 
 
-def test_user_attention_without_identity_init_needs_random():
+def test_user_attention_without_identity_init_needs_random(clean_registry):
     @se_retrofit.register_attention("no_identity_test")
     class Plain(nn.Module):
         def __init__(self, channels, **_):

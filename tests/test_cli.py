@@ -139,4 +139,5 @@ def test_errors_from_the_installed_script_have_no_traceback(tmp_path):
 
 def test_list_attentions(capsys):
     code, out, err = cli(capsys, "--list-attentions")
-    assert code == 0 and out.startswith("se ")
+    assert code == 0 and any(line.startswith("se ") and "Squeeze-and-Excitation" in line
+                             for line in out.splitlines())

@@ -80,6 +80,13 @@ def register_attention(name: str, *, identity_init: Callable[[nn.Module], None] 
     return decorator
 
 
+def unregister_attention(name: str) -> None:
+    """Remove a registered attention type (built-ins come back on the next lookup)."""
+    _REGISTRY.pop(name, None)
+    if name in _BUILTINS:
+        _loaded.clear()
+
+
 def get_attention(name: str) -> AttentionSpec:
     """The spec registered under ``name``; the error lists what is registered."""
     _load_builtins()
@@ -113,5 +120,17 @@ def create_attention(name: str, channels: int, *, init: str = "identity", **opti
     return module
 
 
+_BUILTINS = ("se",)
+_loaded: list[bool] = []
+
+
 def _load_builtins() -> None:
-    from . import se  # noqa: F401  (registers itself)
+    if _loaded:
+        return
+    import importlib
+
+    for name in _BUILTINS:
+        module = importlib.import_module(f"{__name__}.{name}")
+        if name not in _REGISTRY:  # re-register after an unregister_attention()
+            register_attention(name)(getattr(module, module.__all__[0]))
+    _loaded.append(True)

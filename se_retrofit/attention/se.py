@@ -19,6 +19,7 @@ from torch import nn
 
 from . import register_attention
 
+__all__ = ["SqueezeExcite", "reduced_channels"]
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
