@@ -23,9 +23,14 @@ Two measurements, both in one run and both on CPU:
 The number of torch threads is left at its default and printed. Every random source is seeded.
 A missed goal is reported, not treated as an error: the script exits 0 either way.
 
+Run it on an otherwise idle machine. Other processes on the same cores make torch's worker
+threads wait for one another, and forward passes then take up to ten times longer; the script
+measures (Linux only) the CPU share other processes used before and during the run, prints it,
+and warns when it exceeds 10%.
+
 Run from the repository root (with the package installed, e.g. in ``.venv``)::
 
-    python benchmarks/bench_retrofit.py                       # full run (a few minutes on CPU)
+    python benchmarks/bench_retrofit.py                       # full run (~30 s on an idle 2-core CPU)
     python benchmarks/bench_retrofit.py --quick               # smoke run, fewer repeats
     python benchmarks/bench_retrofit.py --repeats 30 --json results.json
 """

@@ -181,3 +181,33 @@ def test_no_residual_blocks_is_a_clear_error():
 def test_bad_options_raise_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         se_retrofit.retrofit(timm.create_model("resnet18"), **kwargs)
+
+
+class _ModeReadingBlock(torch.nn.Module):
+    """A block whose own forward reads self.training (functional dropout on the branch)."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        out = self.conv2(self.act(self.conv1(x)))
+        out = torch.nn.functional.dropout(out, 0.5, training=self.training)
+        return self.act(out + x)
+
+
+def test_blocks_reading_training_flag_keep_both_behaviours():
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _ModeReadingBlock(), _ModeReadingBlock())
+    x = small_input(2, 16)
+    edited = se_retrofit.retrofit(base, position="standard", example_input=x[:1])
+    assert len(edited.se_retrofit.sites) == 2
+    for training in (True, False):
+        assert torch.equal(run(base, x, training), run(edited, x, training)), training
+    assert not torch.equal(run(edited, x, True), run(edited, x, False))  # dropout only while training
+
+
+def test_native_se_models_are_flagged():
+    blocks = se_retrofit.find_blocks(timm.create_model("seresnet50"))
+    assert len(blocks) == 16 and all(b.has_attention for b in blocks)
