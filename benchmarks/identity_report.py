@@ -104,7 +104,7 @@ def _print(rows: list[dict]) -> None:
         table.add_row(r["model"], r["position"], str(r["blocks"]), f"{r['params_added']:,}",
                       f"{r['eval_max_abs_diff']:.3g}", f"{r['train_max_abs_diff']:.3g}",
                       str(r["steps_until_all_new_params_learn"]), f"{r['retrofit_seconds']:.2f}")
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 def main() -> None:

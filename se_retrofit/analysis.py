@@ -424,13 +424,12 @@ def _post_activation(add: fx.Node, modules: dict[str, nn.Module]) -> str | None:
 def _has_channel_attention(cone: set[fx.Node], channel_dim: int) -> bool:
     """A multiplication of a feature map by a per-channel vector computed from the input."""
     for node in cone:
-        if node.op not in ("call_function", "call_method") or getattr(node.target, "__name__", node.target) \
-                not in ("mul", "imul", "mul_"):
+        if node.op == "call_module" or K.node_kind(node, {}) != K.MUL:
             continue
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.meta.get(_DYNAMIC, True)]
         shapes = [a.meta.get(_SHAPE_A) for a in operands]
-        if len(shapes) == 2 and all(shapes) and _is_channel_gate(*shapes, channel_dim) or \
-                len(shapes) == 2 and all(shapes) and _is_channel_gate(shapes[1], shapes[0], channel_dim):
+        if len(shapes) == 2 and all(shapes) and (_is_channel_gate(shapes[0], shapes[1], channel_dim)
+                                                 or _is_channel_gate(shapes[1], shapes[0], channel_dim)):
             return True
     return False
 

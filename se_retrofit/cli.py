@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             warnings.simplefilter("always")
             edited = retrofit_with(model, config, example_input=example)
         _report_warnings(caught, err)
-        getattr(edited, RECORD_ATTR).base = {"name": ref.name, "source": ref.source, "weights": origin}
+        getattr(edited, RECORD_ATTR).base.update(name=ref.name, source=ref.source, weights=origin)
         report.update(_identity(model, edited, example), params_after=_count(edited))
         report["params_added_pct"] = 100.0 * (report["params_after"] / report["params_before"] - 1)
         report["output_dir"] = str(save(edited, out_dir, overwrite=args.overwrite))

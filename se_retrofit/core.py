@@ -96,6 +96,8 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
                             "weights": "as passed to se_retrofit.retrofit()"}
     if isinstance(cfg, dict) and cfg.get("architecture"):
         info.update(name=cfg["architecture"], source="timm", pretrained_tag=cfg.get("tag"))
+        if isinstance(getattr(model, "num_classes", None), int):
+            info["create_kwargs"] = {"num_classes": model.num_classes}
     return info
 
 

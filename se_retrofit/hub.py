@@ -82,7 +82,7 @@ def _unknown_message(name: str, sources: list[str]) -> str:
     return f"unknown model {name!r} in {' or '.join(sources)}{hint}"
 
 
-def create(ref: ModelRef, weights: str = "pretrained") -> tuple[nn.Module, str]:
+def create(ref: ModelRef, weights: str = "pretrained", **create_kwargs) -> tuple[nn.Module, str]:
     """Build the model and say where its weights came from.
 
     Args:
@@ -90,43 +90,45 @@ def create(ref: ModelRef, weights: str = "pretrained") -> tuple[nn.Module, str]:
         weights: ``pretrained`` (the library's weights; random with a warning when offline),
             ``none`` (random), or the path of a state dict (``.safetensors``, or ``.pth``/``.pt``
             read with ``weights_only=True``).
+        create_kwargs: passed to the library's constructor (``num_classes=10``).
     """
     if weights == "none":
-        return _build(ref, pretrained=False), "random initialisation (weights: none)"
+        return _build(ref, False, create_kwargs), "random initialisation (weights: none)"
     if weights == "pretrained":
-        return _pretrained(ref)
+        return _pretrained(ref, create_kwargs)
     path = Path(weights)
-    model = _build(ref, pretrained=False)
+    model = _build(ref, False, create_kwargs)
     load_weights_file(model, path)
     return model, f"file {path}"
 
 
-def _build(ref: ModelRef, pretrained: bool) -> nn.Module:
+def _build(ref: ModelRef, pretrained: bool, create_kwargs: dict | None = None) -> nn.Module:
+    kwargs = create_kwargs or {}
     if ref.source == "timm":
         import timm
 
-        return timm.create_model(ref.name, pretrained=pretrained)
+        return timm.create_model(ref.name, pretrained=pretrained, **kwargs)
     import torchvision
 
-    return torchvision.models.get_model(ref.name, weights="DEFAULT" if pretrained else None)
+    return torchvision.models.get_model(ref.name, weights="DEFAULT" if pretrained else None, **kwargs)
 
 
-def _pretrained(ref: ModelRef) -> tuple[nn.Module, str]:
+def _pretrained(ref: ModelRef, create_kwargs: dict) -> tuple[nn.Module, str]:
     host = WEIGHTS_HOSTS[ref.source]
     cached = _cached_weights(ref)
     if cached is None and not reachable(host):
-        model = _build(ref, pretrained=False)
+        model = _build(ref, False, create_kwargs)
         message = (f"offline: {host} cannot be reached and no cached weights for {ref} were found; "
                    "continuing from RANDOM weights (pass --weights PATH to use a local file)")
         warnings.warn(message, OfflineWarning, stacklevel=2)
         return model, f"random initialisation (pretrained weights unavailable offline from {host})"
     try:
         with _offline_hub(cached is not None):
-            model = _build(ref, pretrained=True)
+            model = _build(ref, True, create_kwargs)
     except Exception as error:  # any download failure: say it once, carry on from random weights
         warnings.warn(f"pretrained weights for {ref} could not be loaded ({type(error).__name__}); "
                       "continuing from RANDOM weights", OfflineWarning, stacklevel=2)
-        return _build(ref, pretrained=False), f"random initialisation (pretrained download failed: {error})"
+        return _build(ref, False, create_kwargs), f"random initialisation (pretrained download failed: {error})"
     return model, f"pretrained: {_weights_tag(ref, model)}" + (" (from local cache)" if cached else "")
 
 

@@ -173,7 +173,7 @@ def _fresh_base(record: RetrofitRecord, weights: str) -> nn.Module:
     if not name or source not in ("timm", "torchvision"):
         raise WeightsError("the config does not say which timm/torchvision model is the base; pass "
                            "base_model= to load onto your own model")
-    model, _ = create(ModelRef(name, source), weights="none")
+    model, _ = create(ModelRef(name, source), weights="none", **record.base.get("create_kwargs", {}))
     return model
 
 

@@ -110,3 +110,11 @@ def test_not_a_saved_directory(tmp_path):
 def test_saving_an_unedited_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not edited by se_retrofit"):
         se_retrofit.save(timm.create_model("resnet18"), tmp_path / "x")
+
+
+def test_round_trip_of_a_model_with_its_own_head(tmp_path):
+    model = se_retrofit.retrofit(make_model("timm", "resnet18", num_classes=10)).eval()
+    again = se_retrofit.load(se_retrofit.save(model, tmp_path / "out")).eval()
+    x = small_input(1)
+    with torch.no_grad():
+        assert again(x).shape == (1, 10) and torch.equal(again(x), model(x))
