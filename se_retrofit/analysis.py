@@ -91,8 +91,11 @@ class Analysis:
 
     def describe(self) -> str:
         """One line saying what was found, for messages."""
-        how = "traced as a whole" if self.traced_whole else f"traced in parts ({len(self.untraceable)} untraceable)"
-        return f"{len(self.blocks)} residual blocks among {self.additions} additions; {how}"
+        how = "the model traced as a whole" if self.traced_whole else \
+            f"traced in parts, untraceable: {', '.join(self.untraceable) or 'none'}"
+        if not self.additions:
+            return f"the model has no additions at all, it chains or concatenates features ({how})"
+        return f"{len(self.blocks)} of its {self.additions} additions are residual connections ({how})"
 
 
 def find_blocks(model: nn.Module, example_input: Any = None) -> list[Block]:

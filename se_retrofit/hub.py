@@ -215,13 +215,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise WeightsError(f"cannot read weights file {path}: {type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''}") from None
+                           f"{first_sentence(error)}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
     return state
+
+
+def first_sentence(error: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception's message, for one-line reports."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    head = text.split(". ")[0]
+    return head if len(head) <= limit else head[: limit - 1] + "…"
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:

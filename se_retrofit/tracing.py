@@ -88,7 +88,8 @@ class TraceResult:
 
     @property
     def whole(self) -> bool:
-        return len(self.regions) == 1 and self.regions[0].path == ""
+        """The model's own forward traced (timm notrace blocks inside it are traced on their own)."""
+        return any(region.path == "" for region in self.regions)
 
 
 def trace_regions(model: nn.Module, max_untraceable_depth: int = 12) -> TraceResult:

@@ -102,3 +102,14 @@ def test_model_that_does_not_trace_as_a_whole_is_traced_in_parts():
 def test_bad_example_input_is_a_clear_error():
     with pytest.raises(ValueError, match="example_input"):
         se_retrofit.find_blocks(timm.create_model("resnet18"), torch.randn(1, 5, 32, 32))
+
+
+def test_dual_path_network_has_additions_but_no_residual_blocks():
+    analysis = analyze(timm.create_model("dpn68"), small_input(1))
+    assert analysis.additions == 22 and analysis.blocks == []
+    assert analysis.describe() == "0 of its 22 additions are residual connections (the model traced as a whole)"
+
+
+def test_blocks_inside_timm_notrace_modules_are_found():
+    blocks = se_retrofit.find_blocks(timm.create_model("nf_resnet26"), small_input(1))
+    assert [b.path for b in blocks][:2] == ["stages.0.0", "stages.0.1"] and len(blocks) == 8

@@ -101,7 +101,7 @@ ERRORS = [
     (["resnet18", "--weights", "none", "--stages", "7"], "stage(s) 7 out of range: this model's residual "
                                                          "blocks are in stages 1-4"),
     (["resnet18", "--position", "middle"], "argument --position: invalid choice: 'middle'"),
-    (["densenet121", "--weights", "none"], "no residual blocks found: 0 residual blocks among 0 additions"),
+    (["densenet121", "--weights", "none"], "no residual blocks found: the model has no additions at all"),
     (["resnet18", "--weights", "missing.safetensors"], "weights file missing.safetensors does not exist"),
     (["resnet18", "--weights", "{broken}"], "cannot read weights file"),
     (["resnet50", "--weights", "{mismatched}"], "do not match the model: missing"),
