@@ -26,7 +26,7 @@ from .tracing import MODULE_PATH, TracedRegion, snapshot_training, restore_train
 
 MAX_PROJECTION_OPS = 6
 CHANNELS_FIRST, CHANNELS_LAST, TOKENS, UNKNOWN = "channels_first", "channels_last", "tokens", "unknown"
-SUPPORTED_LAYOUTS = (CHANNELS_FIRST,)
+SUPPORTED_LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, TOKENS)
 _SHAPE_A, _SHAPE_B = "shape", "shape_probe2"
 
 
@@ -48,6 +48,9 @@ class Block:
         shortcut_arg: which argument of the addition (0 or 1) is the shortcut.
         post_activation: the activation applied right after the addition, if any.
         has_attention: the branch already applies channel attention (SE-like gating).
+        inner_module, inner_anchor, inner_channels: where the ``inner`` position goes: the module
+            whose forward calls the branch's spatial conv (or that conv's norm), the child's name
+            within it, and its channel count; None where the branch has no spatial conv.
     """
 
     path: str
@@ -63,6 +66,9 @@ class Block:
     shortcut_arg: int
     post_activation: str | None = None
     has_attention: bool = False
+    inner_module: str | None = None
+    inner_anchor: str | None = None
+    inner_channels: int = 0
 
     @property
     def name(self) -> str:
@@ -375,8 +381,29 @@ def _to_blocks(found: list[tuple[fx.Node, _Residual]]) -> list[Block]:
             shortcut_arg=residual.shortcut_arg,
             post_activation=_post_activation(add, residual.modules),
             has_attention=_has_channel_attention(residual.cone, channel_dim),
+            **_inner_site(residual),
         ))
     return blocks
+
+
+def _inner_site(residual: _Residual) -> dict[str, Any]:
+    """The first spatial (k > 1) conv module of the branch, and the norm right after it if any."""
+    convs = [n for n in residual.cone if n.op == "call_module" and K.node_kind(n, residual.modules) == K.CONV
+             and math.prod(residual.modules[n.target].kernel_size) > 1]
+    if not convs:
+        return {}
+    order = {n: i for i, n in enumerate(residual.branch.graph.nodes)}
+    anchor = min(convs, key=order.__getitem__)
+    users = list(anchor.users)
+    if len(users) == 1 and users[0].op == "call_module" and \
+            K.node_kind(users[0], residual.modules) in (K.NORM, K.NORM_ACT):
+        anchor = users[0]
+    scope = anchor.meta.get(MODULE_PATH, "")
+    shape = anchor.meta.get(_SHAPE_A)
+    if not shape or not str(anchor.target).startswith(f"{scope}." if scope else ""):
+        return {}
+    child = str(anchor.target)[len(scope) + 1:] if scope else str(anchor.target)
+    return {"inner_module": scope, "inner_anchor": child, "inner_channels": int(shape[1])}
 
 
 def _describe(node: fx.Node) -> str:
@@ -404,7 +431,20 @@ def _layout(add: fx.Node, residual: _Residual) -> tuple[str, int]:
         return UNKNOWN, 0
     if _conv_says_channels_first(residual, shape_a):
         return CHANNELS_FIRST, 1
+    if _linear_says_channels_last(residual, shape_a):
+        return (TOKENS if rank == 3 else CHANNELS_LAST), rank - 1
     return UNKNOWN, 0
+
+
+def _linear_says_channels_last(residual: _Residual, shape: tuple[int, ...]) -> bool:
+    """Without a second probe: the branch ends in a Linear producing the last dimension, and no
+    conv in it produces dimension 1 (tokens in ViTs, NHWC maps in Swin)."""
+    for node in residual.cone:
+        if node.op == "call_module" and K.node_kind(node, residual.modules) == K.LINEAR \
+                and residual.modules[node.target].out_features == shape[-1] \
+                and node.meta.get(_SHAPE_A, ())[-1:] == shape[-1:]:
+            return True
+    return False
 
 
 def _conv_says_channels_first(residual: _Residual, shape: tuple[int, ...]) -> bool:

@@ -24,15 +24,15 @@ from torch import nn
 from ._version import __version__
 from .analysis import ProbeError, default_example_input
 from .attention import UnknownAttentionError, create_attention, list_attentions
-from .config import POSITION_HELP, POSITIONS, ConfigError, RetrofitConfig
+from .config import POSITION_HELP, POSITIONS, ConfigError, RetrofitConfig, import_attention_module
 from .core import RECORD_ATTR, StackedAttentionWarning, plan, retrofit_with
 from .hub import OfflineWarning, UnknownModelError, WeightsError, create, resolve
 from .io import SaveError, save
-from .planning import NoResidualBlocksError, Plan, StageError
+from .planning import BlockPatternError, NoResidualBlocksError, Plan, StageError
 from .surgery import SurgeryError
 
 USER_ERRORS = (ConfigError, UnknownModelError, UnknownAttentionError, WeightsError, SaveError,
-               NoResidualBlocksError, StageError, ProbeError, SurgeryError)
+               NoResidualBlocksError, StageError, ProbeError, SurgeryError, BlockPatternError)
 EXIT_USER_ERROR, EXIT_INTERNAL = 2, 1
 
 
@@ -58,6 +58,13 @@ def _stage_list(text: str) -> list[int]:
     return sorted({int(p) for p in parts})
 
 
+def _patterns(text: str) -> list[str]:
+    patterns = [p.strip() for p in text.split(",") if p.strip()]
+    if not patterns:
+        raise argparse.ArgumentTypeError(f"must be comma-separated glob patterns such as 'layer3.*', got {text!r}")
+    return patterns
+
+
 def _size(text: str) -> tuple[int, ...]:
     parts = text.split(",")
     if not all(re.fullmatch(r"\d+", p.strip()) and int(p) > 0 for p in parts):
@@ -72,13 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "network, starting at exact identity, and save it for fine-tuning.")
     parser.add_argument("model", nargs="?", help="timm name (resnet50) or torchvision name (torchvision:resnet50)")
     parser.add_argument("--source", choices=("timm", "torchvision"), help="library to take MODEL from")
-    parser.add_argument("--attention", default="se", help="attention type (default se; see --list-attentions)")
-    parser.add_argument("--position", default="standard", choices=POSITIONS,
-                        help="; ".join(f"{k}: {v}" for k, v in POSITION_HELP.items()))
-    parser.add_argument("--r", type=_positive_int, default=16, help="reduction ratio r (default 16)")
-    parser.add_argument("--divisor", type=_positive_int, default=8,
-                        help="round the hidden width to a multiple of this (default 8 as timm; 1: exact C/r)")
+    parser.add_argument("--attention", default="se",
+                        help="attention type: se, cbam, bam, eca or one you registered (see --list-attentions)")
+    parser.add_argument("--position", choices=POSITIONS,
+                        help="; ".join(f"{k}: {v}" for k, v in POSITION_HELP.items())
+                        + " (default: the attention's own: standard, stage for bam)")
+    parser.add_argument("--r", type=_positive_int, help="reduction ratio r (default: the type's, 16)")
+    parser.add_argument("--divisor", type=_positive_int,
+                        help="round hidden widths to a multiple of this (default: timm's; 1: exact C/r)")
+    parser.add_argument("--squeeze", choices=("avg", "max", "avg+max"), help="se: how channels are pooled")
+    parser.add_argument("--gate", choices=("sigmoid", "hard_sigmoid", "tanh"), help="se, cbam, eca: the gate")
+    parser.add_argument("--act", help="se, cbam, bam: hidden activation by timm name (relu, silu, gelu, …)")
+    parser.add_argument("--kernel-size", type=_positive_int, help="cbam: spatial kernel (7); eca: 1-D kernel (adaptive)")
+    parser.add_argument("--dilation", type=_positive_int, help="bam: dilation of the spatial convs (4)")
     parser.add_argument("--stages", type=_stage_list, help="stages to edit, e.g. 3,4 (default: all)")
+    parser.add_argument("--blocks", type=_patterns, help="glob patterns of blocks to edit, e.g. 'layer3.*,layer4.0'")
+    parser.add_argument("--exclude", type=_patterns, help="glob patterns of blocks to leave alone")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (it registers your own attention type); repeatable")
     parser.add_argument("--init", choices=("identity", "random"), default="identity",
                         help="identity: the edited model computes what the original does (default)")
     parser.add_argument("--weights", default="pretrained",
@@ -118,16 +136,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    for module in args.imports:
+        import_attention_module(module)
     if args.list_attentions:
         for name, spec in list_attentions().items():
             out.print(f"{name:10s} {spec.summary}", markup=False, highlight=False)
         return 0
     if not args.model:
         raise UsageError("the following arguments are required: model")
+    options = {k: v for k, v in (("squeeze", args.squeeze), ("gate", args.gate), ("act", args.act),
+                                 ("kernel_size", args.kernel_size), ("dilation", args.dilation)) if v is not None}
     config = RetrofitConfig(attention=args.attention, position=args.position, reduction=args.r,
-                            divisor=args.divisor, stages=args.stages, init=args.init)
+                            divisor=args.divisor, stages=args.stages, blocks=args.blocks, exclude=args.exclude,
+                            init=args.init, options=options)
     ref = resolve(args.model, args.source)
-    out_dir = args.out or Path(f"{ref.name.replace('/', '_')}-{config.attention}-{config.position}-r{config.reduction}")
+    out_dir = args.out or Path(f"{ref.name.replace('/', '_')}-{config.attention}-{config.position}"
+                               + (f"-r{config.reduction}" if config.reduction else ""))
     if not args.dry_run and out_dir.exists() and not args.overwrite:
         raise SaveError(f"output directory {out_dir} already exists; pass --overwrite or choose --out")
     if args.weights not in ("pretrained", "none") and not Path(args.weights).is_file():
@@ -178,13 +202,17 @@ def _site_rows(site_plan: Plan, config: RetrofitConfig) -> list[dict[str, Any]]:
         module = create_attention(config.attention, site.channels, init=config.init,
                                   spatial_dims=site.spatial_dims, **config.attention_options())
         rows.append({"block": site.block, "module": site.module_path, "stage": site.stage,
-                     "channels": site.channels, "reduced": _reduced(module), "params": _count(module)})
+                     "channels": site.channels, "reduced": _hidden_width(module, site.channels),
+                     "params": _count(module)})
     return rows
 
 
-def _reduced(module: nn.Module) -> int | None:
-    fc1 = getattr(module, "fc1", None)
-    return getattr(fc1, "out_channels", None)
+def _hidden_width(module: nn.Module, channels: int) -> int | None:
+    """Width of the first layer that reduces the channels (SE's fc1, CBAM's and BAM's MLPs)."""
+    for layer in module.modules():
+        if getattr(layer, "in_channels", None) == channels and layer.out_channels < channels:
+            return layer.out_channels
+    return None
 
 
 def _report(ref, origin: str, config: RetrofitConfig, analysis, site_plan: Plan, model: nn.Module) -> dict:
@@ -218,7 +246,8 @@ def _first_tensor(value: Any) -> torch.Tensor:
 
 def _print_report(report: dict, out: Console) -> None:
     out.print(f"[bold]{report['model']}[/]  weights: {report['weights']}", highlight=False)
-    table = Table(title=f"{report['attention']} at '{report['position']}', r={report['reduction']}")
+    table = Table(title=f"{report['attention']} at '{report['position']}'"
+                        + (f", r={report['reduction']}" if report["reduction"] else ""))
     for column in ("block", "stage", "channels", "reduced", "params added"):
         table.add_column(column, justify="left" if column == "block" else "right")
     for row in report["sites"]:

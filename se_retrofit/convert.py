@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import fx, nn
 
+from .attention._layers import Gate
 from .core import record_of
 from .surgery import _instance_forward_as_class
 from .tracing import trace
@@ -23,7 +24,11 @@ class ConversionError(ValueError):
 
 
 def fold_gate_scale(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Return the model with every scaled SE gate folded into the affine layer feeding it.
+    """Return the model with every scaled gate (``2·sigmoid``) folded into the affine layer feeding it.
+
+    Works where the attention module can take the scale on its input (SE, ECA) and is fed straight by
+    a BatchNorm or a conv with bias (the ``standard`` position of a ResNet); raises
+    :class:`ConversionError` elsewhere.
 
     Example:
         >>> import timm, torch, se_retrofit
@@ -31,23 +36,30 @@ def fold_gate_scale(model: nn.Module, inplace: bool = False) -> nn.Module:
         >>> model = se_retrofit.retrofit(timm.create_model("resnet18")).eval()
         >>> folded = fold_gate_scale(model)
         >>> x = torch.randn(1, 3, 64, 64)
-        >>> bool(torch.equal(model(x), folded(x))), folded.layer1[0].se.gate_scale
+        >>> bool(torch.equal(model(x), folded(x))), folded.layer1[0].se.gate.scale
         (True, 1.0)
     """
     record = record_of(model)
     target = model if inplace else copy.deepcopy(model)
     for site in record.sites:
         attention = target.get_submodule(site.module_path)
-        scale = getattr(attention, "gate_scale", 1.0)
-        if scale == 1.0:
+        if not _has_scaled_gate(attention):
             continue
+        if not hasattr(attention, "fold_input_scale"):
+            raise ConversionError(f"{site.module_path} ({type(attention).__name__}) has no plain-gate form")
         producer = _producer_of(target.get_submodule(site.block), site.module_name)
+        try:
+            scale = attention.fold_input_scale()
+        except ValueError as error:
+            raise ConversionError(f"{site.module_path}: {error}") from None
         with torch.no_grad():
             producer.weight.mul_(scale)
             producer.bias.mul_(scale)
-            attention.fc1.weight.div_(scale)
-        attention.gate_scale = 1.0
     return target
+
+
+def _has_scaled_gate(module: nn.Module) -> bool:
+    return any(isinstance(g, Gate) and (g.scale != 1.0 or g.offset != 0.0) for g in module.modules())
 
 
 def _producer_of(block: nn.Module, module_name: str) -> nn.Module:
@@ -69,20 +81,34 @@ def _producer_of(block: nn.Module, module_name: str) -> nn.Module:
 _AFFINE_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+#: attention type → timm's prefix for its native models, and the options those models use
+_NATIVE = {"se": ("se", {"reduction": 16, "divisor": 8}), "eca": ("eca", {})}
+
+
 def timm_native_name(model: nn.Module) -> str:
-    """The timm architecture whose SE blocks match this edit exactly (``resnet50`` → ``seresnet50``)."""
+    """The timm architecture whose blocks match this edit exactly (``resnet50`` + SE → ``seresnet50``,
+    ``resnet50d`` + ECA → ``ecaresnet50d``)."""
     import timm
 
     record = record_of(model)
     config = record.config
     base = record.base.get("name") or _timm_architecture(model)
-    if config.attention != "se" or config.position != "standard" or config.stages is not None:
-        raise ConversionError("only SE at the standard position in every stage has a timm native "
-                              f"equivalent (this edit: {config.attention} at {config.position}, "
-                              f"stages {config.stages or 'all'})")
-    if not base or not timm.is_model(f"se{base}"):
-        raise ConversionError(f"timm has no native SE model for {base or 'this model'!r}")
-    return f"se{base}"
+    if config.attention not in _NATIVE or config.position != "standard" or config.stages or config.blocks \
+            or config.exclude:
+        raise ConversionError("only SE or ECA at the standard position in every block has a timm native "
+                              f"equivalent (this edit: {config.attention} at {config.position}"
+                              f"{', a subset of blocks' if config.stages or config.blocks or config.exclude else ''})")
+    prefix, native_options = _NATIVE[config.attention]
+    options = config.attention_options()
+    if config.options or any(options.get(k, v) != v for k, v in native_options.items()):
+        raise ConversionError(f"timm's native {config.attention} models use the default options "
+                              f"({native_options or 'adaptive kernel'}); this edit used {options}")
+    if not base or not timm.is_model(f"{prefix}{base}"):
+        closest = timm.list_models(f"{prefix}{base}*") if base else []
+        hint = f"; closest: {', '.join(closest[:3])} (retrofit its base, e.g. {closest[0][len(prefix):]}, " \
+               "for an exact match)" if closest else ""
+        raise ConversionError(f"timm has no native {config.attention} model for {base or 'this model'!r}{hint}")
+    return f"{prefix}{base}"
 
 
 def _timm_architecture(model: nn.Module) -> str | None:
@@ -91,7 +117,7 @@ def _timm_architecture(model: nn.Module) -> str | None:
 
 
 def to_timm_native(model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
-    """Name and state dict of the equivalent timm native model (e.g. ``seresnet50``).
+    """Name and state dict of the equivalent timm native model (``seresnet50``, ``ecaresnet50d``).
 
     The state dict loads strictly into ``timm.create_model(name)`` and that model computes what
     the edited one computes. Raises :class:`ConversionError` where no native model matches.

@@ -34,10 +34,11 @@ def plan(model: nn.Module, config: RetrofitConfig | None = None, example_input: 
     return analysis, plan_sites(model, analysis, config)
 
 
-def retrofit(model: nn.Module, *, attention: str = "se", position: str = "standard", reduction: int = 16,
-             stages: list[int] | None = None, init: str = "identity", divisor: int = 8,
-             example_input: Any = None, inplace: bool = False) -> nn.Module:
-    """Insert attention into every residual block of ``model`` (or those of ``stages``).
+def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = None,
+             reduction: int | None = None, stages: list[int] | None = None, blocks: list[str] | None = None,
+             exclude: list[str] | None = None, init: str = "identity", divisor: int | None = None,
+             example_input: Any = None, inplace: bool = False, **options) -> nn.Module:
+    """Insert attention into every residual block of ``model`` (or the selected ones).
 
     With ``init="identity"`` the returned model computes exactly what ``model`` computes, in
     train and eval mode, until fine-tuning moves the new parameters. The model keeps its class
@@ -46,14 +47,20 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str = "standa
 
     Args:
         model: any timm or torchvision network (or your own ``nn.Module``).
-        attention: registered attention type (see :func:`se_retrofit.list_attentions`).
-        position: ``standard``, ``pre``, ``post`` or ``identity`` (SE paper, Sec. 6.5).
-        reduction: the reduction ratio r of the excitation MLP.
+        attention: registered attention type: ``se``, ``cbam``, ``bam``, ``eca`` or your own.
+        position: ``standard``, ``pre``, ``post``, ``identity`` (SE paper, Sec. 6.5), ``inner``
+            (after the branch's spatial conv) or ``stage`` (once per stage transition); by default
+            the attention type's own (``standard``; ``stage`` for BAM).
+        reduction: the reduction ratio r (default: the type's, 16).
         stages: 1-based resolution stages to edit, e.g. ``[3, 4]``; all when None.
+        blocks: glob patterns over block paths (``"layer3.*"``); all when None.
+        exclude: glob patterns of blocks to leave alone.
         init: ``identity`` (outputs unchanged at start) or ``random`` (the paper's init).
-        divisor: round the hidden width to a multiple of this (timm: 8; the paper: 1).
+        divisor: round hidden widths to a multiple of this (default: timm's, 8 for SE).
         example_input: an input the model accepts, for probing shapes (default: its input size).
         inplace: edit ``model`` itself instead of a copy.
+        **options: further options of the attention type, e.g. ``squeeze="max"``, ``gate="tanh"``,
+            ``act="silu"`` (SE), ``kernel_size=7`` (CBAM, ECA), ``dilation=4`` (BAM).
 
     Example:
         >>> import timm, torch, se_retrofit
@@ -66,7 +73,10 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str = "standa
         True
     """
     config = RetrofitConfig(attention=attention, position=position, reduction=reduction,
-                            stages=list(stages) if stages is not None else None, init=init, divisor=divisor)
+                            stages=list(stages) if stages is not None else None,
+                            blocks=list(blocks) if blocks is not None else None,
+                            exclude=list(exclude) if exclude is not None else None,
+                            init=init, divisor=divisor, options=options)
     return retrofit_with(model, config, example_input=example_input, inplace=inplace)
 
 

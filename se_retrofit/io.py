@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._version import __version__
+from .attention._layers import gate_state, set_gate_state
 from .config import RetrofitRecord
 from .core import apply_record, record_of
 from .hub import ModelRef, WeightsError, check_state_dict, create
@@ -68,8 +69,9 @@ def _write(model: nn.Module, record: RetrofitRecord, directory: Path) -> None:
     state = _unshared(model.state_dict())
     save_file(state, str(directory / MODEL_FILE), metadata={"format": FORMAT})
     save_file(attention_state_dict(model), str(directory / ATTENTION_FILE), metadata={"format": FORMAT})
-    config = {"format": FORMAT, **record.to_dict(), "versions": library_versions(),
-              "files": {"model": MODEL_FILE, "attention": ATTENTION_FILE}}
+    gates = {site.module_path: gate_state(model.get_submodule(site.module_path)) for site in record.sites}
+    config = {"format": FORMAT, **record.to_dict(), "gates": {k: v for k, v in gates.items() if v},
+              "versions": library_versions(), "files": {"model": MODEL_FILE, "attention": ATTENTION_FILE}}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -157,6 +159,8 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
     record = RetrofitRecord.from_dict(config)
     model = copy.deepcopy(base_model) if base_model is not None else _fresh_base(record, weights)
     apply_record(model, record)
+    for path_, state in config.get("gates", {}).items():  # gates folded or scaled after retrofit()
+        set_gate_state(model.get_submodule(path_), state)
     if weights == "full":
         state = load_file(str(Path(path) / MODEL_FILE))
         check_state_dict(model, state, str(Path(path) / MODEL_FILE))

@@ -1,11 +1,12 @@
 """Planning: from the blocks found and the config, decide the sites to edit. Reads the model only."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import fnmatch
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from .analysis import SUPPORTED_LAYOUTS, Analysis, Block
+from .analysis import CHANNELS_FIRST, SUPPORTED_LAYOUTS, Analysis, Block
 from .attention import get_attention
 from .config import RetrofitConfig, Site
 
@@ -18,6 +19,10 @@ class StageError(ValueError):
     """The stages asked for are not stages of this model."""
 
 
+class BlockPatternError(ValueError):
+    """A block pattern matches no residual block."""
+
+
 @dataclass
 class Plan:
     """The sites to edit, and the blocks left alone with the reason why."""
@@ -28,44 +33,93 @@ class Plan:
 
 
 def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> Plan:
-    """Choose one site per selected block, with the channel count and attribute name it needs."""
-    blocks = analysis.blocks
-    if not blocks:
+    """Choose the sites for ``config``: one per selected block (one per stage transition for
+    ``stage``), with the channel count, layout and attribute name each needs."""
+    if not analysis.blocks:
         raise NoResidualBlocksError(f"no residual blocks found: {analysis.describe()}")
-    _check_stages(config.stages, analysis.stages)
+    _check_stages(config, analysis.stages)
+    blocks = select_blocks(analysis.blocks, config.blocks, config.exclude)
+    if config.stages is not None:
+        blocks = [b for b in blocks if b.stage in config.stages]
+    if config.position == "stage":
+        blocks = _last_block_of_each_stage(blocks, analysis.stages)
     plan = Plan(sites=[])
     taken: dict[str, set[str]] = {}
     attr = get_attention(config.attention).attr_name
     for block in blocks:
-        if config.stages is not None and block.stage not in config.stages:
-            continue
-        if block.layout not in SUPPORTED_LAYOUTS:
-            plan.skipped[block.name] = f"layout {block.layout} is not supported yet"
+        reason = _unplaceable(block, config.position)
+        if reason:
+            plan.skipped[block.name] = reason
             continue
         if block.has_attention:
             plan.stacked.append(block.name)
-        owner = model.get_submodule(block.path)
-        name = _free_name(owner, attr, taken.setdefault(block.path, set()))
-        plan.sites.append(_site(block, config.position, name))
+        site = _site(block, config.position)
+        owner = model.get_submodule(site.block)
+        plan.sites.append(replace(site, module_name=_free_name(owner, attr, taken.setdefault(site.block, set()))))
     return plan
 
 
-def _check_stages(asked: list[int] | None, available: list[int]) -> None:
+def select_blocks(blocks: list[Block], patterns: list[str] | None, exclude: list[str] | None) -> list[Block]:
+    """Blocks whose name or path matches one of ``patterns`` (all when None) and none of ``exclude``.
+    A pattern that matches no block is an error: it is almost always a typo."""
+    for pattern in (patterns or []) + (exclude or []):
+        if not any(_matches(b, pattern) for b in blocks):
+            raise BlockPatternError(f"pattern {pattern!r} matches no residual block (they are named like "
+                                    f"{blocks[0].name} … {blocks[-1].name})")
+    chosen = [b for b in blocks if patterns is None or any(_matches(b, p) for p in patterns)]
+    return [b for b in chosen if not any(_matches(b, p) for p in exclude or [])]
+
+
+def _matches(block: Block, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(block.name, pattern) or fnmatch.fnmatchcase(block.path, pattern)
+
+
+def _last_block_of_each_stage(blocks: list[Block], stages: list[int]) -> list[Block]:
+    last = {}
+    for block in blocks:
+        if block.stage != stages[-1]:
+            last[block.stage] = block
+    return [last[s] for s in sorted(last)]
+
+
+def _check_stages(config: RetrofitConfig, available: list[int]) -> None:
+    asked = config.stages
     if asked is None:
         return
-    missing = [s for s in asked if s not in available]
+    usable = available[:-1] if config.position == "stage" else available
+    missing = [s for s in asked if s not in usable]
     if missing:
-        have = f"{available[0]}-{available[-1]}" if available == list(range(available[0], available[-1] + 1)) \
-            else ", ".join(map(str, available))
-        raise StageError(f"stage(s) {', '.join(map(str, missing))} out of range: this model's residual "
-                         f"blocks are in stages {have}")
+        what = "stage transitions follow stages" if config.position == "stage" else \
+            "this model's residual blocks are in stages"
+        raise StageError(f"stage(s) {', '.join(map(str, missing))} out of range: {what} {_span(usable)}")
 
 
-def _site(block: Block, position: str, name: str) -> Site:
+def _span(stages: list[int]) -> str:
+    if not stages:
+        return "(none)"
+    if stages == list(range(stages[0], stages[-1] + 1)):
+        return f"{stages[0]}-{stages[-1]}" if len(stages) > 1 else str(stages[0])
+    return ", ".join(map(str, stages))
+
+
+def _unplaceable(block: Block, position: str) -> str | None:
+    if position == "inner":
+        return None if block.inner_module is not None else "its branch has no spatial (k>1) conv for inner"
+    if block.layout not in SUPPORTED_LAYOUTS:
+        return f"layout {block.layout}: the channel dimension could not be told from the probes"
+    return None
+
+
+def _site(block: Block, position: str) -> Site:
+    if position == "inner":
+        return Site(block=block.inner_module, add_index=0, shortcut_arg=0, position=position,
+                    channels=block.inner_channels, spatial_dims=len(block.spatial), stage=block.stage,
+                    module_name="", channel_dim=1, anchor=block.inner_anchor)
     channels = block.in_channels if position == "pre" else block.channels
+    channel_dim = 1 if block.layout == CHANNELS_FIRST else -1
     return Site(block=block.path, add_index=block.add_index, shortcut_arg=block.shortcut_arg,
                 position=position, channels=channels, spatial_dims=len(block.spatial),
-                stage=block.stage, module_name=name)
+                stage=block.stage, module_name="", channel_dim=channel_dim)
 
 
 def _free_name(owner: nn.Module, base: str, taken: set[str]) -> str:

@@ -52,17 +52,11 @@ class RetrofitTracer(fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        stack = getattr(self, "module_stack", None)
-        scope = next(reversed(stack.values()))[0] if stack else ""
-        if kind == "call_module" and scope == target:
-            # the leaf itself is on the stack while its call node is made: its scope is the parent
-            scope = _parent_path(target)
-        node.meta[MODULE_PATH] = scope
+        paths = [path for path, _ in getattr(self, "module_stack", {}).values()]
+        if kind == "call_module" and paths and paths[-1] == target:
+            paths.pop()  # the leaf itself is on the stack while its call is recorded: the caller is below
+        node.meta[MODULE_PATH] = paths[-1] if paths else ""
         return node
-
-
-def _parent_path(path: str) -> str:
-    return path.rpartition(".")[0]
 
 
 def trace(module: nn.Module, leaf_children: bool = False) -> fx.Graph:

@@ -33,7 +33,7 @@ def test_identity_init_is_exact_for_any_spatial_rank(dims):
     se = create_attention("se", 32, init="identity", spatial_dims=dims)
     x = torch.randn(2, 32, *([5] * dims))
     assert torch.equal(se(x), x)
-    assert se.gate_scale == 2.0 and not se.fc2.weight.any() and se.fc1.weight.any()
+    assert se.gate.scale == 2.0 and not se.fc2.weight.any() and se.fc1.weight.any()
 
 
 def test_gates_leave_identity_once_trained():

@@ -42,7 +42,7 @@ def test_readme_command_works_offline(tmp_path):
 
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "se_retrofit", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--position {standard,pre,post,identity}" in result.stdout
+    assert result.returncode == 0 and "--position {standard,pre,post,identity,inner,stage}" in result.stdout
 
 
 def test_json_report(capsys, tmp_path):

@@ -35,15 +35,17 @@ def test_native_checkpoint_loads_strictly_and_matches(name, native):
 def test_fold_is_exact_and_leaves_the_original_alone():
     edited = _trained_se(se_retrofit.retrofit(make_model("timm", "resnet18"))).eval()
     folded = fold_gate_scale(edited)
-    assert edited.layer1[0].se.gate_scale == 2.0 and folded.layer1[0].se.gate_scale == 1.0
+    assert edited.layer1[0].se.gate.scale == 2.0 and folded.layer1[0].se.gate.scale == 1.0
     x = small_input(1)
     with torch.no_grad():
         assert torch.equal(folded(x), edited(x))
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"position": "post"}, "only SE at the standard position"),
-    ({"stages": [4]}, "only SE at the standard position in every stage"),
+    ({"position": "post"}, "only SE or ECA at the standard position in every block"),
+    ({"stages": [4]}, "a subset of blocks"),
+    ({"attention": "cbam"}, "only SE or ECA"),
+    ({"gate": "hard_sigmoid"}, "native se models use the default options"),
 ])
 def test_no_native_equivalent_is_refused(kwargs, message):
     edited = se_retrofit.retrofit(timm.create_model("resnet18"), **kwargs)
@@ -53,7 +55,7 @@ def test_no_native_equivalent_is_refused(kwargs, message):
 
 def test_model_without_native_se_twin_is_refused():
     edited = se_retrofit.retrofit(timm.create_model("convnext_tiny"))
-    with pytest.raises(ConversionError, match="no native SE model for 'convnext_tiny'"):
+    with pytest.raises(ConversionError, match="no native se model for 'convnext_tiny'"):
         to_timm_native(edited)
 
 

@@ -15,8 +15,9 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -31,11 +32,33 @@ class AttentionSpec:
     cls: type[nn.Module]
     identity_init: Callable[[nn.Module], None] | None
     attr_name: str = "se"
+    default_position: str = "standard"
 
     @property
     def summary(self) -> str:
         doc = (self.cls.__doc__ or "").strip().splitlines()
         return doc[0] if doc else self.cls.__name__
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keyword options the class takes (besides ``spatial_dims``), with their defaults."""
+        params = inspect.signature(self.cls.__init__).parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return {"*": None}
+        return {p.name: p.default for p in params
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in ("self", "channels",
+                                                                                         "spatial_dims")}
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        accepted = self.options
+        if "*" in accepted:
+            return
+        unknown = [k for k in options if k not in accepted]
+        if unknown:
+            takes = ", ".join(accepted) or "no options"
+            raise ValueError(f"option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                             f"do{'' if len(unknown) > 1 else 'es'} not apply to attention {self.name!r} "
+                             f"(it takes: {takes})")
 
 
 _REGISTRY: dict[str, AttentionSpec] = {}
@@ -46,7 +69,7 @@ class UnknownAttentionError(ValueError):
 
 
 def register_attention(name: str, *, identity_init: Callable[[nn.Module], None] | None = None,
-                       attr_name: str = "se"):
+                       attr_name: str = "se", default_position: str = "standard"):
     """Class decorator registering an attention module under ``name``.
 
     Args:
@@ -54,6 +77,7 @@ def register_attention(name: str, *, identity_init: Callable[[nn.Module], None] 
         identity_init: called on a new instance to make it compute the identity; by default the
             class's own ``init_identity()`` method.
         attr_name: attribute name of the inserted module inside each block.
+        default_position: where ``retrofit`` puts it unless told (``stage`` for BAM).
 
     Example:
         >>> import torch
@@ -74,17 +98,17 @@ def register_attention(name: str, *, identity_init: Callable[[nn.Module], None] 
 
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
         init = identity_init or getattr(cls, "init_identity", None)
-        _REGISTRY[name] = AttentionSpec(name, cls, init, attr_name)
+        _REGISTRY[name] = AttentionSpec(name, cls, init, attr_name, default_position)
         return cls
 
     return decorator
 
 
 def unregister_attention(name: str) -> None:
-    """Remove a registered attention type (built-ins come back on the next lookup)."""
-    _REGISTRY.pop(name, None)
+    """Remove an attention type you registered (the built-in ones stay)."""
     if name in _BUILTINS:
-        _loaded.clear()
+        raise ValueError(f"{name!r} is built in and cannot be unregistered")
+    _REGISTRY.pop(name, None)
 
 
 def get_attention(name: str) -> AttentionSpec:
@@ -105,12 +129,14 @@ def list_attentions() -> dict[str, AttentionSpec]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def create_attention(name: str, channels: int, *, init: str = "identity", **options) -> nn.Module:
+def create_attention(name: str, channels: int, *, init: str = "identity", spatial_dims: int = 2,
+                     **options) -> nn.Module:
     """Build a registered attention module for ``channels`` channels, at identity or random init."""
     spec = get_attention(name)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-    module = spec.cls(channels, **options)
+    spec.check_options(options)
+    module = spec.cls(channels, spatial_dims=spatial_dims, **options)
     if init == "identity":
         if spec.identity_init is None:
             raise ValueError(f"attention {name!r} has no identity initialisation: give the class an "
@@ -120,17 +146,11 @@ def create_attention(name: str, channels: int, *, init: str = "identity", **opti
     return module
 
 
-_BUILTINS = ("se",)
-_loaded: list[bool] = []
+_BUILTINS = ("se", "cbam", "bam", "eca")
 
 
 def _load_builtins() -> None:
-    if _loaded:
-        return
     import importlib
 
     for name in _BUILTINS:
-        module = importlib.import_module(f"{__name__}.{name}")
-        if name not in _REGISTRY:  # re-register after an unregister_attention()
-            register_attention(name)(getattr(module, module.__all__[0]))
-    _loaded.append(True)
+        importlib.import_module(f"{__name__}.{name}")  # each registers itself on first import

@@ -2,61 +2,69 @@
 
 Paper: `Squeeze-and-Excitation Networks` - https://arxiv.org/abs/1709.01507 (Hu et al.)
 
-``s = sigmoid(W2 · relu(W1 · mean(x)))``, ``y = s · x``, with W1: C → C/r and W2: C/r → C as
-1×1 convolutions. Names and the reduced width ``make_divisible(C / r, 8)`` follow timm's
-``SEModule`` (``fc1``, ``fc2``), so state dicts move between the two.
+``s = gate(W2 · act(W1 · squeeze(x)))``, ``y = s · x``, with W1: C → C/r and W2: C/r → C as 1×1
+convolutions. Names and the reduced width ``make_divisible(C / r, 8)`` follow timm's ``SEModule``
+(``fc1``, ``fc2``), so state dicts move between the two. The paper's ablations are options: the
+squeeze (``avg``, ``max``, ``avg+max``; Table 11), the gate (``sigmoid``, ``hard_sigmoid``,
+``tanh``; Table 12) and the hidden activation.
 
-Exact identity at start: the gate is ``gate_scale · sigmoid(·)`` with ``gate_scale = 2`` and
-``fc2`` zeroed, so every gate is ``2 · 0.5 = 1`` exactly and ``y`` is bit-identical to ``x``.
-``fc2`` gets gradient at the first step (``fc1`` is random), ``fc1`` from the second.
-:func:`se_retrofit.convert.fold_gate_scale` turns the scaled gate back into timm's plain one.
+Exact identity at start: ``fc2`` is zeroed and the gate scaled (``2·sigmoid``, ``1 + tanh``), so
+every gate is exactly 1. ``fc2`` gets gradient at the first step (``fc1`` is random), ``fc1`` from
+the second. :func:`se_retrofit.convert.fold_gate_scale` folds ``2·sigmoid`` back into a plain gate.
 """
 from __future__ import annotations
 
 import torch
-from timm.layers import make_divisible
 from torch import nn
 
 from . import register_attention
+from ._layers import SQUEEZES, Gate, act_layer, check_choice, conv_layer, hidden_channels, squeeze
 
 __all__ = ["SqueezeExcite", "reduced_channels"]
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def reduced_channels(channels: int, reduction: int = 16, divisor: int = 8) -> int:
     """Hidden width of the excitation MLP, rounded as timm rounds it (``divisor=1``: exact C/r)."""
-    return make_divisible(channels / reduction, divisor, round_limit=0.0)
+    return hidden_channels(channels, reduction, divisor)
 
 
 @register_attention("se")
 class SqueezeExcite(nn.Module):
     """Squeeze-and-Excitation (Hu et al. 2018): channel gates from globally pooled features."""
 
-    def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 16, divisor: int = 8):
+    def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 16, divisor: int = 8,
+                 squeeze: str = "avg", gate: str = "sigmoid", act: str = "relu"):
         super().__init__()
-        if spatial_dims not in _CONVS:
-            raise ValueError(f"SE supports 1, 2 or 3 spatial dimensions, not {spatial_dims}")
-        conv = _CONVS[spatial_dims]
-        hidden = reduced_channels(channels, reduction, divisor)
+        conv = conv_layer(spatial_dims)
+        hidden = hidden_channels(channels, reduction, divisor)
+        self.squeeze = check_choice("squeeze", squeeze, SQUEEZES)
         self.reduce_dims = tuple(range(2, 2 + spatial_dims))
         self.fc1 = conv(channels, hidden, kernel_size=1, bias=True)
-        self.act = nn.ReLU(inplace=True)
+        self.act = act_layer(act)
         self.fc2 = conv(hidden, channels, kernel_size=1, bias=True)
-        self.gate_scale = 1.0
+        self.gate = Gate(gate)
 
     def init_identity(self) -> None:
-        """Zero the last layer and double the gate: every gate is exactly 1."""
+        """Zero the last layer and rescale the gate: every gate is exactly 1."""
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
-        self.gate_scale = 2.0
+        self.gate.start_at_identity()
+
+    def fold_input_scale(self) -> float:
+        """Drop the gate's scale s, expecting the input to be multiplied by s instead; returns s."""
+        return _fold_into(self.gate, self.fc1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean(self.reduce_dims, keepdim=True)
-        s = self.fc2(self.act(self.fc1(s)))
-        gate = torch.sigmoid(s)
-        if self.gate_scale != 1.0:
-            gate = gate * self.gate_scale
-        return x * gate
+        s = squeeze(x, self.reduce_dims, self.squeeze)
+        return x * self.gate(self.fc2(self.act(self.fc1(s))))
 
-    def extra_repr(self) -> str:
-        return f"gate_scale={self.gate_scale}"
+
+def _fold_into(gate: Gate, first_layer: nn.Module) -> float:
+    """``gate.scale · f(W·pool(x))`` equals ``f((W/s)·pool(s·x))``: move the scale to the input."""
+    if gate.offset != 0.0 or gate.kind == "tanh":
+        raise ValueError(f"a {gate.kind} gate with offset {gate.offset} cannot be folded into a plain gate")
+    scale = gate.scale
+    with torch.no_grad():
+        first_layer.weight.div_(scale)
+    gate.scale = 1.0
+    return scale
