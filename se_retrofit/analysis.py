@@ -387,23 +387,35 @@ def _to_blocks(found: list[tuple[fx.Node, _Residual]]) -> list[Block]:
 
 
 def _inner_site(residual: _Residual) -> dict[str, Any]:
-    """The first spatial (k > 1) conv module of the branch, and the norm right after it if any."""
-    convs = [n for n in residual.cone if n.op == "call_module" and K.node_kind(n, residual.modules) == K.CONV
-             and math.prod(residual.modules[n.target].kernel_size) > 1]
+    """Where ``inner`` goes: after the branch's first spatial (k > 1) conv, or after the norm that
+    directly follows it, as a call in the forward of the module that makes it."""
+    convs = [(n, path) for n in residual.cone for path in [_conv_module_path(n, residual.modules)]
+             if path is not None and math.prod(residual.modules[path].kernel_size) > 1]
     if not convs:
         return {}
     order = {n: i for i, n in enumerate(residual.branch.graph.nodes)}
-    anchor = min(convs, key=order.__getitem__)
-    users = list(anchor.users)
+    conv, path = min(convs, key=lambda pair: order[pair[0]])
+    caller = conv.meta.get(MODULE_PATH, "") if conv.op == "call_module" else path.rpartition(".")[0]
+    anchor, users = conv, list(conv.users)
     if len(users) == 1 and users[0].op == "call_module" and \
             K.node_kind(users[0], residual.modules) in (K.NORM, K.NORM_ACT):
-        anchor = users[0]
-    scope = anchor.meta.get(MODULE_PATH, "")
+        anchor, path, caller = users[0], str(users[0].target), users[0].meta.get(MODULE_PATH, "")
     shape = anchor.meta.get(_SHAPE_A)
-    if not shape or not str(anchor.target).startswith(f"{scope}." if scope else ""):
+    if not shape or (caller and not path.startswith(f"{caller}.")):
         return {}
-    child = str(anchor.target)[len(scope) + 1:] if scope else str(anchor.target)
-    return {"inner_module": scope, "inner_anchor": child, "inner_channels": int(shape[1])}
+    child = path[len(caller) + 1:] if caller else path
+    return {"inner_module": caller, "inner_anchor": child, "inner_channels": int(shape[1])}
+
+
+def _conv_module_path(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The conv module a node applies: a leaf conv call, or ``F.convNd`` inside a conv subclass's
+    own forward (torchvision's Conv3DSimple, timm's Conv2dSame)."""
+    if K.node_kind(node, modules) != K.CONV:
+        return None
+    if node.op == "call_module":
+        return str(node.target)
+    scope = node.meta.get(MODULE_PATH, "")
+    return scope if isinstance(modules.get(scope), nn.modules.conv._ConvNd) else None
 
 
 def _describe(node: fx.Node) -> str:

@@ -42,6 +42,9 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
     if config.stages is not None:
         blocks = [b for b in blocks if b.stage in config.stages]
     if config.position == "stage":
+        if len(analysis.stages) < 2:
+            raise StageError("position 'stage' goes between stages, and all of this model's residual blocks "
+                             "are at one resolution; use a block position such as standard")
         blocks = _last_block_of_each_stage(blocks, analysis.stages)
     plan = Plan(sites=[])
     taken: dict[str, set[str]] = {}

@@ -91,6 +91,7 @@ def _instance_forward_as_class(block: nn.Module) -> Iterator[None]:
 def _attach(block: nn.Module, name: str, module: nn.Module) -> None:
     if name in vars(block) and vars(block)[name] is None:
         delattr(block, name)  # timm keeps `self.se = None` where a block has no attention
+    module.train(block.training)  # a new module follows the mode of the block it joins
     block.add_module(name, module)
 
 
@@ -125,7 +126,7 @@ def _attend(graph: fx.Graph, source: fx.Node, site: Site) -> fx.Node:
 def _wrap_output(graph: fx.Graph, target: fx.Node, site: Site) -> None:
     """Route every existing use of ``target`` through the attention module."""
     users = list(target.users)
-    with graph.inserting_after(target):
+    with graph.inserting_before(target.next):  # in order, right after target
         gated = _attend(graph, target, site)
     for user in users:
         user.replace_input_with(target, gated)

@@ -62,3 +62,31 @@ def test_model_without_native_se_twin_is_refused():
 def test_unedited_model_is_refused():
     with pytest.raises(ValueError, match="not edited by se_retrofit"):
         to_timm_native(timm.create_model("resnet18"))
+
+
+def test_eca_on_resnet50d_exports_to_ecaresnet50d():
+    edited = _trained_se(se_retrofit.retrofit(make_model("timm", "resnet50d"), attention="eca")).eval()
+    name, state = to_timm_native(edited)
+    model = timm.create_model(name).eval()
+    assert name == "ecaresnet50d" and str(model.load_state_dict(state, strict=True)) == \
+        "<All keys matched successfully>"
+    x = small_input(2, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), edited(x))
+
+
+def test_eca_on_plain_resnet50_names_the_closest_native_model():
+    edited = se_retrofit.retrofit(timm.create_model("resnet50"), attention="eca")
+    with pytest.raises(ConversionError, match=r"no native eca model for 'resnet50'; closest: ecaresnet50d.*"
+                                              r"retrofit its base, e\.g\. resnet50d"):
+        to_timm_native(edited)
+
+
+def test_folded_gates_survive_save_and_load(tmp_path):
+    edited = _trained_se(se_retrofit.retrofit(make_model("timm", "resnet18"))).eval()
+    folded = fold_gate_scale(edited)
+    again = se_retrofit.load(se_retrofit.save(folded, tmp_path / "folded")).eval()
+    assert again.layer1[0].se.gate.scale == 1.0
+    x = small_input(1)
+    with torch.no_grad():
+        assert torch.equal(again(x), edited(x))

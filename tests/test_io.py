@@ -120,3 +120,21 @@ def test_round_trip_of_a_model_with_its_own_head(tmp_path):
     x = small_input(1)
     with torch.no_grad():
         assert again(x).shape == (1, 10) and torch.equal(again(x), model(x))
+
+
+@pytest.mark.parametrize("attention,position", [("cbam", "standard"), ("bam", "stage"), ("eca", "inner"),
+                                                ("se", "pre")])
+def test_round_trip_for_every_type(tmp_path, attention, position):
+    options = {"gate": "tanh"} if attention == "se" else {}
+    model = se_retrofit.retrofit(make_model("timm", "resnet18"), attention=attention, position=position,
+                                 **options)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(name.startswith(s.module_path + ".") for s in model.se_retrofit.sites):
+                param.add_(0.01)
+    model.eval()
+    again = se_retrofit.load(se_retrofit.save(model, tmp_path / "out")).eval()
+    x = small_input(1)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    assert again.se_retrofit.config == model.se_retrofit.config

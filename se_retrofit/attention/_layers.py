@@ -50,6 +50,20 @@ def hidden_channels(channels: int, reduction: int, divisor: int) -> int:
     return make_divisible(channels / reduction, divisor, round_limit=0.0)
 
 
+@torch.no_grad()
+def mirror_rows_(layer: nn.Module) -> None:
+    """Make the layer's output units come in ± pairs (row j+h/2 = -row j, bias too).
+
+    For any input one unit of each pair is ≥ 0, so at least half of the ReLUs after it are active.
+    Without this, a hidden unit that starts dead (likely where the input is non-negative, e.g. after a
+    block's ReLU) can never revive while the layer after it starts at zero: neither gets gradient.
+    """
+    half = layer.weight.shape[0] // 2
+    layer.weight[half:2 * half] = -layer.weight[:half]
+    if getattr(layer, "bias", None) is not None:
+        layer.bias[half:2 * half] = -layer.bias[:half]
+
+
 def squeeze(x: torch.Tensor, dims: tuple[int, ...], kind: str) -> torch.Tensor:
     """Global pooling over ``dims``: average, maximum, or their mean (timm's ``add_maxpool``)."""
     if kind == "avg":

@@ -7,7 +7,8 @@ spatial attention (a k×k conv over the channel-mean and channel-max maps, k = 7
 sequence. Names follow timm's ``CbamModule``: ``channel.fc1``, ``channel.fc2``,
 ``spatial.conv.conv``, ``spatial.conv.bn``; the MLP has no bias and ``divisor`` defaults to 1, as
 in timm. The official init is not the identity (the spatial gate starts near 0.5); here both gates
-start at exactly 1: ``fc2`` and the spatial BN's scale and shift are zeroed, the gates doubled.
+start at exactly 1: ``fc2`` and the spatial BN's scale and shift are zeroed, the gates doubled, and
+``fc1`` starts with mirrored rows so its ReLUs cannot all start dead.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from . import register_attention
-from ._layers import BATCHNORMS, Gate, act_layer, conv_layer, hidden_channels
+from ._layers import BATCHNORMS, Gate, act_layer, conv_layer, hidden_channels, mirror_rows_
 
 __all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
 
@@ -79,6 +80,7 @@ class CBAM(nn.Module):
         self.spatial = SpatialAttention(spatial_dims=spatial_dims, kernel_size=kernel_size, gate=gate)
 
     def init_identity(self) -> None:
+        mirror_rows_(self.channel.fc1)
         nn.init.zeros_(self.channel.fc2.weight)
         nn.init.zeros_(self.spatial.conv.bn.weight)
         nn.init.zeros_(self.spatial.conv.bn.bias)

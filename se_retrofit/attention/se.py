@@ -9,8 +9,8 @@ squeeze (``avg``, ``max``, ``avg+max``; Table 11), the gate (``sigmoid``, ``hard
 ``tanh``; Table 12) and the hidden activation.
 
 Exact identity at start: ``fc2`` is zeroed and the gate scaled (``2·sigmoid``, ``1 + tanh``), so
-every gate is exactly 1. ``fc2`` gets gradient at the first step (``fc1`` is random), ``fc1`` from
-the second. :func:`se_retrofit.convert.fold_gate_scale` folds ``2·sigmoid`` back into a plain gate.
+every gate is exactly 1. ``fc2`` gets gradient at the first step, ``fc1`` from the second; ``fc1``
+starts with mirrored rows so that at least half of its ReLUs are active for any input. :func:`se_retrofit.convert.fold_gate_scale` folds ``2·sigmoid`` back into a plain gate.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import register_attention
-from ._layers import SQUEEZES, Gate, act_layer, check_choice, conv_layer, hidden_channels, squeeze
+from ._layers import SQUEEZES, Gate, act_layer, check_choice, conv_layer, hidden_channels, mirror_rows_, squeeze
 
 __all__ = ["SqueezeExcite", "reduced_channels"]
 
@@ -46,6 +46,7 @@ class SqueezeExcite(nn.Module):
 
     def init_identity(self) -> None:
         """Zero the last layer and rescale the gate: every gate is exactly 1."""
+        mirror_rows_(self.fc1)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
         self.gate.start_at_identity()
