@@ -141,3 +141,89 @@ def test_list_attentions(capsys):
     code, out, err = cli(capsys, "--list-attentions")
     assert code == 0 and any(line.startswith("se ") and "Squeeze-and-Excitation" in line
                              for line in out.splitlines())
+
+
+USER_ATTENTION = '''
+"""A user's own attention type, registered from outside se_retrofit."""
+import torch
+from torch import nn
+
+import se_retrofit
+
+
+@se_retrofit.register_attention("channel_scale")
+class ChannelScale(nn.Module):
+    """Learned per-channel scale."""
+
+    def __init__(self, channels, *, spatial_dims=2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels))
+        self.shape = (1, channels) + (1,) * spatial_dims
+
+    def init_identity(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        return x * self.weight.view(self.shape)
+'''
+
+RELOAD = '''
+import sys, torch, timm
+from safetensors.torch import load_file
+import se_retrofit
+model = se_retrofit.load(sys.argv[1]).eval()
+base = timm.create_model("resnet18").eval()
+base.load_state_dict({k: v for k, v in load_file(sys.argv[1] + "/model.safetensors").items() if ".se." not in k})
+x = torch.randn(1, 3, 64, 64)
+print(type(model.layer1[0].se).__module__, type(model.layer1[0].se).__name__, torch.equal(model(x), base(x)))
+'''
+
+
+def test_user_attention_from_outside_the_package(tmp_path):
+    (tmp_path / "my_attn.py").write_text(USER_ATTENTION)
+    env = {**_offline_env(), "PYTHONPATH": str(tmp_path)}
+    script = str(Path(sys.executable).with_name("se-retrofit"))
+    listed = subprocess.run([script, "--import", "my_attn", "--list-attentions"], capture_output=True,
+                            text=True, env=env)
+    assert "channel_scale Learned per-channel scale." in listed.stdout
+    out = tmp_path / "saved"
+    made = subprocess.run([script, "resnet18", "--import", "my_attn", "--attention", "channel_scale",
+                           "--weights", "none", "--input-size", "3,64,64", "--out", str(out), "--json"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    report = json.loads(made.stdout)
+    assert report["identity_max_abs_diff"] == 0.0 and report["sites"][0]["params"] == 64
+    assert json.loads((out / "retrofit_config.json").read_text())["config"]["attention_module"] == "my_attn"
+    reloaded = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, env=env)
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert reloaded.stdout.split() == ["my_attn", "ChannelScale", "True"]
+
+
+def test_missing_user_module_is_a_one_line_error(capsys):
+    code, out, err = cli(capsys, "resnet18", "--import", "no_such_module_xyz", "--attention", "x")
+    assert code == 2 and err.count("\n") == 1
+    assert "cannot import 'no_such_module_xyz', which registers the attention type" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--attention", "nope"], "unknown attention type 'nope'; registered: bam, cbam, eca, se"),
+    (["--attention", "eca", "--squeeze", "max"], "option squeeze does not apply to attention 'eca' "
+                                                  "(it takes: kernel_size, gate)"),
+    (["--attention", "se", "--kernel-size", "3"], "option kernel_size does not apply to attention 'se'"),
+    (["--blocks", "layer9.*"], "pattern 'layer9.*' matches no residual block (they are named like "
+                               "layer1.0 … layer4.1)"),
+    (["--exclude", "stem.*"], "pattern 'stem.*' matches no residual block"),
+    (["--position", "stage", "--stages", "4"], "stage(s) 4 out of range: stage transitions follow stages 1-3"),
+])
+def test_family_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--input-size", "3,64,64", *args)
+    assert code == 2 and out == "" and list(tmp_path.iterdir()) == []
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_cbam_inner_dry_run_table(capsys):
+    code, out, err = cli(capsys, "resnet50", "--attention", "cbam", "--position", "inner", "--weights", "none",
+                         "--input-size", "3,64,64", "--dry-run", "--blocks", "layer1.0")
+    assert code == 0, err
+    assert "layer1.0 │     1 │       64 │       4 │" in out and "cbam at 'inner'" in out

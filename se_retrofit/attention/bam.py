@@ -31,12 +31,15 @@ class BAM(nn.Module):
         conv, norm = conv_layer(spatial_dims), BATCHNORMS[spatial_dims]
         hidden = hidden_channels(channels, reduction, divisor)
         self.reduce_dims = tuple(range(2, 2 + spatial_dims))
+        # layers followed by a BN have no bias: in training the BN removes it, so it would never learn
         self.channel = nn.Sequential(
-            conv(channels, hidden, 1), norm(hidden), act_layer(act), conv(hidden, channels, 1))
+            conv(channels, hidden, 1, bias=False), norm(hidden), act_layer(act), conv(hidden, channels, 1))
         self.spatial = nn.Sequential(
-            conv(channels, hidden, 1), norm(hidden), act_layer(act),
-            conv(hidden, hidden, 3, padding=dilation, dilation=dilation), norm(hidden), act_layer(act),
-            conv(hidden, hidden, 3, padding=dilation, dilation=dilation), norm(hidden), act_layer(act),
+            conv(channels, hidden, 1, bias=False), norm(hidden), act_layer(act),
+            conv(hidden, hidden, 3, padding=dilation, dilation=dilation, bias=False), norm(hidden),
+            act_layer(act),
+            conv(hidden, hidden, 3, padding=dilation, dilation=dilation, bias=False), norm(hidden),
+            act_layer(act),
             conv(hidden, 1, 1))
         self.gate = Gate("sigmoid")
 
