@@ -80,8 +80,12 @@ def _instance_forward_as_class(block: nn.Module) -> Iterator[None]:
     if forward is None:
         yield
         return
+    function = forward.__func__
+    modes = getattr(function, "per_mode", None)  # a dispatcher: trace the function of the current mode
+    if modes is not None:
+        function = modes[block.training]
     cls = type(block)
-    block.__class__ = type(cls.__name__, (cls,), {"forward": forward.__func__, "__module__": cls.__module__})
+    block.__class__ = type(cls.__name__, (cls,), {"forward": function, "__module__": cls.__module__})
     try:
         yield
     finally:
@@ -212,4 +216,5 @@ def _dispatch_on_mode(train_fn: Callable, eval_fn: Callable) -> Callable:
     def forward(self, *args, **kwargs):
         return (train_fn if self.training else eval_fn)(self, *args, **kwargs)
 
+    forward.per_mode = {True: train_fn, False: eval_fn}
     return forward

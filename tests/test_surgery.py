@@ -224,3 +224,14 @@ def test_blocks_reading_training_flag_keep_both_behaviours():
 def test_native_se_models_are_flagged():
     blocks = se_retrofit.find_blocks(timm.create_model("seresnet50"))
     assert len(blocks) == 16 and all(b.has_attention for b in blocks)
+
+
+def test_blocks_reading_training_flag_can_be_edited_twice():
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _ModeReadingBlock())
+    x = small_input(2, 16)
+    once = se_retrofit.retrofit(base, position="standard", example_input=x[:1])
+    with pytest.warns(se_retrofit.StackedAttentionWarning):
+        twice = se_retrofit.retrofit(once, position="post", example_input=x[:1])
+    assert {"se", "se1"} <= set(dict(twice[1].named_children()))
+    for training in (True, False):
+        assert torch.equal(run(base, x, training), run(twice, x, training)), training
