@@ -9,6 +9,8 @@ new forward dispatches on ``self.training`` so both behaviours are kept.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 import types
 from collections import defaultdict
 from typing import Callable, Iterator
@@ -49,41 +51,71 @@ def _new_attention(site: Site, config: RetrofitConfig) -> nn.Module:
 
 def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Module]) -> None:
     """Give ``block`` the attention modules (by attribute name) and a forward that calls them."""
-    graphs = {mode: _trace_block(block, mode) for mode in (True, False)}
+    optional = _optional_arguments(block)
+    graphs = {key: _trace_block(block, key, optional) for key in _variants(optional)}
     for name, module in attention.items():
         _attach(block, name, module)
     modules = dict(block.named_modules())
     forwards = {}
-    for mode, graph in graphs.items():
+    for key, graph in graphs.items():
         mark_dynamic(graph)
         for site in sites:
             _insert(graph, site, modules)
         graph.lint()
-        forwards[mode] = graph.python_code(root_module="self")
-    _install_forward(block, forwards)
+        forwards[key] = graph.python_code(root_module="self")
+    _install_forward(block, forwards, optional)
 
 
-def _trace_block(block: nn.Module, training: bool) -> fx.Graph:
+#: a traced variant of a block's forward: (training, which optional arguments are None)
+Variant = tuple[bool, tuple[bool, ...]]
+MAX_OPTIONAL = 3
+
+
+def _optional_arguments(block: nn.Module) -> list[str]:
+    """Arguments defaulting to None (``shortcut=None``): the tracer cannot see ``if x is None``, so
+    the forward is traced once for each combination of them being None or given."""
+    forward = _current_forward_function(block)
+    params = list(inspect.signature(forward).parameters.values())[1:]
+    names = [p.name for p in params if p.default is None
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names[:MAX_OPTIONAL]
+
+
+def _variants(optional: list[str]) -> list[Variant]:
+    return [(training, nones) for training in (True, False)
+            for nones in itertools.product((False, True), repeat=len(optional))]
+
+
+def _trace_block(block: nn.Module, variant: Variant, optional: list[str]) -> fx.Graph:
+    training, nones = variant
+    concrete = {name: None for name, none in zip(optional, nones) if none}
     snapshot = snapshot_training(block)
     try:
         block.train(training)
-        with _instance_forward_as_class(block):
-            return trace(block, leaf_children=True)
+        with _instance_forward_as_class(block, variant):
+            return trace(block, leaf_children=True, concrete_args=concrete or None)
     finally:
         restore_training(snapshot)
 
 
+def _current_forward_function(block: nn.Module) -> Callable:
+    forward = vars(block).get("forward")
+    if forward is None:
+        return type(block).forward
+    return getattr(forward.__func__, "original", forward.__func__)
+
+
 @contextlib.contextmanager
-def _instance_forward_as_class(block: nn.Module) -> Iterator[None]:
+def _instance_forward_as_class(block: nn.Module, variant: Variant | None = None) -> Iterator[None]:
     """fx traces ``type(root).forward``; a block edited before carries its forward on the instance."""
     forward = vars(block).get("forward")
     if forward is None:
         yield
         return
     function = forward.__func__
-    modes = getattr(function, "per_mode", None)  # a dispatcher: trace the function of the current mode
-    if modes is not None:
-        function = modes[block.training]
+    variants = getattr(function, "variants", None)  # a dispatcher: trace the matching function
+    if variants is not None:
+        function = variants.get(variant) or variants[(block.training, next(iter(variants))[1])]
     cls = type(block)
     block.__class__ = type(cls.__name__, (cls,), {"forward": function, "__module__": cls.__module__})
     try:
@@ -188,7 +220,9 @@ _PLACERS: dict[str, Callable] = {
 
 
 def _block_input(shortcut: fx.Node, branch: fx.Node) -> tuple[fx.Node, set[fx.Node]]:
-    """The node the shortcut starts from: the nearest one on its way back that dominates the branch."""
+    """The node the shortcut starts from: the nearest one on its way back that dominates the branch.
+    Where the shortcut arrives as an argument of its own (DLA's trees pass it in), the branch's
+    input is the argument the branch is computed from."""
     node = shortcut
     for _ in range(16):
         cone = dominated_cone(branch, node) if node is not branch else None
@@ -198,23 +232,44 @@ def _block_input(shortcut: fx.Node, branch: fx.Node) -> tuple[fx.Node, set[fx.No
         if len(inputs) != 1:
             break
         node = inputs[0]
+    for placeholder in (n for n in branch.graph.nodes if n.op == "placeholder" and n is not shortcut):
+        cone = dominated_cone(branch, placeholder)
+        if cone:
+            return placeholder, cone
     raise SurgeryError(f"could not find the block input feeding both {shortcut.name} and {branch.name}")
 
 
 # --- the new forward ---------------------------------------------------------------------------
 
-def _install_forward(block: nn.Module, code: dict[bool, fx.graph.PythonCode]) -> None:
-    train_fn = _forward_from_src(code[True].src, code[True].globals)
-    if code[True].src == code[False].src:
-        forward = train_fn
+def _install_forward(block: nn.Module, code: dict[Variant, fx.graph.PythonCode], optional: list[str]) -> None:
+    """One generated forward where every variant compiled to the same code, else a dispatcher."""
+    sources = {key: c.src for key, c in code.items()}
+    if len(set(sources.values())) == 1:
+        first = next(iter(code.values()))
+        forward = _forward_from_src(first.src, first.globals)
     else:
-        forward = _dispatch_on_mode(train_fn, _forward_from_src(code[False].src, code[False].globals))
+        compiled: dict[str, Callable] = {}
+        variants = {}
+        for key, c in code.items():
+            if c.src not in compiled:
+                compiled[c.src] = _forward_from_src(c.src, c.globals)
+            variants[key] = compiled[c.src]
+        forward = _dispatcher(variants, optional, _current_forward_function(block))
     block.forward = types.MethodType(forward, block)
 
 
-def _dispatch_on_mode(train_fn: Callable, eval_fn: Callable) -> Callable:
-    def forward(self, *args, **kwargs):
-        return (train_fn if self.training else eval_fn)(self, *args, **kwargs)
+def _dispatcher(variants: dict[Variant, Callable], optional: list[str], original: Callable) -> Callable:
+    """Choose the traced variant matching the block's mode and which optional arguments are None."""
+    signature = inspect.signature(original)
 
-    forward.per_mode = {True: train_fn, False: eval_fn}
+    def forward(self, *args, **kwargs):
+        if optional:
+            given = signature.bind(self, *args, **kwargs).arguments
+            nones = tuple(given.get(name) is None for name in optional)
+        else:
+            nones = ()
+        return variants[(self.training, nones)](self, *args, **kwargs)
+
+    forward.variants = variants
+    forward.original = original
     return forward

@@ -59,9 +59,9 @@ class RetrofitTracer(fx.Tracer):
         return node
 
 
-def trace(module: nn.Module, leaf_children: bool = False) -> fx.Graph:
+def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | None = None) -> fx.Graph:
     """Trace ``module`` symbolically and return its graph (module paths in ``node.meta``)."""
-    return RetrofitTracer(leaf_children=leaf_children).trace(module)
+    return RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
 
 
 @dataclass
