@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import copy
 import csv
+import inspect
 import math
 import multiprocessing
 import signal
@@ -54,10 +56,11 @@ def _build(source: str, name: str, device: str):
     with torch.device(device):
         if source == "timm":
             return timm.create_model(name, pretrained=False)
-        kwargs = {"weights": None}
-        if "quantization" in torchvision.models.get_model_builder(name).__module__:
-            kwargs["quantize"] = False
-        return torchvision.models.get_model(name, **kwargs)
+        builder = torchvision.models.get_model_builder(name)
+        accepted = inspect.signature(builder).parameters
+        kwargs = {k: v for k, v in (("weights", None), ("weights_backbone", None), ("quantize", False))
+                  if k in accepted}
+        return builder(**kwargs)
 
 
 def _inputs(source: str, name: str, model, device: str, small: bool):
@@ -96,13 +99,14 @@ def _flatten(value) -> list:
     return []
 
 
-def _identity(base, example, position: str) -> float:
-    """Max |Δ| relative between the base and the SE-retrofitted model (eval mode)."""
+def _identity(base, example, plan, position: str) -> float:
+    """Max |Δ| relative between the base and a copy edited at ``plan``'s sites (eval mode)."""
     import torch
 
     import se_retrofit
 
-    edited = se_retrofit.retrofit(base, position=position, example_input=example)
+    config = se_retrofit.RetrofitConfig(position=position)
+    edited = se_retrofit.core.apply_record(copy.deepcopy(base), se_retrofit.config.RetrofitRecord(config, plan.sites))
     args = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
         a, b = _flatten(base(*args)), _flatten(edited(*args))
@@ -143,34 +147,37 @@ def check(source: str, name: str, max_params: float, seconds: int) -> dict:
 def _check(source, name, max_params, torch, se_retrofit) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            model = _build(source, name, "meta").eval()
-            device = "meta"
-        except Exception:
-            model = _build(source, name, "cpu").eval()
-            device = "cpu"
+        model, analysis = _analyse(source, name, se_retrofit)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        analysis = se_retrofit.analyze(model, _inputs(source, name, model, device, small=False))
-        out = {"params_m": round(params, 1), "blocks": len(analysis.blocks),
-               "stages": len(analysis.stages)}
+        out = {"params_m": round(params, 1), "blocks": len(analysis.blocks), "stages": len(analysis.stages)}
         if not analysis.blocks:
             return {**out, "status": "no-residual-blocks"}
-        config = se_retrofit.RetrofitConfig()
-        plan = se_retrofit.planning.plan_sites(model, analysis, config)
-        if not plan.sites:
-            return {**out, "status": f"skipped: {next(iter(plan.skipped.values()))}"}
+        plans = {position: se_retrofit.planning.plan_sites(model, analysis, se_retrofit.RetrofitConfig(
+            position=position)) for position in ("standard", "post")}
+        if not plans["standard"].sites:
+            return {**out, "status": f"skipped: {next(iter(plans['standard'].skipped.values()))}"}
         if params > max_params:
             return {**out, "status": "ok", "identity_standard": "not measured (size)"}
-        base = _build(source, name, "cpu").eval()
-        example = _small_example(source, name, base, se_retrofit)
-        out["identity_standard"] = _identity(base, example, "standard")
-        out["identity_post"] = _identity(base, example, "post")
+        base = model if next(model.parameters()).device.type == "cpu" else _build(source, name, "cpu").eval()
+        example = _small_example(source, name, base)
+        for position, plan in plans.items():
+            out[f"identity_{position}"] = _identity(base, example, plan, position)
         worst = max(out["identity_standard"], out["identity_post"])
         out["status"] = "ok" if worst <= 1e-5 else f"error: identity broken (max rel Δ {worst:.2g})"
         return out
 
 
-def _small_example(source, name, base, se_retrofit):
+def _analyse(source, name, se_retrofit):
+    """Analyse on the meta device (free for any size); on the CPU where meta tensors do not run."""
+    try:
+        model = _build(source, name, "meta").eval()
+        return model, se_retrofit.analyze(model, _inputs(source, name, model, "meta", small=False))
+    except Exception:
+        model = _build(source, name, "cpu").eval()
+        return model, se_retrofit.analyze(model, _inputs(source, name, model, "cpu", small=False))
+
+
+def _small_example(source, name, base):
     """A small input the real model accepts (falls back to its native size)."""
     import torch
 

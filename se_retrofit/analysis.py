@@ -22,7 +22,8 @@ from torch import fx, nn
 
 from . import op_kinds as K
 from .shapes import record_shapes
-from .tracing import MODULE_PATH, TracedRegion, snapshot_training, restore_training, trace_regions
+from .tracing import (MODULE_PATH, TracedRegion, TraceResult, restore_training, snapshot_training, split_region,
+                      trace_regions)
 
 MAX_PROJECTION_OPS = 6
 CHANNELS_FIRST, CHANNELS_LAST, TOKENS, UNKNOWN = "channels_first", "channels_last", "tokens", "unknown"
@@ -158,10 +159,10 @@ def second_probe(example: Any) -> Any:
 
 def _analyze(model: nn.Module, example: Any) -> Analysis:
     traced = trace_regions(model)
-    _probe(model, traced.regions, example, _SHAPE_A, required=True)
+    _probe(model, traced, example, _SHAPE_A, required=True)
     second = second_probe(example)
     if second is not None:
-        _probe(model, traced.regions, second, _SHAPE_B, required=False)
+        _probe(model, traced, second, _SHAPE_B, required=False)
     found: list[tuple[fx.Node, _Residual]] = []
     additions = 0
     for region in traced.regions:
@@ -188,19 +189,42 @@ def _shape_of(example: Any) -> tuple[int, ...]:
 
 # --- probing ---------------------------------------------------------------------------------
 
-def _probe(model: nn.Module, regions: list[TracedRegion], example: Any, key: str, required: bool) -> None:
-    """Write each node's shape under ``key`` by running the regions on ``example``'s activations."""
+def _probe(model: nn.Module, traced: TraceResult, example: Any, key: str, required: bool) -> None:
+    """Write each node's shape under ``key`` by running the regions on ``example``'s activations.
+
+    A region whose traced graph fails where the model itself runs (the tracer baked in a branch the
+    real input does not take) is split into its children, which are traced and probed instead.
+    """
+    for _ in range(MAX_SPLITS):
+        try:
+            inputs = _region_inputs(model, traced.regions, example)
+        except Exception as error:
+            if required:
+                raise _probe_error(example, error) from error
+            return
+        failed = [r for r in traced.regions if r.path in inputs and not _record(r, inputs[r.path], key)]
+        if not failed or not required:
+            return
+        for region in failed:
+            split_region(traced, region)
+    raise ProbeError(f"the traced graphs of this model do not run on an input of shape {_shape_of(example)}")
+
+
+MAX_SPLITS = 6
+
+
+def _record(region: TracedRegion, call: tuple, key: str) -> bool:
     try:
-        inputs = _region_inputs(model, regions, example)
-        for region in regions:
-            if region.path in inputs:
-                args, kwargs = inputs[region.path]
-                record_shapes(region.module, region.graph, args, kwargs, key=key)
-    except Exception as error:
-        if required:
-            raise ProbeError(f"running the model on an input of shape {_shape_of(example)} failed: "
-                             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
-                             "Pass example_input= with a shape the model accepts.") from error
+        record_shapes(region.module, region.graph, call[0], call[1], key=key)
+        return True
+    except Exception:
+        return False
+
+
+def _probe_error(example: Any, error: BaseException) -> "ProbeError":
+    return ProbeError(f"running the model on an input of shape {_shape_of(example)} failed: "
+                      f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
+                      "Pass example_input= with a shape the model accepts.")
 
 
 class ProbeError(ValueError):
@@ -209,11 +233,13 @@ class ProbeError(ValueError):
 
 def _region_inputs(model: nn.Module, regions: list[TracedRegion], example: Any) -> dict[str, tuple]:
     """Capture the arguments each traced region is called with, by one real forward pass."""
-    if len(regions) == 1 and regions[0].path == "":
-        return {"": (_as_args(example), {})}
     captured: dict[str, tuple] = {}
     handles = []
     for region in regions:
+        if region.path == "":
+            captured[""] = (_as_args(example), {})
+            continue
+
         def hook(module, args, kwargs, path=region.path):
             captured.setdefault(path, (args, kwargs))
         handles.append(region.module.register_forward_pre_hook(hook, with_kwargs=True))

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 from torch import fx, nn
 from torch.fx.graph_module import _forward_from_src
+from torch.fx.proxy import TraceError
 
 from . import op_kinds as K
 from .analysis import add_operands, dominated_cone, dynamic_inputs, mark_dynamic
@@ -52,7 +53,7 @@ def _new_attention(site: Site, config: RetrofitConfig) -> nn.Module:
 def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Module]) -> None:
     """Give ``block`` the attention modules (by attribute name) and a forward that calls them."""
     optional = _optional_arguments(block)
-    graphs = {key: _trace_block(block, key, optional) for key in _variants(optional)}
+    graphs, fixed = _trace_variants(block, optional)
     for name, module in attention.items():
         _attach(block, name, module)
     modules = dict(block.named_modules())
@@ -63,7 +64,7 @@ def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Modu
             _insert(graph, site, modules)
         graph.lint()
         forwards[key] = graph.python_code(root_module="self")
-    _install_forward(block, forwards, optional)
+    _install_forward(block, forwards, optional, fixed)
 
 
 #: a traced variant of a block's forward: (training, which optional arguments are None)
@@ -81,14 +82,27 @@ def _optional_arguments(block: nn.Module) -> list[str]:
     return names[:MAX_OPTIONAL]
 
 
+def _trace_variants(block: nn.Module, optional: list[str]) -> tuple[dict[Variant, fx.Graph], dict[str, object]]:
+    """Trace every variant. Where a forward branches on an argument with a constant default
+    (``if attn_mask is not None or is_causal``), such arguments are fixed at their defaults."""
+    try:
+        return {key: _trace_block(block, key, optional, {}) for key in _variants(optional)}, {}
+    except TraceError:
+        params = list(inspect.signature(_current_forward_function(block)).parameters.values())[1:]
+        fixed = {p.name: p.default for p in params if isinstance(p.default, (bool, int, float, str))}
+        if not fixed:
+            raise
+        return {key: _trace_block(block, key, optional, fixed) for key in _variants(optional)}, fixed
+
+
 def _variants(optional: list[str]) -> list[Variant]:
     return [(training, nones) for training in (True, False)
             for nones in itertools.product((False, True), repeat=len(optional))]
 
 
-def _trace_block(block: nn.Module, variant: Variant, optional: list[str]) -> fx.Graph:
+def _trace_block(block: nn.Module, variant: Variant, optional: list[str], fixed: dict[str, object]) -> fx.Graph:
     training, nones = variant
-    concrete = {name: None for name, none in zip(optional, nones) if none}
+    concrete = {**fixed, **{name: None for name, none in zip(optional, nones) if none}}
     snapshot = snapshot_training(block)
     try:
         block.train(training)
@@ -241,10 +255,11 @@ def _block_input(shortcut: fx.Node, branch: fx.Node) -> tuple[fx.Node, set[fx.No
 
 # --- the new forward ---------------------------------------------------------------------------
 
-def _install_forward(block: nn.Module, code: dict[Variant, fx.graph.PythonCode], optional: list[str]) -> None:
+def _install_forward(block: nn.Module, code: dict[Variant, fx.graph.PythonCode], optional: list[str],
+                     fixed: dict[str, object]) -> None:
     """One generated forward where every variant compiled to the same code, else a dispatcher."""
     sources = {key: c.src for key, c in code.items()}
-    if len(set(sources.values())) == 1:
+    if len(set(sources.values())) == 1 and not fixed:
         first = next(iter(code.values()))
         forward = _forward_from_src(first.src, first.globals)
     else:
@@ -254,21 +269,27 @@ def _install_forward(block: nn.Module, code: dict[Variant, fx.graph.PythonCode],
             if c.src not in compiled:
                 compiled[c.src] = _forward_from_src(c.src, c.globals)
             variants[key] = compiled[c.src]
-        forward = _dispatcher(variants, optional, _current_forward_function(block))
+        forward = _dispatcher(variants, optional, fixed, _current_forward_function(block))
     block.forward = types.MethodType(forward, block)
 
 
-def _dispatcher(variants: dict[Variant, Callable], optional: list[str], original: Callable) -> Callable:
+def _dispatcher(variants: dict[Variant, Callable], optional: list[str], fixed: dict[str, object],
+                original: Callable) -> Callable:
     """Choose the traced variant matching the block's mode and which optional arguments are None."""
     signature = inspect.signature(original)
 
     def forward(self, *args, **kwargs):
-        if optional:
-            given = signature.bind(self, *args, **kwargs).arguments
-            nones = tuple(given.get(name) is None for name in optional)
-        else:
-            nones = ()
-        return variants[(self.training, nones)](self, *args, **kwargs)
+        if not optional and not fixed:
+            return variants[(self.training, ())](self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        for name, value in fixed.items():
+            if bound.arguments[name] != value:
+                raise ValueError(f"{type(self).__name__} was edited by se_retrofit for {name}={value!r}, "
+                                 f"its default; it cannot be called with {name}={bound.arguments[name]!r}")
+        nones = tuple(bound.arguments[name] is None for name in optional)
+        # positionally: fx renames the parameters it specialised to None (bias -> bias_1)
+        return variants[(self.training, nones)](*bound.args, **bound.kwargs)
 
     forward.variants = variants
     forward.original = original

@@ -117,6 +117,16 @@ def _trace_into(module: nn.Module, path: str, result: TraceResult, depth: int) -
         _trace_into(module.get_submodule(target), f"{path}.{target}" if path else target, result, depth - 1)
 
 
+def split_region(result: TraceResult, region: TracedRegion, depth: int = 12) -> None:
+    """Replace ``region`` in ``result`` by its children, each traced on its own."""
+    result.regions.remove(region)
+    children = list(region.module.named_children())
+    if not children:
+        result.untraceable[region.path or "<root>"] = "its traced graph does not run on the probe input"
+    for name, child in children:
+        _trace_into(child, f"{region.path}.{name}" if region.path else name, result, depth)
+
+
 def _opaque_calls(module: nn.Module, graph: fx.Graph) -> list[str]:
     """Targets of calls to timm notrace modules that have children: kept whole in the parent's
     graph (as timm asks), but their insides may hold residual blocks, so they are traced too."""

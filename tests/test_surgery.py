@@ -235,3 +235,13 @@ def test_blocks_reading_training_flag_can_be_edited_twice():
     assert {"se", "se1"} <= set(dict(twice[1].named_children()))
     for training in (True, False):
         assert torch.equal(run(base, x, training), run(twice, x, training)), training
+
+
+def test_blocks_with_optional_arguments_keep_both_call_forms():
+    # DLA's trees call the same block class with a shortcut (tree1) and without one (tree2)
+    base = make_model("timm", "dla34").eval()
+    x = small_input(2)
+    for position in POSITIONS:
+        edited = se_retrofit.retrofit(base, position=position, example_input=x[:1])
+        assert len(edited.se_retrofit.sites) == (3 if position == "stage" else 12), position
+        assert torch.equal(edited(x), base(x)), position
