@@ -76,7 +76,7 @@ def _inputs(source: str, name: str, model, device: str, small: bool):
         return ([torch.rand(3, 160 if small else 320, 160 if small else 320, device=device)],)
     if "video" in family:
         frames = 16 if "mvit" in family or "s3d" in family else 4
-        side = 224 if "mvit" in family or "swin" in family else (112 if "s3d" in family else 64)
+        side = 224 if "mvit" in family or "swin" in family or "s3d" in family else 64
         return torch.randn(1, 3, frames, side, side, device=device)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = tuple(cfg.get("input_size") or (3, 224, 224))

@@ -301,7 +301,7 @@ def _match_residual(add: fx.Node, modules: dict[str, nn.Module]) -> _Residual | 
             if block_input is branch:
                 continue
             cone = dominated_cone(branch, block_input)
-            if cone and _transforms(cone, block_input, modules):
+            if cone and _inside(cone, add.meta.get(MODULE_PATH, "")) and _transforms(cone, block_input, modules):
                 return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone, modules)
     return None
 
@@ -363,6 +363,15 @@ def dominated_cone(branch: fx.Node, block_input: fx.Node) -> set[fx.Node] | None
         cone.add(node)
         stack.extend(dynamic_inputs(node))
     return cone if reached else None
+
+
+def _inside(cone: set[fx.Node], scope: str) -> bool:
+    """The branch is computed inside the module that adds it. An FPN's top-down add has a branch that
+    runs back through the backbone: a fusion of scales, not a residual block."""
+    if not scope:
+        return True
+    prefix = f"{scope}."
+    return all((path := n.meta.get(MODULE_PATH, "")) == scope or path.startswith(prefix) for n in cone)
 
 
 def _transforms(cone: set[fx.Node], block_input: fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -60,8 +60,18 @@ class RetrofitTracer(fx.Tracer):
 
 
 def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | None = None) -> fx.Graph:
-    """Trace ``module`` symbolically and return its graph (module paths in ``node.meta``)."""
-    return RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
+    """Trace ``module`` symbolically and return its graph (module paths in ``node.meta``).
+
+    Side-effect free: a forward that caches on first call (torchvision's MultiScaleRoIAlign sets
+    ``self.scales``) would otherwise keep Proxy objects, so every module's attributes are restored.
+    """
+    saved = {m: dict(vars(m)) for m in module.modules()}
+    try:
+        return RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
+    finally:
+        for m, attributes in saved.items():  # by identity: values may be tensors or proxies
+            vars(m).clear()
+            vars(m).update(attributes)
 
 
 @dataclass
