@@ -70,8 +70,10 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
         return RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
     finally:
         for m, attributes in saved.items():  # by identity: values may be tensors or proxies
+            kept = {k: v for k, v in vars(m).items() if k.startswith("_tensor_constant")}  # the graph's
             vars(m).clear()
             vars(m).update(attributes)
+            vars(m).update(kept)
 
 
 @dataclass
