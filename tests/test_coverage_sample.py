@@ -28,7 +28,7 @@ SAMPLE = [
     "torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:shufflenet_v2_x0_5",
     "torchvision:regnet_x_400mf", "torchvision:squeezenet1_0", "torchvision:r3d_18",
     "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", "torchvision:lraspp_mobilenet_v3_large",
-    "torchvision:raft_small", "torchvision:quantizable_resnet18",
+    "torchvision:raft_small", "torchvision:quantized_resnet18",
 ]
 
 
