@@ -167,7 +167,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     if not args.dry_run:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            edited = retrofit_with(model, config, example_input=example)
+            edited = retrofit_with(model, config, example_input=example, analysis=analysis)
         _report_warnings(caught, err)
         getattr(edited, RECORD_ATTR).base.update(name=ref.name, source=ref.source, weights=origin)
         report.update(_identity(model, edited, example), params_after=_count(edited))

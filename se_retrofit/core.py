@@ -81,9 +81,12 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
 
 
 def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: Any = None,
-                  inplace: bool = False) -> nn.Module:
-    """:func:`retrofit` driven by a :class:`RetrofitConfig`."""
-    analysis, site_plan = plan(model, config, example_input)
+                  inplace: bool = False, analysis: Analysis | None = None) -> nn.Module:
+    """:func:`retrofit` driven by a :class:`RetrofitConfig`; pass ``analysis`` (from :func:`plan`
+    or :func:`se_retrofit.analyze` of this model) to skip analysing the model again."""
+    if analysis is None:
+        analysis = analyze(model, example_input)
+    site_plan = plan_sites(model, analysis, config)
     if not site_plan.sites:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(site_plan.skipped.items())[:3])
         raise NoResidualBlocksError(f"no block could be edited ({analysis.describe()}): {reasons}")
