@@ -14,6 +14,8 @@ from .config import POSITIONS, RetrofitConfig, Site
 from .core import StackedAttentionWarning, plan, record_of, retrofit, retrofit_with
 from .io import load, save
 from .convert import fold_gate_scale, to_timm_native
+from .training import (attention_modules, attention_parameters, attention_state_dict, freeze_backbone,
+                       param_groups, unfreeze)
 
 from ._version import __version__
 
@@ -21,4 +23,6 @@ __all__ = [
     "Analysis", "Block", "POSITIONS", "RetrofitConfig", "Site", "StackedAttentionWarning", "analyze",
     "create_attention", "find_blocks", "list_attentions", "plan", "record_of", "register_attention",
     "retrofit", "retrofit_with", "__version__", "load", "save", "fold_gate_scale", "to_timm_native",
+    "attention_modules", "attention_parameters", "attention_state_dict", "freeze_backbone", "param_groups",
+    "unfreeze",
 ]

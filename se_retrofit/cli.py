@@ -4,6 +4,7 @@ Examples:
     se-retrofit resnet50 --position post --r 16
     se-retrofit torchvision:resnet50 --stages 3,4 --weights none --dry-run
     se-retrofit resnet50 --weights ./resnet50.safetensors --out ./resnet50-se --json
+    se-retrofit finetune recipes/resnet50-se-standard.yaml --data ./my_images
 """
 from __future__ import annotations
 
@@ -101,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="identity: the edited model computes what the original does (default)")
     parser.add_argument("--weights", default="pretrained",
                         help="pretrained (library weights; random with a warning when offline), none, "
-                             "or PATH to a state dict (.safetensors, or .pth read with weights_only)")
+                             "or PATH to a state dict (.safetensors; .pth/.pt with --allow-pickle)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow a pickled .pth/.pt weights file (read with weights_only=True); "
+                             ".safetensors never needs it")
     parser.add_argument("--input-size", type=_size, help="probe input size C,H,W (default: the model's own)")
     parser.add_argument("--out", type=Path, help="output directory (default ./MODEL-ATTENTION-POSITION-rR)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -113,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["finetune"]:  # se-retrofit finetune RECIPE --data DIR
+        from .finetune.cli import main as finetune_main
+
+        return finetune_main(argv[1:])
     out = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     try:
@@ -158,7 +167,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         raise WeightsError(f"weights file {args.weights} does not exist (use pretrained, none or a file path)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, origin = create(ref, args.weights)
+        model, origin = create(ref, args.weights, allow_pickle=args.allow_pickle)
     _report_warnings(caught, err)
     model.eval()
     example = _example(model, args.input_size)

@@ -82,14 +82,20 @@ def _unknown_message(name: str, sources: list[str]) -> str:
     return f"unknown model {name!r} in {' or '.join(sources)}{hint}"
 
 
-def create(ref: ModelRef, weights: str = "pretrained", **create_kwargs) -> tuple[nn.Module, str]:
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+
+
+def create(ref: ModelRef, weights: str = "pretrained", *, allow_pickle: bool = False,
+           **create_kwargs) -> tuple[nn.Module, str]:
     """Build the model and say where its weights came from.
 
     Args:
         ref: the resolved model.
         weights: ``pretrained`` (the library's weights; random with a warning when offline),
-            ``none`` (random), or the path of a state dict (``.safetensors``, or ``.pth``/``.pt``
-            read with ``weights_only=True``).
+            ``none`` (random), or the path of a state dict (``.safetensors``; a pickled
+            ``.pth``/``.pt`` file only with ``allow_pickle=True``, and then read with
+            ``weights_only=True``).
+        allow_pickle: permit pickled torch files (never needed for ``.safetensors``).
         create_kwargs: passed to the library's constructor (``num_classes=10``).
     """
     if weights == "none":
@@ -98,7 +104,7 @@ def create(ref: ModelRef, weights: str = "pretrained", **create_kwargs) -> tuple
         return _pretrained(ref, create_kwargs)
     path = Path(weights)
     model = _build(ref, False, create_kwargs)
-    load_weights_file(model, path)
+    load_weights_file(model, path, allow_pickle=allow_pickle)
     return model, f"file {path}"
 
 
@@ -202,10 +208,15 @@ def _weights_tag(ref: ModelRef, model: nn.Module) -> str:
     return f"torchvision {torchvision.models.get_model_weights(ref.name).DEFAULT}"
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors or a ``weights_only`` torch file; unwrap common wrappers."""
+def read_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors, or (only with ``allow_pickle``) a torch file read with
+    ``weights_only=True``; unwrap common wrappers (``state_dict``, ``model``)."""
+    path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
+    if path.suffix != ".safetensors" and not allow_pickle:
+        raise WeightsError(f"weights file {path} is not .safetensors; pickled torch files are read only when "
+                           "you allow it (--allow-pickle, or allow_pickle=True; loaded with weights_only=True)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -231,9 +242,9 @@ def first_sentence(error: BaseException, limit: int = 160) -> str:
     return head if len(head) <= limit else head[: limit - 1] + "…"
 
 
-def load_weights_file(model: nn.Module, path: Path) -> None:
+def load_weights_file(model: nn.Module, path: Path, *, allow_pickle: bool = False) -> None:
     """Load a state dict file strictly; the error names missing, unexpected and misshapen keys."""
-    state = read_state_dict(path)
+    state = read_state_dict(path, allow_pickle=allow_pickle)
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
 

@@ -29,6 +29,7 @@ from ._version import __version__
 from .attention._layers import gate_state, set_gate_state
 from .config import RetrofitRecord
 from .core import apply_record, record_of
+from .training import attention_state_dict
 from .hub import ModelRef, WeightsError, check_state_dict, create
 
 CONFIG_FILE, MODEL_FILE, ATTENTION_FILE = "retrofit_config.json", "model.safetensors", "attention.safetensors"
@@ -103,12 +104,6 @@ def _replace_dir(staging: Path, path: Path) -> None:
     os.replace(path, old / "previous")
     os.replace(staging, path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def attention_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of the inserted attention modules only, under their full keys."""
-    prefixes = tuple(f"{site.module_path}." for site in record_of(model).sites)
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(prefixes)}
 
 
 def library_versions() -> dict[str, str]:

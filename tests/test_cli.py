@@ -103,7 +103,8 @@ ERRORS = [
     (["resnet18", "--position", "middle"], "argument --position: invalid choice: 'middle'"),
     (["densenet121", "--weights", "none"], "no residual blocks found: the model has no additions at all"),
     (["resnet18", "--weights", "missing.safetensors"], "weights file missing.safetensors does not exist"),
-    (["resnet18", "--weights", "{broken}"], "cannot read weights file"),
+    (["resnet18", "--weights", "{broken}"], "pickled torch files are read only when you allow it (--allow-pickle"),
+    (["resnet18", "--weights", "{broken}", "--allow-pickle"], "cannot read weights file"),
     (["resnet50", "--weights", "{mismatched}"], "do not match the model: missing"),
     (["resnet18", "--attention", "cbamx"], "unknown attention type 'cbamx'"),
 ]

@@ -48,7 +48,7 @@ def test_local_weights_file_is_loaded(tmp_path, suffix):
     path = tmp_path / f"weights{suffix}"
     state = {k: v.contiguous() for k, v in source.state_dict().items()}
     save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
-    model, origin = hub.create(ModelRef("resnet18", "timm"), str(path))
+    model, origin = hub.create(ModelRef("resnet18", "timm"), str(path), allow_pickle=suffix == ".pth")
     assert origin == f"file {path}"
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
@@ -73,4 +73,13 @@ def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"x": argparse.Namespace(a=1)}}, path)
     with pytest.raises(WeightsError, match="cannot read weights file"):
-        hub.read_state_dict(path)
+        hub.read_state_dict(path, allow_pickle=True)
+
+
+def test_pickled_files_need_explicit_permission(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({k: v for k, v in timm.create_model("resnet18").state_dict().items()}, path)
+    with pytest.raises(WeightsError, match=r"is not \.safetensors; pickled torch files are read only when you allow"):
+        hub.create(ModelRef("resnet18", "timm"), str(path))
+    model, _ = hub.create(ModelRef("resnet18", "timm"), str(path), allow_pickle=True)
+    assert isinstance(model, torch.nn.Module)
