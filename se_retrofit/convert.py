@@ -111,6 +111,21 @@ def timm_native_name(model: nn.Module) -> str:
     return f"{prefix}{base}"
 
 
+def timm_create_kwargs(model: nn.Module) -> dict[str, int]:
+    """Keyword arguments ``timm.create_model`` needs to build the native twin with this model's head.
+
+    Example:
+        >>> import timm, se_retrofit
+        >>> from se_retrofit.convert import timm_create_kwargs
+        >>> timm_create_kwargs(se_retrofit.retrofit(timm.create_model("resnet18", num_classes=10)))
+        {'num_classes': 10}
+        >>> timm_create_kwargs(se_retrofit.retrofit(timm.create_model("resnet18")))
+        {}
+    """
+    num_classes = getattr(model, "num_classes", None)
+    return {"num_classes": num_classes} if isinstance(num_classes, int) and num_classes != 1000 else {}
+
+
 def _timm_architecture(model: nn.Module) -> str | None:
     cfg = getattr(model, "pretrained_cfg", None)
     return cfg.get("architecture") if isinstance(cfg, dict) else None
@@ -119,8 +134,9 @@ def _timm_architecture(model: nn.Module) -> str | None:
 def to_timm_native(model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
     """Name and state dict of the equivalent timm native model (``seresnet50``, ``ecaresnet50d``).
 
-    The state dict loads strictly into ``timm.create_model(name)`` and that model computes what
-    the edited one computes. Raises :class:`ConversionError` where no native model matches.
+    The state dict loads strictly into ``timm.create_model(name, **timm_create_kwargs(model))`` and
+    that model computes what the edited one computes. The model itself is not changed (the gates are
+    folded in a copy). Raises :class:`ConversionError` where no native model matches.
 
     Example:
         >>> import timm, torch, se_retrofit
@@ -135,7 +151,7 @@ def to_timm_native(model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
 
     name = timm_native_name(model)
     state = fold_gate_scale(model).state_dict()
-    expected = timm.create_model(name, pretrained=False).state_dict()
+    expected = timm.create_model(name, pretrained=False, **timm_create_kwargs(model)).state_dict()
     mismatched = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected or mismatched:

@@ -1,0 +1,415 @@
+"""Export an edited model to a file other tools read, and check the file against the model.
+
+Formats (the registry :data:`FORMATS`; add one there):
+
+* ``safetensors``: the directory :func:`se_retrofit.save` writes (reload with :func:`se_retrofit.load`);
+* ``timm``: a plain ``.safetensors`` state dict of timm's own model that computes the same function
+  (``resnet50`` + SE at ``standard`` → ``seresnet50``), loadable without se_retrofit installed;
+* ``torchscript``: ``torch.jit.trace`` in eval mode (the edited blocks carry an instance-level
+  ``forward`` that ``torch.jit.script`` cannot compile), saved with ``torch.jit.save``;
+* ``export``: a ``torch.export`` ExportedProgram saved with ``torch.export.save`` (``.pt2``);
+* ``onnx``: ``torch.onnx.export(..., dynamo=True)``, checked with onnxruntime.
+
+Every file is written into a hidden staging directory next to its destination, read back and run
+on the example input there, and only then renamed into place: a failed export or check leaves
+nothing behind, and an existing destination is replaced only with ``overwrite=True``. The model is
+run in eval mode; its train/eval flags, weights and structure are left as they were.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .analysis import default_example_input
+from .convert import ConversionError, timm_create_kwargs, timm_native_name, to_timm_native
+from .io import _replace_dir, _unshared, load, save
+from .tracing import restore_training, snapshot_training
+
+TIMM_FORMAT = "se_retrofit/timm-native/1"
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked (unknown format, existing file, no native twin, …)."""
+
+
+class ExportCheckError(ExportError):
+    """The written file does not compute what the model computes."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export` wrote and how closely the file reproduces the model.
+
+    ``max_abs_diff`` is max |Δ| between the model's outputs and the written file's outputs on the
+    example input; ``dynamic_batch`` says whether the file accepts any batch size (``None`` where
+    the format keeps the module itself); ``timm_model`` is the timm name to create (format ``timm``).
+    """
+
+    format: str
+    path: Path
+    max_abs_diff: float
+    dynamic_batch: bool | None = None
+    timm_model: str | None = None
+    timm_kwargs: dict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One entry of :data:`FORMATS`.
+
+    ``write(model, path, example, dynamic_batch)`` writes the file (the model is in eval mode) and
+    returns facts for :class:`ExportResult`; ``run(path, example, facts)`` loads the written file
+    and returns its outputs on ``example``; ``check(model)`` refuses a model early, before any work.
+    """
+
+    summary: str
+    filename: Callable[[nn.Module], str]
+    write: Callable[[nn.Module, Path, torch.Tensor, bool], dict]
+    run: Callable[[Path, torch.Tensor, dict], Any]
+    tolerance: float = 1e-5
+    check: Callable[[nn.Module], Any] = lambda model: None
+    directory: bool = False
+
+
+def export(model: nn.Module, path: str | os.PathLike, format: str = "safetensors",
+           example_input: torch.Tensor | None = None, *, overwrite: bool = False,
+           dynamic_batch: bool = True) -> ExportResult:
+    """Write ``model`` to ``path`` in ``format`` and check the file reproduces the model's outputs.
+
+    Args:
+        model: a model edited by :func:`se_retrofit.retrofit` (``torchscript``, ``export`` and ``onnx``
+            take any model).
+        path: the file to write (a directory for ``safetensors``).
+        format: a key of :data:`FORMATS`: ``safetensors``, ``timm``, ``torchscript``, ``export``, ``onnx``.
+        example_input: the input to trace with and to check on (default: the model's configured
+            input size, batch 1).
+        overwrite: replace an existing ``path``.
+        dynamic_batch: let ``export`` and ``onnx`` files take any batch size (they fall back to the
+            example's batch size where the model does not allow it; see ``result.dynamic_batch``).
+
+    Returns:
+        an :class:`ExportResult` with max |Δ| between the file's and the model's outputs.
+
+    Raises:
+        ExportError: unknown format, ``path`` exists, no timm native model matches, the check failed.
+
+    Example:
+        >>> import tempfile, timm, torch, se_retrofit
+        >>> model = se_retrofit.retrofit(timm.create_model("resnet18"))
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> out = tempfile.mkdtemp()
+        >>> result = se_retrofit.export(model, out + "/seresnet18.safetensors", format="timm", example_input=x)
+        >>> result.timm_model, result.max_abs_diff
+        ('seresnet18', 0.0)
+        >>> native = timm.create_model("seresnet18", pretrained=True,
+        ...                            pretrained_cfg_overlay=dict(file=str(result.path))).eval()
+        >>> bool(torch.equal(native(x), model.eval()(x)))
+        True
+        >>> se_retrofit.export(model, out + "/model.onnx", format="onnx", example_input=x).max_abs_diff < 1e-4
+        True
+    """
+    spec = format_spec(format)
+    path = Path(path)
+    _refuse_existing(path, spec, overwrite)
+    example = _example(model, example_input)
+    with eval_mode(model):
+        spec.check(model)
+        expected = _outputs(model(example))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _staging(path) as staged:
+            facts = spec.write(model, staged, example, dynamic_batch)
+            diff = max_abs_diff(expected, spec.run(staged, example, facts))
+            _check(diff, expected, spec, format)
+            _move_into_place(staged, path)
+    return ExportResult(format=format, path=path, max_abs_diff=diff, **facts)
+
+
+def format_spec(format: str) -> ExportFormat:
+    """The :data:`FORMATS` entry for ``format``, or an :class:`ExportError` listing the known ones."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    return FORMATS[format]
+
+
+def default_filename(model: nn.Module, format: str) -> str:
+    """The file name the command line gives ``format`` inside the saved directory (``model.onnx``).
+
+    Example:
+        >>> import timm, se_retrofit
+        >>> from se_retrofit.export import default_filename
+        >>> default_filename(se_retrofit.retrofit(timm.create_model("resnet18")), "timm")
+        'seresnet18.safetensors'
+    """
+    return format_spec(format).filename(model)
+
+
+def save_and_export(model: nn.Module, directory: str | os.PathLike, format: str = "safetensors",
+                    example_input: torch.Tensor | None = None, *, overwrite: bool = False) -> \
+        tuple[Path, ExportResult | None]:
+    """:func:`se_retrofit.save` to ``directory`` with the ``format`` file inside it, all or nothing.
+
+    For ``safetensors`` this is :func:`se_retrofit.save`; for another format the directory also holds
+    :func:`default_filename` (``model.onnx``, ``seresnet50.safetensors``, …). Everything is built in a
+    hidden sibling directory and renamed into place once the export's check has passed.
+
+    Example:
+        >>> import tempfile, timm, torch, se_retrofit
+        >>> from se_retrofit.export import save_and_export
+        >>> model = se_retrofit.retrofit(timm.create_model("resnet18"))
+        >>> out, result = save_and_export(model, tempfile.mkdtemp() + "/r18", "export", torch.randn(1, 3, 32, 32))
+        >>> sorted(p.name for p in out.iterdir()), result.max_abs_diff
+        (['attention.safetensors', 'model.pt2', 'model.safetensors', 'retrofit_config.json'], 0.0)
+    """
+    spec = format_spec(format)
+    directory = Path(directory)
+    if format == "safetensors":
+        return save(model, directory, overwrite=overwrite), None
+    _refuse_existing(directory, FORMATS["safetensors"], overwrite)
+    with eval_mode(model):
+        spec.check(model)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with _staging(directory) as staged:
+        save(model, staged)
+        result = export(model, staged / spec.filename(model), format, example_input)
+        _replace_dir(staged, directory)
+    return directory, ExportResult(**{**asdict(result), "path": directory / result.path.name})
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block, then restore every submodule's own flag."""
+    snapshot = snapshot_training(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        restore_training(snapshot)
+
+
+def max_abs_diff(expected: list[torch.Tensor], actual: Any) -> float:
+    """max |Δ| over the output tensors (nested outputs are compared leaf by leaf, in order)."""
+    actual = _outputs(actual)
+    if len(actual) != len(expected) or any(a.shape != e.shape for a, e in zip(actual, expected)):
+        raise ExportCheckError(f"the exported file returns {[tuple(a.shape) for a in actual]}, the model "
+                               f"{[tuple(e.shape) for e in expected]}")
+    return max(((a.double() - e.double()).abs().max().item() for a, e in zip(actual, expected) if a.numel()),
+               default=0.0)
+
+
+# --- checks and staging -------------------------------------------------------------------------
+
+def _refuse_existing(path: Path, spec: ExportFormat, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} already exists; choose another path or pass overwrite=True")
+    if path.exists() and path.is_dir() != spec.directory:
+        kind = "a directory" if path.is_dir() else "a file"
+        raise ExportError(f"{path} is {kind}; this format writes {'a directory' if spec.directory else 'a file'}")
+
+
+def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
+    example = default_example_input(model) if example_input is None else example_input
+    if not isinstance(example, torch.Tensor):
+        raise ExportError(f"example_input must be a tensor, not {type(example).__name__}")
+    return example
+
+
+def _outputs(value: Any) -> list[torch.Tensor]:
+    return [torch.as_tensor(leaf).detach().cpu() for leaf in tree_leaves(value)
+            if isinstance(leaf, torch.Tensor) or hasattr(leaf, "__array__")]
+
+
+def _check(diff: float, expected: list[torch.Tensor], spec: ExportFormat, format: str) -> None:
+    scale = max((e.abs().max().item() for e in expected if e.numel()), default=1.0)
+    if not diff <= spec.tolerance * max(1.0, scale):
+        raise ExportCheckError(f"the {format} file does not reproduce the model: max |Δ| = {diff:.3g} "
+                               f"(allowed {spec.tolerance:g} × max(1, max |output| = {scale:.3g})); "
+                               "nothing was written")
+
+
+@contextlib.contextmanager
+def _staging(path: Path) -> Iterator[Path]:
+    """A path named like ``path`` inside a hidden directory next to it, removed afterwards."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield staging / path.name
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staged: Path, path: Path) -> None:
+    """Rename the staged result to ``path``; files written beside it (ONNX external data) go first."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for extra in sorted(p for p in staged.parent.iterdir() if p != staged):
+        extra.chmod(0o666 & ~umask)
+        os.replace(extra, path.parent / extra.name)
+    if staged.is_dir():
+        _replace_dir(staged, path)
+        return
+    staged.chmod(0o666 & ~umask)
+    os.replace(staged, path)
+
+
+# --- the formats ---------------------------------------------------------------------------------
+
+def _write_safetensors(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> dict:
+    save(model, path)
+    return {}
+
+
+def _run_safetensors(path: Path, example: torch.Tensor, facts: dict) -> Any:
+    return load(path).eval()(example)
+
+
+@contextlib.contextmanager
+def _no_native_model() -> Iterator[None]:
+    try:
+        yield
+    except ConversionError as error:
+        raise ExportError(f"format 'timm' needs an exact timm native model: {error}") from None
+
+
+def _timm_name(model: nn.Module) -> str:
+    with _no_native_model():
+        return timm_native_name(model)
+
+
+def _write_timm(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> dict:
+    with _no_native_model():
+        name, state = to_timm_native(model)
+    kwargs = timm_create_kwargs(model)
+    save_file(_unshared(state), str(path), metadata={
+        "format": TIMM_FORMAT, "timm_model": name, "timm_kwargs": json.dumps(kwargs),
+        "usage": timm_usage(name, path.name, kwargs)})
+    return {"timm_model": name, "timm_kwargs": kwargs}
+
+
+def timm_usage(name: str, file: str, kwargs: dict | None = None) -> str:
+    """The ``timm.create_model`` call that loads a ``timm`` export (no se_retrofit needed).
+
+    A head other than the pretrained config's (``num_classes``) must be named in both places, or timm
+    drops the classifier weights.
+
+    Example:
+        >>> from se_retrofit.export import timm_usage
+        >>> timm_usage("seresnet50", "seresnet50.safetensors")
+        "timm.create_model('seresnet50', pretrained=True, pretrained_cfg_overlay=dict(file='seresnet50.safetensors'))"
+    """
+    extra = "".join(f", {k}={v!r}" for k, v in (kwargs or {}).items())
+    return f"timm.create_model({name!r}, pretrained=True{extra}, pretrained_cfg_overlay=dict(file={file!r}{extra}))"
+
+
+def _run_timm(path: Path, example: torch.Tensor, facts: dict) -> Any:
+    import timm
+
+    kwargs = facts["timm_kwargs"]
+    native = timm.create_model(facts["timm_model"], pretrained=True, **kwargs,
+                               pretrained_cfg_overlay=dict(file=str(path), **kwargs))
+    return native.eval()(example)
+
+
+@contextlib.contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """torch marks ``torch.jit`` deprecated; the user asked for TorchScript, so do not repeat it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
+def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> dict:
+    with _quiet_jit():
+        traced = torch.jit.trace(model, example, check_trace=False)  # checked below, on the saved file
+        torch.jit.save(traced, str(path))
+    return {}
+
+
+def _run_torchscript(path: Path, example: torch.Tensor, facts: dict) -> Any:
+    with _quiet_jit():
+        return torch.jit.load(str(path))(example)
+
+
+def exported_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) \
+        -> torch.export.ExportedProgram:
+    """``torch.export.export`` of the model, with a dynamic batch size where the model allows it.
+
+    A batch of 1 would be specialised, so the trace sees the example twice over; the program is then
+    checked on the example itself. Where the batch cannot stay dynamic, the example's shape is kept.
+    """
+    if dynamic_batch and example.dim() > 0:
+        batched = example if example.shape[0] > 1 else torch.cat([example, example])
+        program = torch.export.export(model, (batched,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+        if _batch_is_dynamic(program):
+            return program
+    return torch.export.export(model, (example,))
+
+
+def _batch_is_dynamic(program: torch.export.ExportedProgram) -> bool:
+    name = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    return isinstance(node.meta["val"].shape[0], torch.SymInt)
+
+
+def _write_export(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> dict:
+    program = exported_program(model, example, dynamic)
+    torch.export.save(program, str(path))
+    return {"dynamic_batch": _batch_is_dynamic(program)}
+
+
+def _run_export(path: Path, example: torch.Tensor, facts: dict) -> Any:
+    return torch.export.load(str(path)).module()(example)
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("format 'onnx' needs onnx, onnxscript and onnxruntime: "
+                          "pip install 'se-retrofit[onnx]'") from None
+    return onnxruntime
+
+
+def _check_onnx(model: nn.Module) -> None:
+    _onnxruntime()
+
+
+def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> dict:
+    program = exported_program(model, example, dynamic)
+    torch.onnx.export(program, dynamo=True, verbose=False).save(str(path))
+    return {"dynamic_batch": _batch_is_dynamic(program)}
+
+
+def _run_onnx(path: Path, example: torch.Tensor, facts: dict) -> Any:
+    session = _onnxruntime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: example.detach().cpu().numpy()})
+
+
+#: format name → how to write it and read it back. Add an :class:`ExportFormat` here for a new format.
+FORMATS: dict[str, ExportFormat] = {
+    "safetensors": ExportFormat("se_retrofit.save directory (model + attention safetensors, JSON config)",
+                                lambda model: "model", _write_safetensors, _run_safetensors, directory=True),
+    "timm": ExportFormat("state dict of timm's native model (seresnet50, …), no se_retrofit needed",
+                         lambda model: f"{_timm_name(model)}.safetensors", _write_timm, _run_timm,
+                         check=_timm_name),
+    "torchscript": ExportFormat("torch.jit.trace in eval mode, torch.jit.save",
+                                lambda model: "model.torchscript.pt", _write_torchscript, _run_torchscript),
+    "export": ExportFormat("torch.export ExportedProgram, torch.export.save (.pt2)",
+                           lambda model: "model.pt2", _write_export, _run_export),
+    "onnx": ExportFormat("torch.onnx.export(dynamo=True), checked with onnxruntime",
+                         lambda model: "model.onnx", _write_onnx, _run_onnx, tolerance=1e-4, check=_check_onnx),
+}
