@@ -14,6 +14,7 @@ from .config import POSITIONS, RetrofitConfig, Site
 from .core import StackedAttentionWarning, plan, record_of, retrofit, retrofit_with
 from .io import load, save
 from .convert import fold_gate_scale, to_timm_native
+from .export import ExportError, ExportResult, export
 from .training import (attention_modules, attention_parameters, attention_state_dict, freeze_backbone,
                        param_groups, unfreeze)
 

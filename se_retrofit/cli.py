@@ -27,13 +27,14 @@ from .analysis import ProbeError, default_example_input
 from .attention import UnknownAttentionError, create_attention, list_attentions
 from .config import POSITION_HELP, POSITIONS, ConfigError, RetrofitConfig, import_attention_module
 from .core import RECORD_ATTR, StackedAttentionWarning, plan, retrofit_with
+from .export import FORMATS as EXPORT_FORMATS, ExportError, save_and_export, timm_usage
 from .hub import OfflineWarning, UnknownModelError, WeightsError, create, resolve
-from .io import SaveError, save
+from .io import SaveError
 from .planning import BlockPatternError, NoResidualBlocksError, Plan, StageError
 from .surgery import SurgeryError
 
 USER_ERRORS = (ConfigError, UnknownModelError, UnknownAttentionError, WeightsError, SaveError,
-               NoResidualBlocksError, StageError, ProbeError, SurgeryError, BlockPatternError)
+               NoResidualBlocksError, StageError, ProbeError, SurgeryError, BlockPatternError, ExportError)
 EXIT_USER_ERROR, EXIT_INTERNAL = 2, 1
 
 
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-size", type=_size, help="probe input size C,H,W (default: the model's own)")
     parser.add_argument("--out", type=Path, help="output directory (default ./MODEL-ATTENTION-POSITION-rR)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--format", choices=tuple(EXPORT_FORMATS), default="safetensors",
+                        help="also write the model in this format inside the output directory, checked against "
+                             "the edited model: timm (NAME.safetensors for timm's native model, e.g. seresnet50), "
+                             "torchscript (model.torchscript.pt), export (model.pt2), onnx (model.onnx); "
+                             "default safetensors: the directory alone")
     parser.add_argument("--dry-run", action="store_true", help="show the plan, write nothing")
     parser.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
     parser.add_argument("--list-attentions", action="store_true", help="list the attention types and exit")
@@ -181,7 +187,8 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         getattr(edited, RECORD_ATTR).base.update(name=ref.name, source=ref.source, weights=origin)
         report.update(_identity(model, edited, example), params_after=_count(edited))
         report["params_added_pct"] = 100.0 * (report["params_after"] / report["params_before"] - 1)
-        report["output_dir"] = str(save(edited, out_dir, overwrite=args.overwrite))
+        saved, exported = save_and_export(edited, out_dir, args.format, example, overwrite=args.overwrite)
+        report.update(output_dir=str(saved), export=exported.to_dict() if exported else None)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -280,6 +287,17 @@ def _print_report(report: dict, out: Console) -> None:
     out.print(f"identity check: max |Δ| = {report['identity_max_abs_diff']:.3g} "
               f"(relative {report['identity_max_rel_diff']:.3g})", highlight=False)
     out.print(f"saved to {report['output_dir']}", highlight=False)
+    if report["export"]:
+        _print_export(report["export"], out)
+
+
+def _print_export(export: dict, out: Console) -> None:
+    out.print(f"export check ({export['format']}): max |Δ| = {export['max_abs_diff']:.3g}", highlight=False)
+    batch = {True: " (any batch size)", False: " (fixed batch size)"}.get(export["dynamic_batch"], "")
+    out.print(f"exported to {export['path']}{batch}", highlight=False, markup=False)
+    if export["timm_model"]:
+        out.print(f"load without se_retrofit: {timm_usage(export['timm_model'], export['path'], export['timm_kwargs'])}",
+                  highlight=False, markup=False)
 
 
 def _stage_text(stages: list[int]) -> str:
