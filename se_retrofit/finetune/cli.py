@@ -1,0 +1,149 @@
+"""``se-retrofit finetune RECIPE --data DIR [options]``: fine-tune a recipe on an ImageFolder dataset.
+
+Examples:
+    se-retrofit finetune recipes/resnet50-se-standard.yaml --data ./flowers
+    se-retrofit finetune recipes/resnet50-se-standard.yaml --data ./flowers --resume
+    torchrun --nproc_per_node=4 -m se_retrofit finetune recipes/resnet50-eca.yaml --data ./flowers
+    se-retrofit finetune recipes/fasterrcnn-resnet50-fpn-se.yaml --export-only --out ./detector-se
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+
+from ..cli import EXIT_INTERNAL, EXIT_USER_ERROR, USER_ERRORS, UsageError
+from .checkpoint import CheckpointError
+from .data import DataError
+from .distributed import DeviceError, main_process_from_env
+from .recipe import RecipeError, load_recipe
+from .trainer import FinetuneError, Options, plan_run, run
+
+FINETUNE_ERRORS = USER_ERRORS + (RecipeError, DataError, FinetuneError, CheckpointError, DeviceError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise UsageError(f"{message} (see se-retrofit finetune --help)")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return int(text)
+    return parse
+
+
+def _epochs(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    if not all(re.fullmatch(r"\d+", p) and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be a total such as 10, or one count per phase such as 2,8; "
+                                         f"got {text!r}")
+    return [int(p) for p in parts]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="se-retrofit finetune",
+        description="Fine-tune a retrofitted model from a YAML recipe on an ImageFolder dataset: DIR/train and "
+                    "DIR/val, or one DIR of class folders split per class (a fixed hash of each path picks "
+                    "val_fraction of every class). Phase 1 trains the new attention modules and the head, "
+                    "phase 2 the whole network at a lower rate. Under torchrun it runs DistributedDataParallel.")
+    parser.add_argument("recipe", type=Path, help="recipe file (see recipes/)")
+    parser.add_argument("--data", type=Path, help="ImageFolder directory (required unless --export-only)")
+    parser.add_argument("--out", type=Path, help="output directory (default runs/RECIPE_NAME)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out after its last finished epoch (same recipe and overrides)")
+    parser.add_argument("--overwrite", action="store_true", help="start again where --out already holds a run")
+    parser.add_argument("--epochs", type=_epochs,
+                        help="total epochs shared out in proportion to the recipe's phases, or one per phase (2,8)")
+    parser.add_argument("--batch-size", type=_int_at_least(1), help="batch size per process")
+    parser.add_argument("--lr", type=_positive_float,
+                        help="the first phase's learning rate; later phases keep their ratio to it")
+    parser.add_argument("--weights", help="pretrained (random with a warning when offline), none, or PATH "
+                                          "of a state dict of the library's model (.safetensors)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow a pickled .pth/.pt weights file")
+    parser.add_argument("--num-classes", type=_int_at_least(2), help="outputs of the head (default: class folders)")
+    parser.add_argument("--workers", type=_int_at_least(0), help="data loading processes per training process")
+    parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--image-size", type=_int_at_least(8), help="train and evaluate at this size (default: "
+                                                                     "the recipe's, else the model's)")
+    parser.add_argument("--seed", type=_int_at_least(0), help="random seed (default: the recipe's)")
+    parser.add_argument("--stop-after-epoch", type=_int_at_least(1), metavar="K",
+                        help="stop after epoch K as if interrupted (the run continues with --resume)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="retrofit the recipe's model and save it to OUT/model; no data, no training")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the recipe, data and output directory and print the plan; write nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines only)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``se-retrofit finetune``; returns the exit code (2 for a user error, one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    speak = main_process_from_env()  # under torchrun only rank 0 reports errors
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except (UsageError,) + FINETUNE_ERRORS as error:
+        if speak:
+            err.print(f"se-retrofit: error: {error}", markup=False)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if speak:
+            err.print("se-retrofit: interrupted; finished epochs are in the run's checkpoint.pt "
+                      "(continue with --resume)", markup=False)
+        return 130
+    except Exception as error:  # a bug: one line, traceback only on request
+        if os.environ.get("SE_RETROFIT_DEBUG"):
+            raise
+        err.print(f"se-retrofit: internal error: {type(error).__name__}: {error} "
+                  "(set SE_RETROFIT_DEBUG=1 for the traceback)", markup=False)
+        return EXIT_INTERNAL
+
+
+def _run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe).with_overrides(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
+        workers=args.workers, weights=args.weights)
+    options = dict(resume=args.resume, overwrite=args.overwrite, num_classes=args.num_classes, device=args.device,
+                   allow_pickle=args.allow_pickle, stop_after_epoch=args.stop_after_epoch,
+                   export_only=args.export_only, progress=not args.no_progress)
+    if args.dry_run:
+        return _dry_run(recipe, args, options)
+    run(recipe, args.data, out=args.out, **options)
+    return 0
+
+
+def _dry_run(recipe, args: argparse.Namespace, options: dict) -> int:
+    plan = plan_run(recipe, Options(data=args.data, out=args.out, **options))
+    out = Console(soft_wrap=True, highlight=False)
+    out.print(f"recipe {recipe.name}: {plan.ref}, {recipe.retrofit.attention} at {recipe.retrofit.position}"
+              + (f", r={recipe.retrofit.reduction}" if recipe.retrofit.reduction else "")
+              + (f", stages {recipe.retrofit.stages}" if recipe.retrofit.stages else ""), markup=False)
+    if plan.splits is not None:
+        out.print(f"data: {plan.splits.describe()}; {plan.num_classes} outputs", markup=False)
+    for phase in recipe.phases:
+        out.print(f"phase {phase.name}: {phase.trainable}, {phase.epochs} epochs, lr {phase.lr:g}, "
+                  f"attention ×{phase.new_lr_scale:g}", markup=False)
+    start = f", resuming after epoch {plan.checkpoint['epoch']}" if plan.checkpoint else ""
+    out.print(f"output: {plan.out}{start}; dry run: nothing built or written", markup=False)
+    return 0
