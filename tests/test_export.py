@@ -1,0 +1,261 @@
+"""Export formats, each checked against the edited model; torch.compile, channels_last, fresh-process reload."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+import se_retrofit
+from se_retrofit.cli import main
+from se_retrofit.export import FORMATS, ExportCheckError, ExportError, ExportFormat, export, save_and_export
+
+from conftest import make_model, small_input
+
+SMALL = small_input(1, 32)  # probe input for retrofit(): the models' own 224 px would be slow on CPU
+NAMES = {"safetensors": "saved", "timm": "seresnet18.safetensors", "torchscript": "model.torchscript.pt",
+         "export": "model.pt2", "onnx": "model.onnx"}
+
+
+def _trained(model):
+    """Move the attention weights off their identity start, as fine-tuning would."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".se." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def edited():
+    return _trained(se_retrofit.retrofit(make_model("timm", "resnet18"), example_input=SMALL))
+
+
+def _reference(model, x):
+    training = model.training
+    with torch.no_grad():
+        out = model.eval()(x)
+    model.train(training)
+    return out
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def _read_back(fmt: str, path: Path):
+    """Load the written file the way a user of that format would, independently of export()."""
+    if fmt == "safetensors":
+        return se_retrofit.load(path).eval()
+    if fmt == "timm":
+        return timm.create_model("seresnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    if fmt == "torchscript":
+        with pytest.warns(FutureWarning, match="deprecated"):
+            return torch.jit.load(str(path))
+    if fmt == "export":
+        return torch.export.load(str(path)).module()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_format_reproduces_the_model_and_leaves_it_alone(edited, tmp_path, fmt):
+    edited.train()
+    x = small_input(1, 32)
+    before = _snapshot(edited)
+    result = export(edited, tmp_path / NAMES[fmt], fmt, x)
+    state, flags = _snapshot(edited)
+    assert flags == before[1] and all(torch.equal(state[k], v) for k, v in before[0].items())
+    assert [p.name for p in tmp_path.iterdir()] == [NAMES[fmt]]  # no staging directory left
+    tolerance = 1e-4 if fmt == "onnx" else 0.0
+    assert result.format == fmt and result.path == tmp_path / NAMES[fmt] and result.max_abs_diff <= tolerance
+    loaded = _read_back(fmt, result.path)
+    with torch.no_grad():
+        for batch in (x, small_input(3, 32)):  # batch 3: export/onnx have a dynamic batch size
+            diff = (loaded(batch) - _reference(edited, batch)).abs().max().item()
+            assert diff <= tolerance, (fmt, batch.shape, diff)
+    assert result.dynamic_batch is (True if fmt in ("export", "onnx") else None)
+
+
+def test_timm_export_loads_in_a_process_without_se_retrofit(edited, tmp_path):
+    x = small_input(2, 32)
+    result = export(edited, tmp_path / "seresnet18.safetensors", "timm", x)
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, timm, torch\n"
+        "from safetensors import safe_open\n"
+        "path = sys.argv[1]\n"
+        "name = safe_open(path, 'pt').metadata()['timm_model']\n"
+        "model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(torch.load(sys.argv[2])), sys.argv[3])\n"
+        "print(name, 'se_retrofit' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(result.path), str(tmp_path / "x.pt"),
+                           str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["seresnet18", "False"]
+    assert torch.equal(torch.load(tmp_path / "y.pt"), _reference(edited, x))
+
+
+def test_timm_export_records_a_non_default_head(tmp_path):
+    model = _trained(se_retrofit.retrofit(make_model("timm", "resnet18", num_classes=10), example_input=SMALL))
+    result = export(model, tmp_path / "m.safetensors", "timm", small_input(1, 32))
+    assert result.timm_kwargs == {"num_classes": 10} and result.max_abs_diff == 0.0
+    metadata = safe_open(str(result.path), "pt").metadata()
+    assert metadata["timm_model"] == "seresnet18" and json.loads(metadata["timm_kwargs"]) == {"num_classes": 10}
+    assert "num_classes=10, pretrained_cfg_overlay=dict(file='m.safetensors', num_classes=10)" in metadata["usage"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"position": "post"}, "format 'timm' needs an exact timm native model: only SE or ECA at the standard"),
+    ({"attention": "cbam"}, "only SE or ECA"),
+])
+def test_timm_export_without_a_native_twin_is_refused_and_writes_nothing(tmp_path, kwargs, message):
+    model = se_retrofit.retrofit(timm.create_model("test_resnet"), example_input=SMALL, **kwargs)
+    with pytest.raises(ExportError, match=message) as caught:
+        export(model, tmp_path / "out.safetensors", "timm", small_input(1, 32))
+    assert isinstance(caught.value, ValueError) and "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_unless_overwrite(edited, tmp_path):
+    target = tmp_path / "model.pt2"
+    target.write_bytes(b"old")
+    with pytest.raises(ExportError, match="already exists; choose another path or pass overwrite=True"):
+        export(edited, target, "export", small_input(1, 32))
+    assert target.read_bytes() == b"old"
+    export(edited, target, "export", small_input(1, 32), overwrite=True)
+    assert torch.export.load(str(target)) is not None and [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
+
+
+def test_unknown_format_names_the_known_ones(edited, tmp_path):
+    with pytest.raises(ExportError, match="unknown export format 'tflite'; choose one of safetensors, timm, "
+                                          "torchscript, export, onnx"):
+        export(edited, tmp_path / "m", "tflite")
+
+
+def test_a_failed_check_or_write_leaves_nothing(edited, tmp_path, monkeypatch):
+    wrong = ExportFormat("wrong outputs", lambda m: "m.pt", FORMATS["torchscript"].write,
+                         lambda path, x, facts: torch.zeros(x.shape[0], 1000))
+    broken = ExportFormat("writer fails half-way", lambda m: "m.pt", _half_write, FORMATS["torchscript"].run)
+    monkeypatch.setitem(FORMATS, "wrong", wrong)
+    monkeypatch.setitem(FORMATS, "broken", broken)
+    with pytest.raises(ExportCheckError, match=r"does not reproduce the model: max \|Δ\| = .*nothing was written"):
+        export(edited, tmp_path / "m.pt", "wrong", small_input(1, 32))
+    with pytest.raises(OSError, match="disk full"):
+        export(edited, tmp_path / "m.pt", "broken", small_input(1, 32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _half_write(model, path, example, dynamic):
+    path.write_bytes(b"partial")
+    raise OSError("disk full")
+
+
+def test_save_and_export_is_all_or_nothing(edited, tmp_path):
+    out, result = save_and_export(edited, tmp_path / "r18", "torchscript", small_input(1, 32))
+    assert sorted(p.name for p in out.iterdir()) == ["attention.safetensors", "model.safetensors",
+                                                     "model.torchscript.pt", "retrofit_config.json"]
+    assert result.path == out / "model.torchscript.pt" and result.max_abs_diff == 0.0
+    post = se_retrofit.retrofit(timm.create_model("test_resnet"), position="post", example_input=SMALL)
+    with pytest.raises(ExportError, match="needs an exact timm native model"):
+        save_and_export(post, tmp_path / "post", "timm", small_input(1, 32))
+    assert [p.name for p in tmp_path.iterdir()] == ["r18"]
+
+
+# --- the edited model with torch.compile and channels_last ------------------------------------------
+
+def test_torch_compile_gives_the_same_outputs():
+    model = _trained(se_retrofit.retrofit(make_model("timm", "test_resnet"), example_input=SMALL)).eval()
+    x = small_input(2, 32)
+    compiled = torch.compile(model, fullgraph=True)  # the generated block forwards trace without graph breaks
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_gives_the_same_outputs():
+    base = make_model("timm", "test_resnet").eval()
+    x = small_input(2, 32)
+    model = _trained(se_retrofit.retrofit(base, example_input=SMALL)).eval()
+    with torch.no_grad():
+        expected = model(x)
+        last = model.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(last(x.to(memory_format=torch.channels_last)), expected, rtol=1e-5, atol=1e-5)
+        # retrofitting a model that is already channels_last keeps the identity
+        base_last = base.to(memory_format=torch.channels_last)
+        again = se_retrofit.retrofit(base_last, example_input=SMALL).eval()
+        x_last = x.to(memory_format=torch.channels_last)
+        assert torch.equal(again(x_last), base_last(x_last))
+
+
+# --- reload in a fresh process ---------------------------------------------------------------------
+
+def test_reload_in_a_fresh_process_needs_only_load(edited, tmp_path):
+    x = small_input(2, 32)
+    saved = se_retrofit.save(edited, tmp_path / "saved")
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import sys, torch, se_retrofit\n"
+              "model = se_retrofit.load(sys.argv[1]).eval()\n"
+              "with torch.no_grad():\n"
+              "    torch.save(model(torch.load(sys.argv[2])), sys.argv[3])\n")
+    done = subprocess.run([sys.executable, "-c", script, str(saved), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert torch.equal(torch.load(tmp_path / "y.pt"), _reference(edited, x))
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def cli(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_timm_format(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--format", "timm", "--out", "X",
+                         "--input-size", "3,32,32")
+    assert code == 0, err
+    assert "export check (timm): max |Δ| = 0" in out and "exported to X/seresnet18.safetensors" in out
+    assert ("load without se_retrofit: timm.create_model('seresnet18', pretrained=True, "
+            "pretrained_cfg_overlay=dict(file='X/seresnet18.safetensors'))") in out
+    assert sorted(p.name for p in (tmp_path / "X").iterdir()) == [
+        "attention.safetensors", "model.safetensors", "retrofit_config.json", "seresnet18.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["X"]
+
+
+def test_cli_onnx_format_json(capsys, tmp_path):
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--format", "onnx", "--out", str(tmp_path / "o"),
+                         "--input-size", "3,32,32", "--json")
+    assert code == 0, err
+    exported = json.loads(out)["export"]
+    assert exported["format"] == "onnx" and exported["path"] == str(tmp_path / "o" / "model.onnx")
+    assert exported["max_abs_diff"] < 1e-4 and exported["dynamic_batch"] is True
+
+
+def test_cli_default_format_reports_no_export(capsys, tmp_path):
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--out", str(tmp_path / "o"),
+                         "--input-size", "3,32,32", "--json")
+    assert code == 0, err
+    assert json.loads(out)["export"] is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--position", "post", "--format", "timm"], "format 'timm' needs an exact timm native model: only SE or ECA "
+                                                 "at the standard position in every block"),
+    (["--format", "tflite"], "argument --format: invalid choice: 'tflite'"),
+])
+def test_cli_export_errors_are_one_line_and_write_nothing(capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--input-size", "3,32,32", "--out", "X", *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("se-retrofit: error: ") and message in err, err
+    assert list(tmp_path.iterdir()) == []
