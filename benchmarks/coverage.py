@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import copy
 import csv
+import dataclasses
 import inspect
 import math
 import multiprocessing
@@ -33,7 +35,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 FIELDS = ["source", "name", "status", "blocks", "stages", "params_m", "identity_standard", "identity_post",
-          "seconds"]
+          "identity_scope", "seconds"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -48,23 +50,81 @@ def all_models() -> list[tuple[str, str]]:
     return [("timm", n) for n in timm.list_models()] + [("torchvision", n) for n in torchvision.models.list_models()]
 
 
-def _build(source: str, name: str, device: str):
+def _build(source: str, name: str, device: str, **kwargs):
     import timm
     import torch
     import torchvision
 
     with torch.device(device):
         if source == "timm":
-            return timm.create_model(name, pretrained=False)
+            return timm.create_model(name, pretrained=False, **kwargs)
         builder = torchvision.models.get_model_builder(name)
         accepted = inspect.signature(builder).parameters
-        kwargs = {k: v for k, v in (("weights", None), ("weights_backbone", None), ("quantize", False))
-                  if k in accepted}
+        kwargs.update({k: v for k, v in (("weights", None), ("weights_backbone", None), ("quantize", False))
+                       if k in accepted})
         return builder(**kwargs)
 
 
-def _inputs(source: str, name: str, model, device: str, small: bool):
-    """(probe input, whether it is a list-of-images model) for this model."""
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Create parameters on the meta device (so initialisers cost nothing); buffers stay real."""
+    import torch
+    from torch import nn
+
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _materialise(source: str, name: str, **kwargs):
+    """A CPU model with cheap random weights: built with meta parameters, then each filled with one
+    ``uniform_`` of fan-in variance (norm scales 0.5-1.5, biases small), far cheaper than the
+    libraries' initialisers. Falls back to a normal build where a constructor needs real parameters."""
+    import torch
+
+    try:
+        with _parameters_on_meta():
+            model = _build(source, name, "cpu", **kwargs)
+        generator = torch.Generator().manual_seed(0)
+        for module in model.modules():
+            for key, param in module._parameters.items():
+                if param is not None:
+                    module._parameters[key] = _filled(key, param, generator)
+        if any(t.device.type == "meta" for t in model.state_dict().values()):
+            raise RuntimeError("a buffer was derived from a parameter")
+        return model
+    except Exception:
+        return _build(source, name, "cpu", **kwargs)
+
+
+def _filled(key: str, param, generator):
+    import torch
+
+    value = torch.empty(param.shape, dtype=param.dtype)
+    if value.is_floating_point():
+        if param.ndim >= 2:
+            bound = math.sqrt(3.0 / max(1, param[0].numel()))
+            value.uniform_(-bound, bound, generator=generator)
+        elif key in ("weight", "gamma") or "scale" in key:
+            value.uniform_(0.5, 1.5, generator=generator)
+        else:
+            value.uniform_(-0.1, 0.1, generator=generator)
+    else:
+        value.zero_()
+    return torch.nn.Parameter(value, requires_grad=param.requires_grad)
+
+
+def _inputs(source: str, name: str, model, device: str, side: int | None = None):
+    """An input for this model: its native size, or images ``side`` pixels square where given."""
     import torch
     import torchvision
 
@@ -73,17 +133,17 @@ def _inputs(source: str, name: str, model, device: str, small: bool):
         size = (1, 3, 128, 128)
         return (torch.randn(size, device=device), torch.randn(size, device=device))
     if "detection" in family:
-        return ([torch.rand(3, 160 if small else 320, 160 if small else 320, device=device)],)
+        return ([torch.rand(3, 160 if side else 320, 160 if side else 320, device=device)],)
     if "video" in family:
         frames = 16 if "mvit" in family or "s3d" in family else 4
         side = 224 if "mvit" in family or "swin" in family or "s3d" in family else 64
         return torch.randn(1, 3, frames, side, side, device=device)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = tuple(cfg.get("input_size") or (3, 224, 224))
-    if small and not cfg.get("fixed_input_size"):
-        size = (size[0], *(64 for _ in size[1:]))
+    if side:
+        size = (size[0], *(side for _ in size[1:]))
     if "inception" in family or "googlenet" in family:
-        size = (3, 299, 299) if not small else (3, 96, 96)
+        size = (3, 299, 299) if not side else (3, 96, 96)
     return torch.randn(1, *size, device=device)
 
 
@@ -99,26 +159,34 @@ def _flatten(value) -> list:
     return []
 
 
-def _identity(base, example, plan, position: str) -> float:
-    """Max |Δ| relative between the base and a copy edited at ``plan``'s sites (eval mode)."""
+def _identity(base, example, plans: dict, reference: list | None = None) -> dict[str, float]:
+    """Max relative |Δ| between ``base`` and ``base`` edited at each plan's sites (eval mode).
+
+    The base output is computed once; every position but the last edits a copy, the last edits
+    ``base`` itself (one deep copy fewer, which matters for the big models)."""
     import torch
 
     import se_retrofit
 
-    config = se_retrofit.RetrofitConfig(position=position)
-    edited = se_retrofit.core.apply_record(copy.deepcopy(base), se_retrofit.config.RetrofitRecord(config, plan.sites))
     args = example if isinstance(example, tuple) else (example,)
-    with torch.no_grad():
-        a, b = _flatten(base(*args)), _flatten(edited(*args))
-    if len(a) != len(b):
-        return math.inf
-    worst = 0.0
-    for x, y in zip(a, b):
-        if x.shape != y.shape:
-            return math.inf
-        if x.numel():
-            worst = max(worst, ((x - y).abs().max() / x.abs().max().clamp_min(1e-12)).item())
+    if reference is None:
+        with torch.no_grad():
+            reference = _flatten(base(*args))
+    worst = {}
+    for i, (position, plan) in enumerate(plans.items()):
+        model = base if i == len(plans) - 1 else copy.deepcopy(base)
+        record = se_retrofit.config.RetrofitRecord(se_retrofit.RetrofitConfig(position=position), plan.sites)
+        edited = se_retrofit.core.apply_record(model, record)
+        with torch.no_grad():
+            worst[position] = _max_rel_diff(reference, _flatten(edited(*args)))
     return worst
+
+
+def _max_rel_diff(a: list, b: list) -> float:
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return math.inf
+    return max((((x - y).abs().max() / x.abs().max().clamp_min(1e-12)).item() for x, y in zip(a, b)
+                if x.numel()), default=0.0)
 
 
 def check(source: str, name: str, max_params: float, seconds: int) -> dict:
@@ -157,11 +225,11 @@ def _check(source, name, max_params, torch, se_retrofit) -> dict:
         if not plans["standard"].sites:
             return {**out, "status": f"skipped: {next(iter(plans['standard'].skipped.values()))}"}
         if params > max_params:
-            return {**out, "status": "ok", "identity_standard": "not measured (size)"}
-        base = model if next(model.parameters()).device.type == "cpu" else _build(source, name, "cpu").eval()
-        example = _small_example(source, name, base)
-        for position, plan in plans.items():
-            out[f"identity_{position}"] = _identity(base, example, plan, position)
+            identity, out["identity_scope"] = _block_identity(source, name, model, plans)
+        else:
+            base, example, reference = _identity_model(source, name, model)
+            identity, out["identity_scope"] = _identity(base, example, plans, reference), "model"
+        out.update({f"identity_{position}": value for position, value in identity.items()})
         worst = max(out["identity_standard"], out["identity_post"])
         out["status"] = "ok" if worst <= 1e-5 else f"error: identity broken (max rel Δ {worst:.2g})"
         return out
@@ -170,26 +238,152 @@ def _check(source, name, max_params, torch, se_retrofit) -> dict:
 def _analyse(source, name, se_retrofit):
     """Analyse on the meta device (free for any size); on the CPU where meta tensors do not run."""
     try:
-        model = _build(source, name, "meta").eval()
-        return model, se_retrofit.analyze(model, _inputs(source, name, model, "meta", small=False))
+        model = _meta_model(source, name)
+        return model, se_retrofit.analyze(model, _inputs(source, name, model, "meta"))
     except Exception:
         model = _build(source, name, "cpu").eval()
-        return model, se_retrofit.analyze(model, _inputs(source, name, model, "cpu", small=False))
+        return model, se_retrofit.analyze(model, _inputs(source, name, model, "cpu"))
 
 
-def _small_example(source, name, base):
-    """A small input the real model accepts (falls back to its native size)."""
+def _meta_model(source, name, **kwargs):
+    """The model on the meta device; where the constructor itself computes with tensors (torchvision's
+    RegNet widths), built on the CPU with meta parameters and then moved."""
+    try:
+        return _build(source, name, "meta", **kwargs).eval()
+    except Exception:
+        with _parameters_on_meta():
+            return _build(source, name, "cpu", **kwargs).to("meta").eval()
+
+
+def _identity_model(source, name, analysed):
+    """A real model and the smallest input it accepts: 64 px where the model takes any size, else
+    built for 64 or 112 px (``img_size``, timm's fixed-size transformers), else its native size.
+    Each candidate is tried on the meta device first, where a forward costs nothing."""
     import torch
 
-    for small in (True, False):
-        example = _inputs(source, name, base, "cpu", small)
+    candidates = [({}, 64), ({"img_size": 64}, 64), ({"img_size": 112}, 112)] if source == "timm" else [({}, 64)]
+    for kwargs, side in candidates:
         try:
+            meta = analysed if not kwargs else _meta_model(source, name, **kwargs)
+            if next(meta.parameters()).device.type != "meta":
+                break  # analysed on the CPU: meta tensors do not run this model
             with torch.no_grad():
-                base(*(example if isinstance(example, tuple) else (example,)))
-            return example
+                _call(meta, _inputs(source, name, meta, "meta", side))
         except Exception:
             continue
-    return _inputs(source, name, base, "cpu", False)
+        base = _materialise(source, name, **kwargs).eval()
+        example = _inputs(source, name, base, "cpu", side)
+        try:
+            with torch.no_grad():
+                return base, example, _flatten(_call(base, example))
+        except Exception:
+            continue
+    base = analysed if next(analysed.parameters()).device.type == "cpu" else _build(source, name, "cpu").eval()
+    return base, _inputs(source, name, base, "cpu"), None
+
+
+def _block_identity(source, name, meta, plans) -> tuple[dict[str, float], str]:
+    """For models too big to run whole here: edited blocks run alone, before and after the edit.
+
+    A meta forward records the shapes each edited block receives inside the model; one block of each
+    kind (class, input shapes, sites) is then built on the CPU with cheap random weights and run on
+    random inputs of those shapes. The rest of the model is untouched by the edit, so identity of
+    every kind of edited block is identity of the model."""
+    import torch
+
+    import se_retrofit
+
+    inputs = _block_inputs(source, name, meta, {s.block for plan in plans.values() for s in plan.sites})
+    kinds: dict[tuple, str] = {}
+    for path, (args, kwargs) in inputs.items():
+        key = (type(meta.get_submodule(path)).__name__, _shapes((args, kwargs)),
+               tuple((p, tuple(_site_key(s) for s in plan.sites if s.block == path)) for p, plan in plans.items()))
+        kinds.setdefault(key, path)
+    worst = dict.fromkeys(plans, 0.0)
+    for path in kinds.values():
+        block = _materialised_block(meta.get_submodule(path))
+        args, kwargs = _real(inputs[path])
+        with torch.no_grad():
+            reference = _flatten(block(*args, **kwargs))
+        for position, plan in plans.items():
+            sites = [dataclasses.replace(s, block="") for s in plan.sites if s.block == path]
+            edited = copy.deepcopy(block)
+            se_retrofit.surgery.apply_sites(edited, sites, se_retrofit.RetrofitConfig(position=position))
+            with torch.no_grad():
+                worst[position] = max(worst[position], _max_rel_diff(reference, _flatten(edited(*args, **kwargs))))
+    return worst, f"blocks: {len(kinds)} kinds of {len(inputs)} edited"
+
+
+def _site_key(site) -> tuple:
+    return site.position, site.channels, site.module_name, site.add_index, site.anchor
+
+
+def _block_inputs(source, name, meta, paths: set[str]) -> dict[str, tuple]:
+    """The (args, kwargs) each block in ``paths`` receives in a meta forward of the model."""
+    import torch
+
+    seen: dict[str, tuple] = {}
+    hooks = [meta.get_submodule(p).register_forward_pre_hook(
+        lambda module, args, kwargs, path=p: seen.setdefault(path, (args, kwargs)) and None, with_kwargs=True)
+        for p in sorted(paths)]
+    try:
+        with torch.no_grad():
+            _call(meta, _inputs(source, name, meta, "meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def _shapes(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), str(value.dtype)
+    if isinstance(value, dict):
+        return tuple((k, _shapes(v)) for k, v in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_shapes(v) for v in value)
+    return repr(value)
+
+
+def _real(value):
+    """Random CPU tensors in place of the meta tensors of ``value`` (indices 0, masks all True)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            return torch.randn(value.shape, dtype=value.dtype, generator=torch.Generator().manual_seed(0))
+        return torch.ones(value.shape, dtype=value.dtype) if value.dtype == torch.bool else \
+            torch.zeros(value.shape, dtype=value.dtype)
+    if isinstance(value, dict):
+        return {k: _real(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_real(v) for v in value)
+    return value
+
+
+def _materialised_block(meta_block):
+    """A CPU copy of a meta block with cheap random parameters and buffers (indices 0)."""
+    import torch
+
+    block = copy.deepcopy(meta_block).to_empty(device="cpu").eval()
+    generator = torch.Generator().manual_seed(0)
+    for module in block.modules():
+        for key, param in module._parameters.items():
+            if param is not None:
+                module._parameters[key] = _filled(key, param, generator)
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                if buffer.is_floating_point():
+                    buffer.uniform_(0.5, 1.5, generator=generator)
+                else:
+                    buffer.zero_()
+    return block
+
+
+def _call(model, example):
+    return model(*(example if isinstance(example, tuple) else (example,)))
 
 
 def _raise_timeout(signum, frame):
@@ -269,7 +463,8 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true", help="with --limit: spread the sample over the list")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=20)
-    parser.add_argument("--max-params", type=float, default=120.0, help="millions; bigger: analysis only")
+    parser.add_argument("--max-params", type=float, default=1000.0,
+                        help="millions; bigger models are checked block by block (see _block_identity)")
     parser.add_argument("--model-seconds", type=int, default=120)
     parser.add_argument("--csv", type=Path, default=RESULTS / "coverage.csv")
     args = parser.parse_args()

@@ -462,12 +462,15 @@ def _describe(node: fx.Node) -> str:
 
 
 def _layout(add: fx.Node, residual: _Residual) -> tuple[str, int]:
-    """(layout, channel dim) from the two probes; 0 as channel dim means unknown."""
+    """(layout, channel dim) from the two probes; 0 as channel dim means unknown.
+
+    Where the second probe did not run, or the model resized it back to its own size (CrossViT
+    interpolates every input to ``img_size``), the layers of the branch decide."""
     shape_a, shape_b = add.meta.get(_SHAPE_A), add.meta.get(_SHAPE_B)
     rank = len(shape_a)
     if rank < 3:
         return UNKNOWN, 0
-    if shape_b is not None and len(shape_b) == rank:
+    if shape_b is not None and len(shape_b) == rank and shape_b != shape_a:
         constant = [d for d in range(1, rank) if shape_a[d] == shape_b[d]]
         if len(constant) == 1 and len(shape_a) - 2 == sum(shape_a[d] != shape_b[d] for d in range(1, rank)):
             dim = constant[0]

@@ -113,3 +113,16 @@ def test_dual_path_network_has_additions_but_no_residual_blocks():
 def test_blocks_inside_timm_notrace_modules_are_found():
     blocks = se_retrofit.find_blocks(timm.create_model("nf_resnet26"), small_input(1))
     assert [b.path for b in blocks][:2] == ["stages.0.0", "stages.0.1"] and len(blocks) == 8
+
+
+def test_layout_from_layers_when_the_model_resizes_every_input():
+    # CrossViT interpolates any input to its img_size, so the second probe has the same shapes as
+    # the first and says nothing about which dimension holds the channels: the branch's layers do.
+    model = make_model("timm", "crossvit_9_240")
+    analysis = se_retrofit.analyze(model)
+    assert len(analysis.blocks) == 24  # attention + MLP residual in each of the 3 + 9 transformer blocks
+    assert {b.layout for b in analysis.blocks} == {"tokens"}
+    assert {(b.spatial, b.channels) for b in analysis.blocks} == {((401,), 128), ((197,), 256)}
+    edited = se_retrofit.retrofit(model)
+    x = torch.randn(1, 3, 240, 240)
+    assert torch.equal(edited.eval()(x), model.eval()(x))
