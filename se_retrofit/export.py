@@ -74,7 +74,8 @@ class ExportFormat:
 
     ``write(model, path, example, dynamic_batch)`` writes the file (the model is in eval mode) and
     returns facts for :class:`ExportResult`; ``run(path, example, facts)`` loads the written file
-    and returns its outputs on ``example``; ``check(model)`` refuses a model early, before any work.
+    and returns its outputs on ``example``; ``check(model)`` refuses a model early, before any work;
+    ``suffix`` is the ending the file name must have (timm tells safetensors from pickles by it).
     """
 
     summary: str
@@ -84,6 +85,7 @@ class ExportFormat:
     tolerance: float = 1e-5
     check: Callable[[nn.Module], Any] = lambda model: None
     directory: bool = False
+    suffix: str = ""
 
 
 def export(model: nn.Module, path: str | os.PathLike, format: str = "safetensors",
@@ -125,7 +127,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "safetensors
     """
     spec = format_spec(format)
     path = Path(path)
-    _refuse_existing(path, spec, overwrite)
+    _check_path(path, format, overwrite)
     example = _example(model, example_input)
     with eval_mode(model):
         spec.check(model)
@@ -179,7 +181,7 @@ def save_and_export(model: nn.Module, directory: str | os.PathLike, format: str 
     directory = Path(directory)
     if format == "safetensors":
         return save(model, directory, overwrite=overwrite), None
-    _refuse_existing(directory, FORMATS["safetensors"], overwrite)
+    _check_path(directory, "safetensors", overwrite)
     with eval_mode(model):
         spec.check(model)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +216,11 @@ def max_abs_diff(expected: list[torch.Tensor], actual: Any) -> float:
 
 # --- checks and staging -------------------------------------------------------------------------
 
-def _refuse_existing(path: Path, spec: ExportFormat, overwrite: bool) -> None:
+def _check_path(path: Path, format: str, overwrite: bool) -> None:
+    spec = FORMATS[format]
+    if not path.name.endswith(spec.suffix):
+        raise ExportError(f"format {format!r} writes a {spec.suffix} file (its readers go by the ending): "
+                          f"name it like {path.stem}{spec.suffix}, not {path.name}")
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; choose another path or pass overwrite=True")
     if path.exists() and path.is_dir() != spec.directory:
@@ -405,7 +411,7 @@ FORMATS: dict[str, ExportFormat] = {
                                 lambda model: "model", _write_safetensors, _run_safetensors, directory=True),
     "timm": ExportFormat("state dict of timm's native model (seresnet50, …), no se_retrofit needed",
                          lambda model: f"{_timm_name(model)}.safetensors", _write_timm, _run_timm,
-                         check=_timm_name),
+                         check=_timm_name, suffix=".safetensors"),
     "torchscript": ExportFormat("torch.jit.trace in eval mode, torch.jit.save",
                                 lambda model: "model.torchscript.pt", _write_torchscript, _run_torchscript),
     "export": ExportFormat("torch.export ExportedProgram, torch.export.save (.pt2)",

@@ -141,6 +141,13 @@ def test_unknown_format_names_the_known_ones(edited, tmp_path):
         export(edited, tmp_path / "m", "tflite")
 
 
+def test_timm_file_must_end_with_safetensors(edited, tmp_path):
+    with pytest.raises(ExportError, match="format 'timm' writes a .safetensors file .*name it like "
+                                          "seresnet18.safetensors, not seresnet18.pth"):
+        export(edited, tmp_path / "seresnet18.pth", "timm")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_check_or_write_leaves_nothing(edited, tmp_path, monkeypatch):
     wrong = ExportFormat("wrong outputs", lambda m: "m.pt", FORMATS["torchscript"].write,
                          lambda path, x, facts: torch.zeros(x.shape[0], 1000))
