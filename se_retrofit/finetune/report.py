@@ -39,6 +39,8 @@ class Reporter:
                 self.errors.print(f"warning: {message}", markup=False, style="yellow")
 
     def start(self, plan, origin: str, model: nn.Module, context, run_info: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         recipe = plan.recipe
         self.print(f"{recipe.name}: {describe_model(plan, model)}")
         self.print(f"weights: {origin}")
@@ -85,6 +87,8 @@ class Reporter:
         self.print(format_row(row, total))
 
     def finished(self, plan, files: dict, stopped: int | None) -> None:
+        if not self.enabled:
+            return
         if stopped is not None:
             self.print(f"stopped after epoch {stopped} as asked (--stop-after-epoch); continue with --resume")
         else:
@@ -92,6 +96,8 @@ class Reporter:
         self.print(f"checkpoint {files['checkpoint']}; metrics {files['metrics']}; curves {files['curves']}")
 
     def exported(self, plan, origin: str, model: nn.Module, identity: float, final) -> None:
+        if not self.enabled:
+            return
         self.print(f"{plan.recipe.name}: {describe_model(plan, model)}")
         self.print(f"weights: {origin}")
         self.print(f"identity check{' (backbone features)' if plan.recipe.task == 'detection' else ''}: "
