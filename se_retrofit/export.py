@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -182,14 +182,13 @@ def save_and_export(model: nn.Module, directory: str | os.PathLike, format: str 
     if format == "safetensors":
         return save(model, directory, overwrite=overwrite), None
     _check_path(directory, "safetensors", overwrite)
-    with eval_mode(model):
-        spec.check(model)
+    spec.check(model)  # refuse before writing anything
     directory.parent.mkdir(parents=True, exist_ok=True)
     with _staging(directory) as staged:
         save(model, staged)
         result = export(model, staged / spec.filename(model), format, example_input)
         _replace_dir(staged, directory)
-    return directory, ExportResult(**{**asdict(result), "path": directory / result.path.name})
+    return directory, replace(result, path=directory / result.path.name)
 
 
 @contextlib.contextmanager
@@ -384,6 +383,7 @@ def _run_export(path: Path, example: torch.Tensor, facts: dict) -> Any:
 def _onnxruntime():
     try:
         import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx.export(dynamo=True) needs it)
     except ImportError:
         raise ExportError("format 'onnx' needs onnx, onnxscript and onnxruntime: "
                           "pip install 'se-retrofit[onnx]'") from None
