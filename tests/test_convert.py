@@ -11,8 +11,8 @@ from conftest import make_model, small_input
 PROBE = small_input(1, 32)  # probe input for retrofit(): the models' own 224 px is slow on 2 CPU cores
 
 
-def _trained_se(model):
-    """Move the SE weights off their identity start, as fine-tuning would."""
+def trained_se(model):
+    """Move the attention weights off their identity start, as fine-tuning would (test_export uses it too)."""
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -24,7 +24,7 @@ def _trained_se(model):
 @pytest.mark.parametrize("name,native", [("resnet50", "seresnet50"), ("resnet18", "seresnet18"),
                                          ("resnext50_32x4d", "seresnext50_32x4d")])
 def test_native_checkpoint_loads_strictly_and_matches(name, native):
-    edited = _trained_se(se_retrofit.retrofit(make_model("timm", name), example_input=PROBE)).eval()
+    edited = trained_se(se_retrofit.retrofit(make_model("timm", name), example_input=PROBE)).eval()
     native_name, state = to_timm_native(edited)
     assert native_name == native
     model = timm.create_model(native_name).eval()
@@ -35,7 +35,7 @@ def test_native_checkpoint_loads_strictly_and_matches(name, native):
 
 
 def test_native_checkpoint_keeps_a_non_default_head():
-    edited = _trained_se(se_retrofit.retrofit(make_model("timm", "resnet18", num_classes=10),
+    edited = trained_se(se_retrofit.retrofit(make_model("timm", "resnet18", num_classes=10),
                                               example_input=PROBE)).eval()
     before = {k: v.clone() for k, v in edited.state_dict().items()}
     name, state = to_timm_native(edited)
@@ -49,7 +49,7 @@ def test_native_checkpoint_keeps_a_non_default_head():
 
 
 def test_fold_is_exact_and_leaves_the_original_alone():
-    edited = _trained_se(se_retrofit.retrofit(make_model("timm", "resnet18"), example_input=PROBE)).eval()
+    edited = trained_se(se_retrofit.retrofit(make_model("timm", "resnet18"), example_input=PROBE)).eval()
     folded = fold_gate_scale(edited)
     assert edited.layer1[0].se.gate.scale == 2.0 and folded.layer1[0].se.gate.scale == 1.0
     x = small_input(1)
@@ -81,7 +81,7 @@ def test_unedited_model_is_refused():
 
 
 def test_eca_on_resnet50d_exports_to_ecaresnet50d():
-    edited = _trained_se(se_retrofit.retrofit(make_model("timm", "resnet50d"), attention="eca", example_input=PROBE)).eval()
+    edited = trained_se(se_retrofit.retrofit(make_model("timm", "resnet50d"), attention="eca", example_input=PROBE)).eval()
     name, state = to_timm_native(edited)
     model = timm.create_model(name).eval()
     assert name == "ecaresnet50d" and str(model.load_state_dict(state, strict=True)) == \
@@ -99,7 +99,7 @@ def test_eca_on_plain_resnet50_names_the_closest_native_model():
 
 
 def test_folded_gates_survive_save_and_load(tmp_path):
-    edited = _trained_se(se_retrofit.retrofit(make_model("timm", "resnet18"), example_input=PROBE)).eval()
+    edited = trained_se(se_retrofit.retrofit(make_model("timm", "resnet18"), example_input=PROBE)).eval()
     folded = fold_gate_scale(edited)
     again = se_retrofit.load(se_retrofit.save(folded, tmp_path / "folded")).eval()
     assert again.layer1[0].se.gate.scale == 1.0

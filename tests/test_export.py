@@ -17,25 +17,16 @@ from se_retrofit.cli import main
 from se_retrofit.export import FORMATS, ExportCheckError, ExportError, ExportFormat, export, save_and_export
 
 from conftest import make_model, small_input
+from test_convert import trained_se
 
 SMALL = small_input(1, 32)  # probe input for retrofit(): the models' own 224 px would be slow on CPU
 NAMES = {"safetensors": "saved", "timm": "seresnet18.safetensors", "torchscript": "model.torchscript.pt",
          "export": "model.pt2", "onnx": "model.onnx"}
 
 
-def _trained(model):
-    """Move the attention weights off their identity start, as fine-tuning would."""
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".se." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model
-
-
 @pytest.fixture(scope="module")
 def edited():
-    return _trained(se_retrofit.retrofit(make_model("timm", "resnet18"), example_input=SMALL))
+    return trained_se(se_retrofit.retrofit(make_model("timm", "resnet18"), example_input=SMALL))
 
 
 def _reference(model, x):
@@ -105,7 +96,7 @@ def test_timm_export_loads_in_a_process_without_se_retrofit(edited, tmp_path):
 
 
 def test_timm_export_records_a_non_default_head(tmp_path):
-    model = _trained(se_retrofit.retrofit(make_model("timm", "resnet18", num_classes=10), example_input=SMALL))
+    model = trained_se(se_retrofit.retrofit(make_model("timm", "resnet18", num_classes=10), example_input=SMALL))
     result = export(model, tmp_path / "m.safetensors", "timm", small_input(1, 32))
     assert result.timm_kwargs == {"num_classes": 10} and result.max_abs_diff == 0.0
     metadata = safe_open(str(result.path), "pt").metadata()
@@ -180,7 +171,7 @@ def test_save_and_export_is_all_or_nothing(edited, tmp_path):
 # --- the edited model with torch.compile and channels_last ------------------------------------------
 
 def test_torch_compile_gives_the_same_outputs():
-    model = _trained(se_retrofit.retrofit(make_model("timm", "test_resnet"), example_input=SMALL)).eval()
+    model = trained_se(se_retrofit.retrofit(make_model("timm", "test_resnet"), example_input=SMALL)).eval()
     x = small_input(2, 32)
     compiled = torch.compile(model, fullgraph=True)  # the generated block forwards trace without graph breaks
     with torch.no_grad():
@@ -190,7 +181,7 @@ def test_torch_compile_gives_the_same_outputs():
 def test_channels_last_gives_the_same_outputs():
     base = make_model("timm", "test_resnet").eval()
     x = small_input(2, 32)
-    model = _trained(se_retrofit.retrofit(base, example_input=SMALL)).eval()
+    model = trained_se(se_retrofit.retrofit(base, example_input=SMALL)).eval()
     with torch.no_grad():
         expected = model(x)
         last = model.to(memory_format=torch.channels_last)
