@@ -19,6 +19,7 @@ from .training import (attention_modules, attention_parameters, attention_state_
                        param_groups, unfreeze)
 
 from ._version import __version__
+from . import finetune  # se_retrofit.finetune.run(recipe, data) and load_recipe: recipes/
 
 __all__ = [
     "Analysis", "Block", "POSITIONS", "RetrofitConfig", "Site", "StackedAttentionWarning", "analyze",

@@ -149,13 +149,16 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(trained, images, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in trained.out.iterdir()} == before
 
 
-def test_export_only_writes_a_loadable_retrofitted_model(tmp_path, capsys):
-    code, out, err = cli(capsys, QUICK, "--export-only", "--out", tmp_path / "x", "--weights", "none",
+@pytest.mark.parametrize("model", ["resnet18", "torchvision:resnet18"])
+def test_export_only_writes_a_loadable_retrofitted_model(model, tmp_path, capsys):
+    recipe = _write(tmp_path / "r.yaml", QUICK.read_text().replace("model: resnet18", f"model: {model}"))
+    code, out, err = cli(capsys, recipe, "--export-only", "--out", tmp_path / "x", "--weights", "none",
                          "--image-size", "32", "--num-classes", "5")
     assert code == 0, err
     assert "identity check: max |Δ| = 0" in out
-    loaded = se_retrofit.load(tmp_path / "x" / "model")
-    assert loaded.num_classes == 5 and len(se_retrofit.record_of(loaded).sites) == 8
+    loaded = se_retrofit.load(tmp_path / "x" / "model").eval()
+    assert len(se_retrofit.record_of(loaded).sites) == 8
+    assert loaded(torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
 def test_two_processes_with_gloo(images, tmp_path):

@@ -142,8 +142,8 @@ def _dry_run(recipe, args: argparse.Namespace, options: dict) -> int:
     if plan.splits is not None:
         out.print(f"data: {plan.splits.describe()}; {plan.num_classes} outputs", markup=False)
     for phase in recipe.phases:
-        out.print(f"phase {phase.name}: {phase.trainable}, {phase.epochs} epochs, lr {phase.lr:g}, "
-                  f"attention ×{phase.new_lr_scale:g}", markup=False)
+        out.print(f"phase {phase.name}: {phase.trainable}, {phase.epochs} epoch{'s' * (phase.epochs != 1)}, "
+                  f"lr {phase.lr:g}, attention ×{phase.new_lr_scale:g}", markup=False)
     start = f", resuming after epoch {plan.checkpoint['epoch']}" if plan.checkpoint else ""
     out.print(f"output: {plan.out}{start}; dry run: nothing built or written", markup=False)
     return 0

@@ -50,6 +50,7 @@ def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike, *, tit
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_csv(csv_path)
     epochs = [r["epoch"] for r in rows]
@@ -58,17 +59,20 @@ def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike, *, tit
     for axis, metric, label in zip(figure.subplots(1, 2), ("loss", "acc"), ("loss", "accuracy")):
         for split, style in (("train", "-o"), ("val", "-s")):
             axis.plot(epochs, [r[f"{split}_{metric}"] for r in rows], style, label=split, markersize=4)
-        for previous, row in zip(rows, rows[1:]):
-            if row["phase"] != previous["phase"]:
-                axis.axvline(row["epoch"] - 0.5, color="grey", linestyle="--", linewidth=1)
-                axis.text(row["epoch"] - 0.45, axis.get_ylim()[1], row["phase"], va="top", fontsize=8,
-                          color="grey")
+        if metric == "acc":
+            axis.set_ylim(0, 1.02)
+        for previous, row in zip([None] + rows, rows):
+            if previous is None or row["phase"] != previous["phase"]:
+                if previous is not None:
+                    axis.axvline(row["epoch"] - 0.5, color="grey", linestyle="--", linewidth=1)
+                axis.text(row["epoch"] - 0.45, 0.01, row["phase"], transform=axis.get_xaxis_transform(),
+                          va="bottom", fontsize=8, color="grey")
+        axis.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axis.set_xlabel("epoch")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
         axis.legend()
-        if metric == "acc":
-            axis.set_ylim(0, 1.02)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
