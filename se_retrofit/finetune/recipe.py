@@ -52,34 +52,32 @@ def _fail(where: str, wanted: str, value: Any) -> RecipeError:
     return RecipeError(f"{where} must be {wanted}, got {value!r}")
 
 
-def _text(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(where, "a non-empty string", value)
-    return value
+def _accepting(test: Callable[[Any], bool], wanted: str) -> Callable[[Any, str], Any]:
+    """A check that keeps values passing ``test`` and names ``wanted`` for the others."""
+    def check(value: Any, where: str) -> Any:
+        if not test(value):
+            raise _fail(where, wanted, value)
+        return value
+    return check
 
 
-def _string(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise _fail(where, "a string", value)
-    return value
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_text = _accepting(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
+_string = _accepting(lambda v: isinstance(v, str), "a string")
+_boolean = _accepting(lambda v: isinstance(v, bool), "true or false")
+_positive_int = _accepting(lambda v: _is_int(v) and v >= 1, "a positive integer")
+_count = _accepting(lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+_mapping = _accepting(lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+                      "a mapping of names to values")
 
 
 def _name(value: Any, where: str) -> str:
     value = _text(value, where)
     if any(c in value for c in "/\\") or value.startswith("."):
         raise _fail(where, "a name usable as a directory name (no '/', not starting with '.')", value)
-    return value
-
-
-def _positive_int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(where, "a positive integer", value)
-    return value
-
-
-def _count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _fail(where, "an integer >= 0", value)
     return value
 
 
@@ -101,24 +99,8 @@ def _optional(check: Callable[[Any, str], Any]):
     return lambda value, where: None if value is None else check(value, where)
 
 
-def _choice(options: tuple[str, ...]):
-    def check(value: Any, where: str) -> str:
-        if value not in options:
-            raise _fail(where, f"one of {', '.join(options)}", value)
-        return value
-    return check
-
-
-def _boolean(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(where, "true or false", value)
-    return value
-
-
-def _mapping(value: Any, where: str) -> dict:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise _fail(where, "a mapping of names to values", value)
-    return dict(value)
+def _choice(options: tuple[str, ...]) -> Callable[[Any, str], Any]:
+    return _accepting(lambda v: isinstance(v, str) and v in options, f"one of {', '.join(options)}")
 
 
 def _scale_range(value: Any, where: str) -> tuple[float, float]:

@@ -25,10 +25,10 @@ import random
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -277,15 +277,10 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterio
                 ) -> tuple[float, float]:
     """One pass over ``loader``; returns (mean loss, accuracy) over all processes' images.
     Leaves ``model`` in the train/eval mode it came in."""
-    was_training = model.training
-    model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=context.device)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if scaler is not None else nullcontext()
-    try:
-        for images, targets in loader:
-            images = channels_last_input(images.to(context.device, non_blocking=True), channels_last)
-            targets = targets.to(context.device, non_blocking=True)
-            with autocast:
+    with _mode(model, training=True):
+        for images, targets in _batches(loader, context, channels_last):
+            with _autocast(scaler is not None):
                 logits = model(images)
                 loss = criterion(logits, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -299,8 +294,6 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterio
             scheduler.step()
             totals += _batch_totals(loss.detach(), logits.detach(), targets)
             advance(loss.item())
-    finally:
-        model.train(was_training)
     return _means(distributed.sum_across(totals, context))
 
 
@@ -310,22 +303,38 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, context: distribute
              ) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` in eval mode over every process's shard of ``loader``;
     ``model``'s train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=context.device)
-    cast = torch.autocast("cuda", dtype=torch.float16) if autocast else nullcontext()
-    try:
-        for images, targets in loader:
-            images = channels_last_input(images.to(context.device, non_blocking=True), channels_last)
-            targets = targets.to(context.device, non_blocking=True)
-            with cast:
+    with _mode(model, training=False):
+        for images, targets in _batches(loader, context, channels_last):
+            with _autocast(autocast):
                 logits = model(images)
                 loss = criterion(logits, targets)
             totals += _batch_totals(loss, logits, targets)
             advance(loss.item())
+    return _means(distributed.sum_across(totals, context))
+
+
+@contextmanager
+def _mode(model: nn.Module, *, training: bool) -> Iterator[None]:
+    """Put ``model`` in train or eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield
     finally:
         model.train(was_training)
-    return _means(distributed.sum_across(totals, context))
+
+
+def _batches(loader, context: distributed.Context, channels_last: bool) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The loader's (images, targets) on this process's device, images channels-last where asked."""
+    for images, targets in loader:
+        yield (channels_last_input(images.to(context.device, non_blocking=True), channels_last),
+               targets.to(context.device, non_blocking=True))
+
+
+def _autocast(enabled: bool):
+    """float16 autocast on CUDA (used only where a GradScaler is), else nothing."""
+    return torch.autocast("cuda", dtype=torch.float16) if enabled else nullcontext()
 
 
 def _batch_totals(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
