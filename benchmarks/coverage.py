@@ -148,15 +148,9 @@ def _inputs(source: str, name: str, model, device: str, side: int | None = None)
 
 
 def _flatten(value) -> list:
-    import torch
+    from se_retrofit.outputs import output_tensors
 
-    if isinstance(value, torch.Tensor):
-        return [value.float()]
-    if isinstance(value, dict):
-        return [t for k in sorted(value) for t in _flatten(value[k])]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _flatten(v)]
-    return []
+    return output_tensors(value)
 
 
 def _identity(base, example, plans: dict, reference: list | None = None) -> dict[str, float]:
@@ -183,10 +177,12 @@ def _identity(base, example, plans: dict, reference: list | None = None) -> dict
 
 
 def _max_rel_diff(a: list, b: list) -> float:
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+    from se_retrofit.outputs import OutputMismatchError, output_difference
+
+    try:
+        return output_difference(a, b)[1]
+    except OutputMismatchError:
         return math.inf
-    return max((((x - y).abs().max() / x.abs().max().clamp_min(1e-12)).item() for x, y in zip(a, b)
-                if x.numel()), default=0.0)
 
 
 def check(source: str, name: str, max_params: float, seconds: int) -> dict:

@@ -29,6 +29,7 @@ from .config import POSITION_HELP, POSITIONS, ConfigError, RetrofitConfig, impor
 from .core import RECORD_ATTR, StackedAttentionWarning, plan, retrofit_with
 from .export import FORMATS as EXPORT_FORMATS, ExportError, save_and_export, timm_usage
 from .hub import OfflineWarning, UnknownModelError, WeightsError, create, resolve
+from .outputs import output_difference
 from .io import SaveError
 from .planning import BlockPatternError, NoResidualBlocksError, Plan, StageError
 from .surgery import SurgeryError
@@ -243,21 +244,12 @@ def _report(ref, origin: str, config: RetrofitConfig, analysis, site_plan: Plan,
 
 
 def _identity(original: nn.Module, edited: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-    """Max |Δ| between the original and edited model outputs on ``example`` in eval mode."""
+    """Max |Δ| over every output tensor of the original and edited models on ``example`` (eval mode)."""
     original.eval()
     edited.eval()
     with torch.no_grad():
-        a, b = original(example), edited(example)
-    a, b = _first_tensor(a), _first_tensor(b)
-    diff = (a - b).abs().max().item()
-    scale = a.abs().max().item() or 1.0
-    return {"dry_run": False, "identity_max_abs_diff": diff, "identity_max_rel_diff": diff / scale}
-
-
-def _first_tensor(value: Any) -> torch.Tensor:
-    while not isinstance(value, torch.Tensor):
-        value = value[0] if isinstance(value, (tuple, list)) else next(iter(value.values()))
-    return value.float()
+        absolute, relative = output_difference(original(example), edited(example))
+    return {"dry_run": False, "identity_max_abs_diff": absolute, "identity_max_rel_diff": relative}
 
 
 def _print_report(report: dict, out: Console) -> None:

@@ -30,11 +30,11 @@ from typing import Any, Callable, Iterator
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from .analysis import default_example_input
 from .convert import ConversionError, timm_create_kwargs, timm_native_name, to_timm_native
 from .io import _replace_dir, _unshared, load, save
+from .outputs import OutputMismatchError, output_difference, output_tensors
 from .tracing import restore_training, snapshot_training
 
 TIMM_FORMAT = "se_retrofit/timm-native/1"
@@ -131,7 +131,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "safetensors
     example = _example(model, example_input)
     with eval_mode(model):
         spec.check(model)
-        expected = _outputs(model(example))
+        expected = output_tensors(model(example))
         path.parent.mkdir(parents=True, exist_ok=True)
         with _staging(path) as staged:
             facts = spec.write(model, staged, example, dynamic_batch)
@@ -205,12 +205,10 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def max_abs_diff(expected: list[torch.Tensor], actual: Any) -> float:
     """max |Δ| over the output tensors (nested outputs are compared leaf by leaf, in order)."""
-    actual = _outputs(actual)
-    if len(actual) != len(expected) or any(a.shape != e.shape for a, e in zip(actual, expected)):
-        raise ExportCheckError(f"the exported file returns {[tuple(a.shape) for a in actual]}, the model "
-                               f"{[tuple(e.shape) for e in expected]}")
-    return max(((a.double() - e.double()).abs().max().item() for a, e in zip(actual, expected) if a.numel()),
-               default=0.0)
+    try:
+        return output_difference(expected, actual)[0]
+    except OutputMismatchError as error:
+        raise ExportCheckError(f"the exported file does not return what the model does: {error}") from None
 
 
 # --- checks and staging -------------------------------------------------------------------------
@@ -232,11 +230,6 @@ def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tens
     if not isinstance(example, torch.Tensor):
         raise ExportError(f"example_input must be a tensor, not {type(example).__name__}")
     return example
-
-
-def _outputs(value: Any) -> list[torch.Tensor]:
-    return [torch.as_tensor(leaf).detach().cpu() for leaf in tree_leaves(value)
-            if isinstance(leaf, torch.Tensor) or hasattr(leaf, "__array__")]
 
 
 def _check(diff: float, expected: list[torch.Tensor], spec: ExportFormat, format: str) -> None:
