@@ -43,6 +43,9 @@ def test_recipe_loads_validates_and_round_trips(path):
     again = Recipe.from_yaml(recipe.to_yaml())
     assert again == recipe and again.fingerprint() == recipe.fingerprint()
     assert Recipe.from_dict(recipe.to_dict()) == recipe
+    # a checkpoint belongs to a fingerprint: what the run computes, not how many loader processes it had
+    assert recipe.with_overrides(workers=recipe.train.workers + 1).fingerprint() == recipe.fingerprint()
+    assert recipe.with_overrides(epochs=[recipe.total_epochs + 1]).fingerprint() != recipe.fingerprint()
     assert recipe.weights == "pretrained" and recipe.description
 
 

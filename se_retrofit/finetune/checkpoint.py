@@ -83,7 +83,7 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path
 def make_state(recipe: Recipe, run: dict[str, Any], *, epoch: int, phase: int, model, optimizer, scheduler,
                scaler, rng: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> dict[str, Any]:
     """Everything needed to continue after ``epoch`` (1-based, finished)."""
-    return {"format": FORMAT, "recipe": recipe.to_dict(), "fingerprint": recipe.fingerprint(), "run": run,
+    return {"format": FORMAT, "recipe": recipe.identity(), "fingerprint": recipe.fingerprint(), "run": run,
             "epoch": epoch, "phase": phase, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng, "metrics": metrics}
@@ -108,7 +108,7 @@ def load_checkpoint(directory: str | os.PathLike, recipe: Recipe, run: dict[str,
         raise CheckpointError(f"{path} is not a se-retrofit finetune checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else None!r}, expected {FORMAT!r})")
     if state["fingerprint"] != recipe.fingerprint():
-        differences = recipe_differences(state["recipe"], recipe.to_dict())
+        differences = recipe_differences(state["recipe"], recipe.identity())
         raise CheckpointError(f"checkpoint {path} belongs to another recipe ({state['recipe'].get('name')!r}); "
                               f"differs in {'; '.join(differences[:4])}"
                               f"{' …' if len(differences) > 4 else ''}. Resume with the same recipe and "

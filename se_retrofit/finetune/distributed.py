@@ -12,8 +12,9 @@ Example:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,16 @@ def stop(context: Context, *, wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def main_first(context: Context) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. downloads weights into the cache), the others after it."""
+    if context.distributed and not context.is_main:
+        dist.barrier()
+    yield
+    if context.distributed and context.is_main:
+        dist.barrier()
 
 
 def wrap(model: nn.Module, context: Context) -> nn.Module:

@@ -298,9 +298,16 @@ class Recipe:
         return cls.from_dict(data, source=source)
 
     def fingerprint(self) -> str:
-        """A short hash of the whole recipe (after overrides): checkpoints belong to one recipe."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """A short hash of what the recipe computes (after overrides; ``train.workers`` aside, which
+        changes only how fast images load): a checkpoint belongs to one fingerprint."""
+        text = json.dumps(self.identity(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the keys a resumed run may change (``train.workers``)."""
+        out = self.to_dict()
+        out["train"].pop("workers", None)
+        return out
 
     # --- command-line overrides ---
     def with_overrides(self, *, epochs: list[int] | None = None, lr: float | None = None,

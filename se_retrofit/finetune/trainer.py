@@ -93,8 +93,9 @@ class Plan:
 
 @dataclass
 class Result:
-    """A finished (or stopped) run: the trained model (CPU copy not made; on its device, eval mode),
-    one metrics row per epoch, and the files written."""
+    """A finished (or stopped) run: the trained model (in eval mode, on the run's device), one
+    metrics row per epoch, the final saved directory (None when stopped early or not rank 0), and
+    the files written."""
 
     model: nn.Module
     metrics: list[dict[str, Any]]
@@ -405,7 +406,8 @@ def export(plan: Plan, options: Options, reporter: Reporter) -> Result:
 def _train(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> Result:
     recipe, spec = plan.recipe, plan.recipe.train
     resumed = plan.checkpoint
-    _, model, origin, config, shown = build_model(plan, options, weights="none" if resumed else None)
+    with distributed.main_first(context):  # one download into the weights cache, not one per process
+        _, model, origin, config, shown = build_model(plan, options, weights="none" if resumed else None)
     if resumed:
         origin = resumed["run"]["weights"]
         getattr(model, RECORD_ATTR).base["weights"] = origin
