@@ -7,8 +7,9 @@ for SE at ``standard`` and at ``post``, parameters, and the time taken.
 How it fits 2 cores and 24 GiB:
 * models are built on the ``meta`` device first: no memory, no init time, and shapes still
   propagate, so the analysis (blocks, stages, layouts) runs on meta tensors for every model;
-* only models below ``--max-params`` are then built for real to measure the identity, on a small
-  input where the model accepts one (64 px, else its native size);
+* models up to ``--max-params`` are then built for real, with cheap random weights, to measure the
+  identity on the whole model, on the smallest input it accepts (64 px; timm's fixed-size
+  transformers built for 64 px); bigger models are checked edited block by edited block;
 * chunks of models run in worker processes (``--workers``, one chunk per process), so a crash or a
   leak ends one chunk, not the sweep; each model has a time limit (``--model-seconds``).
 
@@ -459,7 +460,7 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true", help="with --limit: spread the sample over the list")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=20)
-    parser.add_argument("--max-params", type=float, default=1000.0,
+    parser.add_argument("--max-params", type=float, default=200.0,
                         help="millions; bigger models are checked block by block (see _block_identity)")
     parser.add_argument("--model-seconds", type=int, default=120)
     parser.add_argument("--csv", type=Path, default=RESULTS / "coverage.csv")
