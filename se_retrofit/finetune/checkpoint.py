@@ -109,10 +109,9 @@ def load_checkpoint(directory: str | os.PathLike, recipe: Recipe, run: dict[str,
                               f"{state.get('format') if isinstance(state, dict) else None!r}, expected {FORMAT!r})")
     if state["fingerprint"] != recipe.fingerprint():
         differences = recipe_differences(state["recipe"], recipe.identity())
-        raise CheckpointError(f"checkpoint {path} belongs to another recipe ({state['recipe'].get('name')!r}); "
-                              f"differs in {'; '.join(differences[:4])}"
-                              f"{' …' if len(differences) > 4 else ''}. Resume with the same recipe and "
-                              "overrides, or choose another --out")
+        raise CheckpointError(f"checkpoint {path} belongs to another recipe: {state['recipe'].get('name')!r} with "
+                              f"{'; '.join(differences[:4])}{' …' if len(differences) > 4 else ''} (checkpoint vs "
+                              "this run). Resume with the same recipe and overrides, or choose another --out")
     for key in ("classes", "num_classes"):
         if state["run"].get(key) != run.get(key):
             raise CheckpointError(f"checkpoint {path} was made with {key} {state['run'].get(key)!r}, this data "

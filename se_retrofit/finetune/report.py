@@ -51,7 +51,9 @@ class Reporter:
         self.print("phases: " + " → ".join(
             f"{p.name} ({p.trainable}, {p.epochs} epoch{'s' if p.epochs > 1 else ''}, lr {p.lr:g}"
             f"{f', attention ×{p.new_lr_scale:g}' if p.new_lr_scale != 1 else ''})" for p in recipe.phases))
-        if plan.checkpoint:
+        if plan.checkpoint and plan.checkpoint["epoch"] >= recipe.total_epochs:
+            self.print(f"the run in {plan.out} finished all {recipe.total_epochs} epochs; writing its final model")
+        elif plan.checkpoint:
             self.print(f"resuming after epoch {plan.checkpoint['epoch']} from {plan.out / 'checkpoint.pt'}")
 
     @contextmanager

@@ -403,9 +403,22 @@ def export(plan: Plan, options: Options, reporter: Reporter) -> Result:
     return Result(model.eval(), [], plan.out, final, files={"model": final})
 
 
-def _train(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> Result:
-    recipe, spec = plan.recipe, plan.recipe.train
-    resumed = plan.checkpoint
+@dataclass
+class _Session:
+    """What the epochs share: the model on its device, loaders, loss, AMP scaler and output files."""
+
+    model: nn.Module
+    loaders: tuple
+    criterion: nn.Module
+    scaler: Any
+    run_info: dict[str, Any]
+    files: dict[str, Path]
+    metrics: list[dict[str, Any]]
+
+
+def _start_session(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> _Session:
+    """Build (or restore) the model, the loaders and the scaler; prepare the output directory."""
+    spec, resumed = plan.recipe.train, plan.checkpoint
     with distributed.main_first(context):  # one download into the weights cache, not one per process
         _, model, origin, config, shown = build_model(plan, options, weights="none" if resumed else None)
     if resumed:
@@ -413,70 +426,79 @@ def _train(plan: Plan, options: Options, context: distributed.Context, reporter:
         getattr(model, RECORD_ATTR).base["weights"] = origin
         model.load_state_dict(resumed["model"])
     reporter.warnings(shown)
-    channels_last = spec.channels_last
-    model.to(context.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    loaders = build_loaders(plan.splits, build_transforms(config, recipe.data), batch_size=spec.batch_size,
+    model.to(context.device)
+    if spec.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loaders = build_loaders(plan.splits, build_transforms(config, plan.recipe.data), batch_size=spec.batch_size,
                             workers=spec.workers, seed=spec.seed, rank=context.rank,
                             world_size=context.world_size, pin_memory=context.device.type == "cuda")
-    use_amp = spec.amp and context.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
-    run_info = {**plan.run_info, "weights": origin, "image_size": config["input_size"][-1],
-                "world_size": context.world_size}
-    metrics = list(resumed["metrics"]) if resumed else []
-    files = _prepare_out(plan, options, context)
-    _seed_process(spec.seed, context, resumed)
+    scaler = torch.amp.GradScaler("cuda") if spec.amp and context.device.type == "cuda" else None
     if resumed and scaler is not None and resumed.get("scaler"):
         scaler.load_state_dict(resumed["scaler"])
+    run_info = {**plan.run_info, "weights": origin, "image_size": config["input_size"][-1],
+                "world_size": context.world_size}
+    files = _prepare_out(plan, options, context)
+    _seed_process(spec.seed, context, resumed)
     reporter.start(plan, origin, model, context, run_info)
+    return _Session(model, loaders, nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing), scaler, run_info,
+                    files, list(resumed["metrics"]) if resumed else [])
+
+
+def _train(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> Result:
+    """The epochs from the plan's start to the end (or ``stop_after_epoch``), then the final save."""
+    recipe, resumed = plan.recipe, plan.checkpoint
+    session = _start_session(plan, options, context, reporter)
     phase_of, current, stopped = recipe.epoch_phases(), None, None
-    ddp = optimizer = scheduler = None
     with reporter.live():
         for epoch in range(plan.start_epoch, recipe.total_epochs + 1):
-            index = phase_of[epoch - 1]
-            if index != current:
-                ddp = None  # the previous phase's DDP wrapper goes before the next is built
-                ddp, optimizer, scheduler = start_phase(model, index, recipe, len(loaders[0]), context)
-                if resumed and resumed["phase"] == index and resumed["epoch"] == epoch - 1:
+            if phase_of[epoch - 1] != current:
+                current, ddp = phase_of[epoch - 1], None  # the old DDP wrapper goes before the next is built
+                ddp, optimizer, scheduler = start_phase(session.model, current, recipe, len(session.loaders[0]),
+                                                        context)
+                if resumed and resumed["phase"] == current and resumed["epoch"] == epoch - 1:  # mid-phase
                     optimizer.load_state_dict(resumed["optimizer"])
                     scheduler.load_state_dict(resumed["scheduler"])
-                current = index
-            row = _epoch(epoch, ddp, model, loaders, optimizer, scheduler, scaler, criterion, context, plan,
-                         reporter, use_amp)
-            metrics.append(row)
-            rng = distributed.gather(rng_state(), context)
-            if context.is_main:
-                state = make_state(recipe, run_info, epoch=epoch, phase=index, model=model, optimizer=optimizer,
-                                   scheduler=scheduler, scaler=scaler, rng=rng, metrics=metrics)
-                save_checkpoint(plan.out, state)
-                write_csv(metrics, files["metrics"])
-                plot_curves(files["metrics"], files["curves"], title=f"{recipe.name} ({recipe.model})")
-            reporter.epoch_done(row, recipe.total_epochs)
+            session.metrics.append(_epoch(epoch, ddp, optimizer, scheduler, session, context, plan, reporter))
+            _write_epoch(plan, session, context, epoch=epoch, phase=current, optimizer=optimizer,
+                         scheduler=scheduler)
+            reporter.epoch_done(session.metrics[-1], recipe.total_epochs)
             if options.stop_after_epoch == epoch and epoch < recipe.total_epochs:
                 stopped = epoch
                 break
-    model.eval()
+    session.model.eval()
     final = None
     if stopped is None and context.is_main:
-        final = _save_final(model, plan.out / "model")
-        files["model"] = final
-    reporter.finished(plan, files, stopped)
-    return Result(model, metrics, plan.out, final, stopped, files)
+        final = session.files["model"] = _save_final(session.model, plan.out / "model")
+    reporter.finished(plan, session.files, stopped)
+    return Result(session.model, session.metrics, plan.out, final, stopped, session.files)
 
 
-def _epoch(epoch: int, ddp, model, loaders, optimizer, scheduler, scaler, criterion, context, plan: Plan,
-           reporter: Reporter, use_amp: bool) -> dict[str, Any]:
+def _write_epoch(plan: Plan, session: _Session, context: distributed.Context, **state: Any) -> None:
+    """Checkpoint, metrics CSV and curves after an epoch (rank 0; every rank gives its RNG state)."""
+    rng = distributed.gather(rng_state(), context)
+    if context.is_main:
+        save_checkpoint(plan.out, make_state(plan.recipe, session.run_info, model=session.model,
+                                             scaler=session.scaler, rng=rng, metrics=session.metrics, **state))
+        write_csv(session.metrics, session.files["metrics"])
+        plot_curves(session.files["metrics"], session.files["curves"],
+                    title=f"{plan.recipe.name} ({plan.recipe.model})")
+
+
+def _epoch(epoch: int, ddp: nn.Module, optimizer, scheduler, session: _Session, context: distributed.Context,
+           plan: Plan, reporter: Reporter) -> dict[str, Any]:
+    """Train one epoch and evaluate; the metrics row."""
     recipe = plan.recipe
     phase = recipe.phases[recipe.epoch_phases()[epoch - 1]]
-    loaders[0].sampler.set_epoch(epoch)
+    train_loader, val_loader = session.loaders
+    train_loader.sampler.set_epoch(epoch)
     began = time.perf_counter()
-    advance = reporter.epoch_bar(epoch, recipe.total_epochs, phase.name, len(loaders[0]))
-    train_loss, train_acc = train_epoch(ddp, loaders[0], optimizer, scheduler, scaler, criterion, context,
-                                        channels_last=recipe.train.channels_last, advance=advance)
-    distributed.sync_buffers(model, context)
-    advance = reporter.eval_bar(epoch, len(loaders[1]))
-    val_loss, val_acc = evaluate(model, loaders[1], criterion, context, channels_last=recipe.train.channels_last,
-                                 autocast=use_amp, advance=advance)
+    advance = reporter.epoch_bar(epoch, recipe.total_epochs, phase.name, len(train_loader))
+    train_loss, train_acc = train_epoch(ddp, train_loader, optimizer, scheduler, session.scaler, session.criterion,
+                                        context, channels_last=recipe.train.channels_last, advance=advance)
+    distributed.sync_buffers(session.model, context)
+    val_loss, val_acc = evaluate(session.model, val_loader, session.criterion, context,
+                                 channels_last=recipe.train.channels_last, autocast=session.scaler is not None,
+                                 advance=reporter.eval_bar(epoch, len(val_loader)))
     return {"epoch": epoch, "phase": phase.name, "train_loss": train_loss, "train_acc": train_acc,
             "val_loss": val_loss, "val_acc": val_acc, "lr": _last_lr(scheduler, phase.lr),
             "seconds": time.perf_counter() - began}
