@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..cli import _identity
+from ..outputs import output_difference
 from ..core import RECORD_ATTR, retrofit_with
 from ..hub import ModelRef, OfflineWarning, WeightsError, create, resolve
 from ..io import save
@@ -396,7 +396,8 @@ def export(plan: Plan, options: Options, reporter: Reporter) -> Result:
     reporter.warnings(shown)
     target = (lambda m: m.backbone) if plan.recipe.task == "detection" else (lambda m: m)
     example = torch.randn(1, *config["input_size"], generator=torch.Generator().manual_seed(0))
-    identity = _identity(target(base), target(model), example)["identity_max_abs_diff"]
+    with torch.no_grad():
+        identity = output_difference(target(base).eval()(example), target(model).eval()(example))[0]
     plan.out.mkdir(parents=True, exist_ok=True)
     final = save(model, plan.out / "model", overwrite=options.overwrite)
     reporter.exported(plan, origin, model, identity, final)
