@@ -10,7 +10,7 @@ How it fits 2 cores and 24 GiB:
 * models up to ``--max-params`` are then built for real, with cheap random weights, to measure the
   identity on the whole model, on the smallest input it accepts (64 px; timm's fixed-size
   transformers built for 64 px); bigger models are checked edited block by edited block;
-* chunks of models run in worker processes (``--workers``, one chunk per process), so a crash or a
+* chunks of models run in worker processes (``--workers``, two chunks per process), so a crash or a
   leak ends one chunk, not the sweep; each model has a time limit (``--model-seconds``).
 
     python benchmarks/coverage.py                      # everything (writes benchmarks/results/coverage.csv)
@@ -253,21 +253,11 @@ def _meta_model(source, name, **kwargs):
 
 
 def _identity_model(source, name, analysed):
-    """A real model and the smallest input it accepts: 64 px where the model takes any size, else
-    built for 64 or 112 px (``img_size``, timm's fixed-size transformers), else its native size.
-    Each candidate is tried on the meta device first, where a forward costs nothing."""
+    """A real model, the smallest input it accepts and its output there (see :func:`_small_inputs`);
+    the native size where nothing smaller runs."""
     import torch
 
-    candidates = [({}, 64), ({"img_size": 64}, 64), ({"img_size": 112}, 112)] if source == "timm" else [({}, 64)]
-    for kwargs, side in candidates:
-        try:
-            meta = analysed if not kwargs else _meta_model(source, name, **kwargs)
-            if next(meta.parameters()).device.type != "meta":
-                break  # analysed on the CPU: meta tensors do not run this model
-            with torch.no_grad():
-                _call(meta, _inputs(source, name, meta, "meta", side))
-        except Exception:
-            continue
+    for meta, kwargs, side in _small_inputs(source, name, analysed):
         base = _materialise(source, name, **kwargs).eval()
         example = _inputs(source, name, base, "cpu", side)
         try:
@@ -279,10 +269,30 @@ def _identity_model(source, name, analysed):
     return base, _inputs(source, name, base, "cpu"), None
 
 
-def _block_identity(source, name, meta, plans) -> tuple[dict[str, float], str]:
+def _small_inputs(source, name, analysed):
+    """(meta model, build kwargs, side) for each small input the model runs on the meta device, where a
+    forward costs nothing: 64 px where the model takes any size, else built for 64 or 112 px
+    (``img_size``: timm's fixed-size transformers)."""
+    import torch
+
+    if next(analysed.parameters()).device.type != "meta":
+        return  # analysed on the CPU: meta tensors do not run this model
+    candidates = [({}, 64), ({"img_size": 64}, 64), ({"img_size": 112}, 112)] if source == "timm" else [({}, 64)]
+    for kwargs, side in candidates:
+        try:
+            meta = analysed if not kwargs else _meta_model(source, name, **kwargs)
+            with torch.no_grad():
+                _call(meta, _inputs(source, name, meta, "meta", side))
+        except Exception:
+            continue
+        yield meta, kwargs, side
+
+
+def _block_identity(source, name, analysed, plans) -> tuple[dict[str, float], str]:
     """For models too big to run whole here: edited blocks run alone, before and after the edit.
 
-    A meta forward records the shapes each edited block receives inside the model; one block of each
+    A meta forward (at the smallest input the model takes) records the shapes each edited block
+    receives inside the model; one block of each
     kind (class, input shapes, sites) is then built on the CPU with cheap random weights and run on
     random inputs of those shapes. The rest of the model is untouched by the edit, so identity of
     every kind of edited block is identity of the model."""
@@ -290,7 +300,7 @@ def _block_identity(source, name, meta, plans) -> tuple[dict[str, float], str]:
 
     import se_retrofit
 
-    inputs = _block_inputs(source, name, meta, {s.block for plan in plans.values() for s in plan.sites})
+    meta, inputs = _block_inputs(source, name, analysed, {s.block for plan in plans.values() for s in plan.sites})
     kinds: dict[tuple, str] = {}
     for path, (args, kwargs) in inputs.items():
         key = (type(meta.get_submodule(path)).__name__, _shapes((args, kwargs)),
@@ -315,21 +325,23 @@ def _site_key(site) -> tuple:
     return site.position, site.channels, site.module_name, site.add_index, site.anchor
 
 
-def _block_inputs(source, name, meta, paths: set[str]) -> dict[str, tuple]:
-    """The (args, kwargs) each block in ``paths`` receives in a meta forward of the model."""
+def _block_inputs(source, name, analysed, paths: set[str]) -> tuple[object, dict[str, tuple]]:
+    """The model run and the (args, kwargs) each block in ``paths`` receives in its forward on the meta
+    device, at the smallest input the model takes there (else at its native size)."""
     import torch
 
+    meta, side = next(((m, side) for m, _, side in _small_inputs(source, name, analysed)), (analysed, None))
     seen: dict[str, tuple] = {}
     hooks = [meta.get_submodule(p).register_forward_pre_hook(
         lambda module, args, kwargs, path=p: seen.setdefault(path, (args, kwargs)) and None, with_kwargs=True)
         for p in sorted(paths)]
     try:
         with torch.no_grad():
-            _call(meta, _inputs(source, name, meta, "meta"))
+            _call(meta, _inputs(source, name, meta, "meta", side))
     finally:
         for hook in hooks:
             hook.remove()
-    return seen
+    return meta, seen
 
 
 def _shapes(value):
@@ -404,7 +416,7 @@ def sweep(models: list[tuple[str, str]], workers: int, chunk_size: int, max_para
     chunks = [models[i:i + chunk_size] for i in range(0, len(models), chunk_size)]
     rows: list[dict] = []
     context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=2) as pool:
         futures = {pool.submit(run_chunk, chunk, max_params, seconds): chunk for chunk in chunks}
         for done, future in enumerate(cf.as_completed(futures), 1):
             chunk = futures[future]
@@ -459,8 +471,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only this many models")
     parser.add_argument("--sample", action="store_true", help="with --limit: spread the sample over the list")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=20)
-    parser.add_argument("--max-params", type=float, default=200.0,
+    parser.add_argument("--chunk-size", type=int, default=30)
+    parser.add_argument("--max-params", type=float, default=100.0,
                         help="millions; bigger models are checked block by block (see _block_identity)")
     parser.add_argument("--model-seconds", type=int, default=120)
     parser.add_argument("--csv", type=Path, default=RESULTS / "coverage.csv")
