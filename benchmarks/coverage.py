@@ -10,7 +10,8 @@ How it fits 2 cores and 24 GiB:
 * models up to ``--max-params`` are then built for real, with cheap random weights, to measure the
   identity on the whole model, on the smallest input it accepts (64 px; timm's fixed-size
   transformers built for 64 px); bigger models are checked edited block by edited block;
-* chunks of models run in worker processes (``--workers``, two chunks per process), so a crash or a
+* chunks of models run in worker processes (``--workers``, one chunk per process; a pool that reuses
+  processes with max_tasks_per_child > 1 hangs on Python 3.11), so a crash or a
   leak ends one chunk, not the sweep; each model has a time limit (``--model-seconds``).
 
     python benchmarks/coverage.py                      # everything (writes benchmarks/results/coverage.csv)
@@ -416,7 +417,7 @@ def sweep(models: list[tuple[str, str]], workers: int, chunk_size: int, max_para
     chunks = [models[i:i + chunk_size] for i in range(0, len(models), chunk_size)]
     rows: list[dict] = []
     context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=2) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {pool.submit(run_chunk, chunk, max_params, seconds): chunk for chunk in chunks}
         for done, future in enumerate(cf.as_completed(futures), 1):
             chunk = futures[future]
@@ -471,7 +472,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only this many models")
     parser.add_argument("--sample", action="store_true", help="with --limit: spread the sample over the list")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=30)
+    parser.add_argument("--chunk-size", type=int, default=40)
     parser.add_argument("--max-params", type=float, default=100.0,
                         help="millions; bigger models are checked block by block (see _block_identity)")
     parser.add_argument("--model-seconds", type=int, default=120)
