@@ -140,6 +140,35 @@ def test_resume_continues_after_the_last_finished_epoch(trained, images, tmp_pat
     assert se_retrofit.load(out / "model") is not None
 
 
+def test_resume_after_a_real_kill(images, tmp_path):
+    """SIGKILL the run once its first checkpoint is on disk; --resume carries on from that epoch."""
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "se_retrofit", "finetune", str(QUICK), "--data", str(images), "--out",
+               str(out), "--epochs", "1,15", *FAST]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "model").exists()
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= saved < 16
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming after epoch {saved}" in result.stdout
+    printed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert printed[0] == f"{saved + 1}/16" and printed[-1] == "16/16"
+    assert [int(r["epoch"]) for r in read_rows(out / "metrics.csv")] == list(range(1, 17))
+    assert se_retrofit.load(out / "model") is not None
+
+
 def test_resume_refuses_a_checkpoint_of_another_recipe(trained, images, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in trained.out.iterdir()}
     code, _, err = cli(capsys, QUICK, "--data", images, "--out", trained.out, "--epochs", "1,3", *FAST, "--resume")
