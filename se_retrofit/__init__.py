@@ -26,5 +26,5 @@ __all__ = [
     "create_attention", "find_blocks", "list_attentions", "plan", "record_of", "register_attention",
     "retrofit", "retrofit_with", "__version__", "load", "save", "fold_gate_scale", "to_timm_native",
     "attention_modules", "attention_parameters", "attention_state_dict", "freeze_backbone", "param_groups",
-    "unfreeze",
+    "unfreeze", "export", "ExportError", "ExportResult", "finetune",
 ]
