@@ -92,6 +92,8 @@ def register_attention(name: str, *, identity_init: Callable[[nn.Module], None] 
         ...         nn.init.ones_(self.weight)
         ...     def forward(self, x):
         ...         return x * self.weight
+        >>> from se_retrofit.attention import unregister_attention
+        >>> unregister_attention("scale_doc_example")  # undo the example
     """
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"attention name {name!r} must be letters, digits, '_' or '-'")
