@@ -96,16 +96,20 @@ def _materialise(source: str, name: str, **kwargs):
     try:
         with _parameters_on_meta():
             model = _build(source, name, "cpu", **kwargs)
-        generator = torch.Generator().manual_seed(0)
-        for module in model.modules():
-            for key, param in module._parameters.items():
-                if param is not None:
-                    module._parameters[key] = _filled(key, param, generator)
+        _fill_parameters(model, torch.Generator().manual_seed(0))
         if any(t.device.type == "meta" for t in model.state_dict().values()):
             raise RuntimeError("a buffer was derived from a parameter")
         return model
     except Exception:
         return _build(source, name, "cpu", **kwargs)
+
+
+def _fill_parameters(model, generator) -> None:
+    """Replace every parameter of ``model`` (meta or not) by a CPU one filled by :func:`_filled`."""
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None:
+                module._parameters[key] = _filled(key, param, generator)
 
 
 def _filled(key: str, param, generator):
@@ -149,12 +153,6 @@ def _inputs(source: str, name: str, model, device: str, side: int | None = None)
     return torch.randn(1, *size, device=device)
 
 
-def _flatten(value) -> list:
-    from se_retrofit.outputs import output_tensors
-
-    return output_tensors(value)
-
-
 def _identity(base, example, plans: dict, reference: list | None = None) -> dict[str, float]:
     """Max relative |Δ| between ``base`` and ``base`` edited at each plan's sites (eval mode).
 
@@ -162,27 +160,30 @@ def _identity(base, example, plans: dict, reference: list | None = None) -> dict
     ``base`` itself (one deep copy fewer, which matters for the big models)."""
     import torch
 
-    import se_retrofit
+    from se_retrofit.outputs import output_tensors
 
-    args = example if isinstance(example, tuple) else (example,)
     if reference is None:
         with torch.no_grad():
-            reference = _flatten(base(*args))
-    worst = {}
-    for i, (position, plan) in enumerate(plans.items()):
-        model = base if i == len(plans) - 1 else copy.deepcopy(base)
-        record = se_retrofit.config.RetrofitRecord(se_retrofit.RetrofitConfig(position=position), plan.sites)
-        edited = se_retrofit.core.apply_record(model, record)
-        with torch.no_grad():
-            worst[position] = _max_rel_diff(reference, _flatten(edited(*args)))
-    return worst
+            reference = output_tensors(_call(base, example))
+    last = len(plans) - 1
+    return {position: _edited_difference(base if i == last else copy.deepcopy(base), plan.sites, position,
+                                         lambda model: _call(model, example), reference)
+            for i, (position, plan) in enumerate(plans.items())}
 
 
-def _max_rel_diff(a: list, b: list) -> float:
-    from se_retrofit.outputs import OutputMismatchError, output_difference
+def _edited_difference(model, sites, position: str, run, reference: list) -> float:
+    """Max relative |Δ| between ``reference`` and ``run(model)`` once ``model`` is edited at ``sites``
+    (in place)."""
+    import torch
 
+    import se_retrofit
+    from se_retrofit.outputs import OutputMismatchError, output_difference, output_tensors
+
+    se_retrofit.surgery.apply_sites(model, sites, se_retrofit.RetrofitConfig(position=position))
+    with torch.no_grad():
+        outputs = output_tensors(run(model))
     try:
-        return output_difference(a, b)[1]
+        return output_difference(reference, outputs)[1]
     except OutputMismatchError:
         return math.inf
 
@@ -258,12 +259,14 @@ def _identity_model(source, name, analysed):
     the native size where nothing smaller runs."""
     import torch
 
+    from se_retrofit.outputs import output_tensors
+
     for meta, kwargs, side in _small_inputs(source, name, analysed):
         base = _materialise(source, name, **kwargs).eval()
         example = _inputs(source, name, base, "cpu", side)
         try:
             with torch.no_grad():
-                return base, example, _flatten(_call(base, example))
+                return base, example, output_tensors(_call(base, example))
         except Exception:
             continue
     base = analysed if next(analysed.parameters()).device.type == "cpu" else _build(source, name, "cpu").eval()
@@ -299,7 +302,7 @@ def _block_identity(source, name, analysed, plans) -> tuple[dict[str, float], st
     every kind of edited block is identity of the model."""
     import torch
 
-    import se_retrofit
+    from se_retrofit.outputs import output_tensors
 
     meta, inputs = _block_inputs(source, name, analysed, {s.block for plan in plans.values() for s in plan.sites})
     kinds: dict[tuple, str] = {}
@@ -312,13 +315,12 @@ def _block_identity(source, name, analysed, plans) -> tuple[dict[str, float], st
         block = _materialised_block(meta.get_submodule(path))
         args, kwargs = _real(inputs[path])
         with torch.no_grad():
-            reference = _flatten(block(*args, **kwargs))
+            reference = output_tensors(block(*args, **kwargs))
         for position, plan in plans.items():
             sites = [dataclasses.replace(s, block="") for s in plan.sites if s.block == path]
-            edited = copy.deepcopy(block)
-            se_retrofit.surgery.apply_sites(edited, sites, se_retrofit.RetrofitConfig(position=position))
-            with torch.no_grad():
-                worst[position] = max(worst[position], _max_rel_diff(reference, _flatten(edited(*args, **kwargs))))
+            difference = _edited_difference(copy.deepcopy(block), sites, position,
+                                            lambda model: model(*args, **kwargs), reference)
+            worst[position] = max(worst[position], difference)
     return worst, f"blocks: {len(kinds)} kinds of {len(inputs)} edited"
 
 
@@ -379,10 +381,8 @@ def _materialised_block(meta_block):
 
     block = copy.deepcopy(meta_block).to_empty(device="cpu").eval()
     generator = torch.Generator().manual_seed(0)
+    _fill_parameters(block, generator)
     for module in block.modules():
-        for key, param in module._parameters.items():
-            if param is not None:
-                module._parameters[key] = _filled(key, param, generator)
         for key, buffer in module._buffers.items():
             if buffer is not None:
                 if buffer.is_floating_point():

@@ -33,9 +33,9 @@ from torch import nn
 
 from .analysis import default_example_input
 from .convert import ConversionError, timm_create_kwargs, timm_native_name, to_timm_native
-from .io import _replace_dir, _unshared, load, save
+from .io import _replace_dir, _unshared, default_file_mode, load, save
 from .outputs import OutputMismatchError, output_difference, output_tensors
-from .tracing import restore_training, snapshot_training
+from .tracing import training_mode
 
 TIMM_FORMAT = "se_retrofit/timm-native/1"
 
@@ -193,14 +193,10 @@ def save_and_export(model: nn.Module, directory: str | os.PathLike, format: str 
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block, then restore every submodule's own flag."""
-    snapshot = snapshot_training(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        restore_training(snapshot)
+    """Put ``model`` in eval mode, without gradients, for the block; then restore every submodule's
+    own flag."""
+    with training_mode(model, False), torch.no_grad():
+        yield model
 
 
 def max_abs_diff(expected: list[torch.Tensor], actual: Any) -> float:
@@ -252,15 +248,13 @@ def _staging(path: Path) -> Iterator[Path]:
 
 def _move_into_place(staged: Path, path: Path) -> None:
     """Rename the staged result to ``path``; files written beside it (ONNX external data) go first."""
-    umask = os.umask(0)
-    os.umask(umask)
     for extra in sorted(p for p in staged.parent.iterdir() if p != staged):
-        extra.chmod(0o666 & ~umask)
+        extra.chmod(default_file_mode())
         os.replace(extra, path.parent / extra.name)
     if staged.is_dir():
         _replace_dir(staged, path)
         return
-    staged.chmod(0o666 & ~umask)
+    staged.chmod(default_file_mode())
     os.replace(staged, path)
 
 

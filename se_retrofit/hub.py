@@ -82,9 +82,6 @@ def _unknown_message(name: str, sources: list[str]) -> str:
     return f"unknown model {name!r} in {' or '.join(sources)}{hint}"
 
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
-
-
 def create(ref: ModelRef, weights: str = "pretrained", *, allow_pickle: bool = False,
            **create_kwargs) -> tuple[nn.Module, str]:
     """Build the model and say where its weights came from.

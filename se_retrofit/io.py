@@ -78,11 +78,21 @@ def _write(model: nn.Module, record: RetrofitRecord, directory: Path) -> None:
 
 def _set_default_permissions(directory: Path) -> None:
     """mkdtemp makes private files; give the result the permissions a plain mkdir would."""
+    directory.chmod(0o777 & ~current_umask())
+    for file in directory.iterdir():
+        file.chmod(default_file_mode())
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
     umask = os.umask(0)
     os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for file in directory.iterdir():
-        file.chmod(0o666 & ~umask)
+    return umask
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: temporary files are made private."""
+    return 0o666 & ~current_umask()
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ def output_difference(expected: Any, actual: Any) -> tuple[float, float]:
     """(max |Δ|, max |Δ| relative to the tensor's max |expected|) over every output tensor, in float64.
 
     Raises :class:`OutputMismatchError` when the outputs differ in number or shape."""
-    expected, actual = _tensors(expected), _tensors(actual)
+    expected, actual = output_tensors(expected), output_tensors(actual)
     if len(actual) != len(expected) or any(a.shape != e.shape for a, e in zip(actual, expected)):
         raise OutputMismatchError(f"outputs of shapes {[tuple(a.shape) for a in actual]} against "
                                   f"{[tuple(e.shape) for e in expected]}")
@@ -41,9 +41,3 @@ def output_difference(expected: Any, actual: Any) -> tuple[float, float]:
     relative = max(((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item() for e, a in pairs) \
         if pairs else 0.0
     return absolute, relative
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, list) and all(isinstance(v, torch.Tensor) for v in value):
-        return value
-    return output_tensors(value)

@@ -13,7 +13,9 @@ created it (``""`` for the root), in the spirit of torchvision's ``NodePathTrace
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from torch import fx, nn
 
@@ -165,4 +167,15 @@ def snapshot_training(module: nn.Module) -> dict[nn.Module, bool]:
 def restore_training(snapshot: dict[nn.Module, bool]) -> None:
     for m, flag in snapshot.items():
         m.training = flag
+
+
+@contextlib.contextmanager
+def training_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """``module.train(training)`` for the block, then every submodule's own flag back."""
+    snapshot = snapshot_training(module)
+    module.train(training)
+    try:
+        yield module
+    finally:
+        restore_training(snapshot)
 

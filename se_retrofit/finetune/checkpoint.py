@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
+from ..io import default_file_mode
 from .recipe import Recipe, recipe_differences
 
 FORMAT = "se_retrofit.finetune/1"
@@ -42,17 +43,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
             write(file)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temp, 0o666 & ~_umask())
+        os.chmod(temp, default_file_mode())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def rng_state() -> dict[str, Any]:

@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,6 +38,7 @@ from ..outputs import output_difference
 from ..core import RECORD_ATTR, retrofit_with
 from ..hub import ModelRef, OfflineWarning, WeightsError, create, resolve
 from ..io import save
+from ..tracing import training_mode
 from ..training import freeze_backbone, head_module_names, param_groups, unfreeze
 from . import distributed
 from .checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, make_state, rng_state, save_checkpoint, \
@@ -279,7 +280,7 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterio
     """One pass over ``loader``; returns (mean loss, accuracy) over all processes' images.
     Leaves ``model`` in the train/eval mode it came in."""
     totals = torch.zeros(3, dtype=torch.float64, device=context.device)
-    with _mode(model, training=True):
+    with training_mode(model, True):
         for images, targets in _batches(loader, context, channels_last):
             with _autocast(scaler is not None):
                 logits = model(images)
@@ -305,7 +306,7 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, context: distribute
     """(mean loss, accuracy) of ``model`` in eval mode over every process's shard of ``loader``;
     ``model``'s train/eval mode is restored."""
     totals = torch.zeros(3, dtype=torch.float64, device=context.device)
-    with _mode(model, training=False):
+    with training_mode(model, False):
         for images, targets in _batches(loader, context, channels_last):
             with _autocast(autocast):
                 logits = model(images)
@@ -313,17 +314,6 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, context: distribute
             totals += _batch_totals(loss, logits, targets)
             advance(loss.item())
     return _means(distributed.sum_across(totals, context))
-
-
-@contextmanager
-def _mode(model: nn.Module, *, training: bool) -> Iterator[None]:
-    """Put ``model`` in train or eval mode for the block, then back in the mode it was in."""
-    was_training = model.training
-    model.train(training)
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _batches(loader, context: distributed.Context, channels_last: bool) -> Iterator[tuple[torch.Tensor, ...]]:
