@@ -8,6 +8,7 @@ Example:
     >>> bool(torch.equal(model(x), base(x)))
     True
 """
+from .errors import RetrofitError
 from .analysis import Analysis, Block, analyze, find_blocks
 from .attention import create_attention, list_attentions, register_attention
 from .config import POSITIONS, RetrofitConfig, Site
@@ -22,7 +23,7 @@ from ._version import __version__
 from . import finetune  # se_retrofit.finetune.run(recipe, data) and load_recipe: recipes/
 
 __all__ = [
-    "Analysis", "Block", "POSITIONS", "RetrofitConfig", "Site", "StackedAttentionWarning", "analyze",
+    "Analysis", "Block", "RetrofitError", "POSITIONS", "RetrofitConfig", "Site", "StackedAttentionWarning", "analyze",
     "create_attention", "find_blocks", "list_attentions", "plan", "record_of", "register_attention",
     "retrofit", "retrofit_with", "__version__", "load", "save", "fold_gate_scale", "to_timm_native",
     "attention_modules", "attention_parameters", "attention_state_dict", "freeze_backbone", "param_groups",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .errors import RetrofitError
 from . import op_kinds as K
 from .shapes import record_shapes
 from .tracing import (MODULE_PATH, TracedRegion, TraceResult, restore_training, snapshot_training, split_region,
@@ -227,7 +228,7 @@ def _probe_error(example: Any, error: BaseException) -> "ProbeError":
                       "Pass example_input= with a shape the model accepts.")
 
 
-class ProbeError(ValueError):
+class ProbeError(RetrofitError):
     """The model could not be run on the example input."""
 
 

@@ -23,19 +23,19 @@ from rich.table import Table
 from torch import nn
 
 from ._version import __version__
-from .analysis import ProbeError, default_example_input
-from .attention import UnknownAttentionError, create_attention, list_attentions
-from .config import POSITION_HELP, POSITIONS, ConfigError, RetrofitConfig, import_attention_module
+from .analysis import default_example_input
+from .attention import create_attention, list_attentions
+from .config import POSITION_HELP, POSITIONS, RetrofitConfig, import_attention_module
+from .errors import RetrofitError
 from .core import RECORD_ATTR, StackedAttentionWarning, plan, retrofit_with
-from .export import FORMATS as EXPORT_FORMATS, ExportError, save_and_export, timm_usage
-from .hub import OfflineWarning, UnknownModelError, WeightsError, create, resolve
+from .export import FORMATS as EXPORT_FORMATS, save_and_export, timm_usage
+from .hub import OfflineWarning, WeightsError, create, resolve
 from .outputs import output_difference
 from .io import SaveError
-from .planning import BlockPatternError, NoResidualBlocksError, Plan, StageError
-from .surgery import SurgeryError
+from .planning import Plan
 
-USER_ERRORS = (ConfigError, UnknownModelError, UnknownAttentionError, WeightsError, SaveError,
-               NoResidualBlocksError, StageError, ProbeError, SurgeryError, BlockPatternError, ExportError)
+#: everything a user can get wrong derives from RetrofitError (se_retrofit.errors): one line, exit 2
+USER_ERRORS = (RetrofitError,)
 EXIT_USER_ERROR, EXIT_INTERNAL = 2, 1
 
 

@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .errors import RetrofitError
 from .attention import INITS, get_attention
 
 POSITIONS = ("standard", "pre", "post", "identity", "inner", "stage")
@@ -18,7 +19,7 @@ POSITION_HELP = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(RetrofitError):
     """A retrofit option has a value that cannot be used."""
 
 

@@ -14,12 +14,13 @@ import torch
 from torch import fx, nn
 
 from .attention._layers import Gate
+from .errors import RetrofitError
 from .core import record_of
 from .surgery import _instance_forward_as_class
 from .tracing import trace
 
 
-class ConversionError(ValueError):
+class ConversionError(RetrofitError):
     """The edited model cannot be converted as asked."""
 
 

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .errors import RetrofitError
 from .analysis import default_example_input
 from .convert import ConversionError, timm_create_kwargs, timm_native_name, to_timm_native
 from .io import _replace_dir, _unshared, default_file_mode, load, save
@@ -40,7 +41,7 @@ from .tracing import training_mode
 TIMM_FORMAT = "se_retrofit/timm-native/1"
 
 
-class ExportError(ValueError):
+class ExportError(RetrofitError):
     """The model cannot be exported as asked (unknown format, existing file, no native twin, …)."""
 
 

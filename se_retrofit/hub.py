@@ -17,16 +17,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import RetrofitError
+
 SOURCES = ("timm", "torchvision")
 WEIGHTS_HOSTS = {"timm": "huggingface.co", "torchvision": "download.pytorch.org"}
 PROBE_SECONDS = 3.0
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(RetrofitError):
     """No timm or torchvision model has that name."""
 
 
-class WeightsError(ValueError):
+class WeightsError(RetrofitError):
     """A weights file could not be read or does not fit the model."""
 
 

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import RetrofitError
 from ._version import __version__
 from .attention._layers import gate_state, set_gate_state
 from .config import RetrofitRecord
@@ -36,7 +37,7 @@ CONFIG_FILE, MODEL_FILE, ATTENTION_FILE = "retrofit_config.json", "model.safeten
 FORMAT = "se_retrofit/1"
 
 
-class SaveError(ValueError):
+class SaveError(RetrofitError):
     """The edited model cannot be saved where asked."""
 
 

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
+from .errors import RetrofitError
 
-class OutputMismatchError(ValueError):
+
+class OutputMismatchError(RetrofitError):
     """Two outputs do not even have the same structure or shapes."""
 
 

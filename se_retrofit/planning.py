@@ -6,20 +6,21 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from .errors import RetrofitError
 from .analysis import CHANNELS_FIRST, SUPPORTED_LAYOUTS, Analysis, Block
 from .attention import get_attention
 from .config import RetrofitConfig, Site
 
 
-class NoResidualBlocksError(ValueError):
+class NoResidualBlocksError(RetrofitError):
     """The model has no residual block to retrofit."""
 
 
-class StageError(ValueError):
+class StageError(RetrofitError):
     """The stages asked for are not stages of this model."""
 
 
-class BlockPatternError(ValueError):
+class BlockPatternError(RetrofitError):
     """A block pattern matches no residual block."""
 
 

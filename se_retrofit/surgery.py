@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _forward_from_src
 from torch.fx.proxy import TraceError
 
+from .errors import RetrofitError
 from . import op_kinds as K
 from .analysis import add_operands, dominated_cone, dynamic_inputs, mark_dynamic
 from .attention import create_attention
@@ -26,7 +27,7 @@ from .config import RetrofitConfig, Site
 from .tracing import restore_training, snapshot_training, trace
 
 
-class SurgeryError(ValueError):
+class SurgeryError(RetrofitError):
     """A planned site could not be found again in its block's forward."""
 
 

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..errors import RetrofitError
+
 INITS = ("identity", "random")
 
 
@@ -64,7 +66,7 @@ class AttentionSpec:
 _REGISTRY: dict[str, AttentionSpec] = {}
 
 
-class UnknownAttentionError(ValueError):
+class UnknownAttentionError(RetrofitError):
     """No attention type is registered under that name."""
 
 

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
+from ..errors import RetrofitError
 from ..io import default_file_mode
 from .recipe import Recipe, recipe_differences
 
@@ -30,7 +31,7 @@ FORMAT = "se_retrofit.finetune/1"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RetrofitError):
     """A checkpoint is missing, unreadable, or belongs to another recipe."""
 
 

@@ -39,8 +39,10 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
+from ..errors import RetrofitError
 
-class DataError(ValueError):
+
+class DataError(RetrofitError):
     """The data directory cannot be used for ImageFolder fine-tuning."""
 
 

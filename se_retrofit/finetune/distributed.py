@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import RetrofitError
 
-class DeviceError(ValueError):
+
+class DeviceError(RetrofitError):
     """The requested device cannot be used."""
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import yaml
 
+from ..errors import RetrofitError
 from ..attention import UnknownAttentionError
 from ..config import ConfigError, RetrofitConfig
 from ..hub import UnknownModelError, resolve
@@ -42,7 +43,7 @@ KEY_HINTS = {"r": "reduction", "attention_type": "attention", "stage": "stages",
              "epoch": "epochs", "batch": "batch_size", "schedule": "phases"}
 
 
-class RecipeError(ValueError):
+class RecipeError(RetrofitError):
     """A recipe file cannot be read, or one of its keys has a value that cannot be used."""
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..errors import RetrofitError
 from ..outputs import output_difference
 from ..core import RECORD_ATTR, retrofit_with
 from ..hub import ModelRef, OfflineWarning, WeightsError, create, resolve
@@ -52,7 +53,7 @@ RUN_FILES = ("recipe.yaml", CHECKPOINT_FILE, "metrics.csv", "curves.png", "model
 DETECTION_IMAGE_SIZE = 320
 
 
-class FinetuneError(ValueError):
+class FinetuneError(RetrofitError):
     """The fine-tuning job cannot run as asked (wrong task, output directory in use, …)."""
 
 
