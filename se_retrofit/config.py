@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import RetrofitError
-from .attention import INITS, get_attention
+from .attention import INITS, get_attention, is_registered
 
 POSITIONS = ("standard", "pre", "post", "identity", "inner", "stage")
 POSITION_HELP = {
@@ -50,8 +50,8 @@ class RetrofitConfig:
 
     def __post_init__(self) -> None:
         spec = get_attention(self.attention)
-        if self.attention_module is None and not spec.cls.__module__.startswith("se_retrofit."):
-            self.attention_module = spec.cls.__module__
+        builtin = spec.cls.__module__.startswith("se_retrofit.")
+        self.attention_module = None if builtin else self.attention_module or spec.cls.__module__
         self.position = self.position or spec.default_position
         if self.position not in POSITIONS:
             raise ConfigError(f"unknown position {self.position!r}; choose one of {', '.join(POSITIONS)}")
@@ -85,21 +85,30 @@ class RetrofitConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RetrofitConfig":
+    def from_dict(cls, data: dict[str, Any], *, trust_code: bool = False) -> "RetrofitConfig":
+        """The config ``to_dict`` wrote. A user-registered attention type that is not registered yet is
+        imported from the module the config names only with ``trust_code=True``: a file never makes
+        se_retrofit run code of its own accord, and a built-in type never imports anything."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown retrofit config keys: {', '.join(unknown)}")
-        if data.get("attention_module"):
-            import_attention_module(data["attention_module"])
+        module = data.get("attention_module")
+        if module and not is_registered(str(data.get("attention", "se"))):
+            if not trust_code:
+                raise ConfigError(
+                    f"attention type {data.get('attention')!r} is registered by module {module!r}, which is not "
+                    f"imported: se_retrofit runs no code named by a file unless asked. Import {module} yourself, "
+                    f"or pass trust_code=True (command line: --import {module}) if you trust it")
+            import_attention_module(module)
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "RetrofitConfig":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, *, trust_code: bool = False) -> "RetrofitConfig":
+        return cls.from_dict(json.loads(text), trust_code=trust_code)
 
 
 def import_attention_module(name: str) -> None:
@@ -148,17 +157,43 @@ class Site:
 
 @dataclass
 class RetrofitRecord:
-    """What was done to a model: kept on it as ``model.se_retrofit`` and written by ``save``."""
+    """What was done to a model: kept on it as ``model.se_retrofit`` and written by ``save``.
+
+    ``config`` and ``sites`` are the latest edit; ``earlier`` holds the edits made before it (a model
+    retrofitted twice), oldest first, so that :func:`se_retrofit.load` replays them all in order.
+    """
 
     config: RetrofitConfig
     sites: list[Site]
     base: dict[str, Any] = field(default_factory=dict)
+    earlier: list[tuple[RetrofitConfig, list[Site]]] = field(default_factory=list)
+
+    @property
+    def edits(self) -> list[tuple[RetrofitConfig, list[Site]]]:
+        """Every edit, oldest first: ``(config, sites)``."""
+        return [*self.earlier, (self.config, self.sites)]
+
+    @property
+    def all_sites(self) -> list[Site]:
+        """The sites of every edit, oldest first."""
+        return [site for _, sites in self.edits for site in sites]
+
+    def followed_by(self, config: RetrofitConfig, sites: list[Site]) -> "RetrofitRecord":
+        """The record of this model edited once more."""
+        return RetrofitRecord(config, sites, dict(self.base), self.edits)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "sites": [s.to_dict() for s in self.sites],
-                "base": self.base}
+        data = {"config": self.config.to_dict(), "sites": [s.to_dict() for s in self.sites], "base": self.base}
+        if self.earlier:
+            data["earlier"] = [{"config": c.to_dict(), "sites": [s.to_dict() for s in sites]}
+                               for c, sites in self.earlier]
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RetrofitRecord":
-        return cls(RetrofitConfig.from_dict(data["config"]),
-                   [Site.from_dict(s) for s in data["sites"]], dict(data.get("base", {})))
+    def from_dict(cls, data: dict[str, Any], *, trust_code: bool = False) -> "RetrofitRecord":
+        def config(entry: dict[str, Any]) -> RetrofitConfig:
+            return RetrofitConfig.from_dict(entry, trust_code=trust_code)
+
+        earlier = [(config(e["config"]), [Site.from_dict(s) for s in e["sites"]]) for e in data.get("earlier", [])]
+        return cls(config(data["config"]), [Site.from_dict(s) for s in data["sites"]], dict(data.get("base", {})),
+                   earlier)

@@ -42,7 +42,7 @@ def fold_gate_scale(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     record = record_of(model)
     target = model if inplace else copy.deepcopy(model)
-    for site in record.sites:
+    for site in record.all_sites:
         attention = target.get_submodule(site.module_path)
         if not _has_scaled_gate(attention):
             continue
@@ -92,6 +92,9 @@ def timm_native_name(model: nn.Module) -> str:
     import timm
 
     record = record_of(model)
+    if record.earlier:
+        raise ConversionError(f"this model was retrofitted {len(record.edits)} times; timm's native models "
+                              "have one attention module per block (convert a model edited once)")
     config = record.config
     base = record.base.get("name") or _timm_architecture(model)
     if config.attention not in _NATIVE or config.position != "standard" or config.stages or config.blocks \

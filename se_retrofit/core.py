@@ -96,8 +96,10 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
                       StackedAttentionWarning, stacklevel=3)
     target = model if inplace else copy.deepcopy(model)
     apply_sites(target, site_plan.sites, config)
-    base = dict(getattr(getattr(model, RECORD_ATTR, None), "base", {}) or {}) or describe_base(model)
-    setattr(target, RECORD_ATTR, RetrofitRecord(config, site_plan.sites, base))
+    previous = getattr(model, RECORD_ATTR, None)
+    record = previous.followed_by(config, site_plan.sites) if isinstance(previous, RetrofitRecord) \
+        else RetrofitRecord(config, site_plan.sites, describe_base(model))
+    setattr(target, RECORD_ATTR, record)
     return target
 
 
@@ -115,8 +117,10 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
 
 
 def apply_record(model: nn.Module, record: RetrofitRecord) -> nn.Module:
-    """Re-apply recorded sites to a fresh base model, in place (used by :func:`se_retrofit.load`)."""
-    apply_sites(model, record.sites, record.config)
+    """Re-apply every recorded edit, in order, to a fresh base model, in place (used by
+    :func:`se_retrofit.load`)."""
+    for config, sites in record.edits:
+        apply_sites(model, sites, config)
     setattr(model, RECORD_ATTR, record)
     return model
 

@@ -71,7 +71,7 @@ def _write(model: nn.Module, record: RetrofitRecord, directory: Path) -> None:
     state = _unshared(model.state_dict())
     save_file(state, str(directory / MODEL_FILE), metadata={"format": FORMAT})
     save_file(attention_state_dict(model), str(directory / ATTENTION_FILE), metadata={"format": FORMAT})
-    gates = {site.module_path: gate_state(model.get_submodule(site.module_path)) for site in record.sites}
+    gates = {site.module_path: gate_state(model.get_submodule(site.module_path)) for site in record.all_sites}
     config = {"format": FORMAT, **record.to_dict(), "gates": {k: v for k, v in gates.items() if v},
               "versions": library_versions(), "files": {"model": MODEL_FILE, "attention": ATTENTION_FILE}}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -140,7 +140,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
-         weights: str = "full") -> nn.Module:
+         weights: str = "full", trust_code: bool = False) -> nn.Module:
     """Rebuild a model saved by :func:`save`.
 
     Args:
@@ -149,6 +149,9 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
             from the config, with no download.
         weights: ``full`` loads every weight; ``attention`` loads only the attention weights onto
             ``base_model``'s own weights (the adapter use).
+        trust_code: import the module the config names for a user-registered attention type that is
+            not registered yet. Off by default: loading reads safetensors and JSON and runs no code
+            named by the files (built-in types never import anything).
 
     Example:
         >>> import tempfile, timm, torch, se_retrofit
@@ -160,9 +163,9 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
         True
     """
     if weights not in ("full", "attention"):
-        raise ValueError(f"weights must be 'full' or 'attention', not {weights!r}")
+        raise SaveError(f"weights must be 'full' or 'attention', not {weights!r}")
     config = read_config(path)
-    record = RetrofitRecord.from_dict(config)
+    record = RetrofitRecord.from_dict(config, trust_code=trust_code)
     model = copy.deepcopy(base_model) if base_model is not None else _fresh_base(record, weights)
     apply_record(model, record)
     for path_, state in config.get("gates", {}).items():  # gates folded or scaled after retrofit()
@@ -178,13 +181,38 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
 
 def _fresh_base(record: RetrofitRecord, weights: str) -> nn.Module:
     if weights == "attention":
-        raise ValueError("weights='attention' needs the base_model to put the attention weights on")
+        raise SaveError("weights='attention' needs the base_model to put the attention weights on")
     name, source = record.base.get("name"), record.base.get("source")
     if not name or source not in ("timm", "torchvision"):
         raise WeightsError("the config does not say which timm/torchvision model is the base; pass "
                            "base_model= to load onto your own model")
-    model, _ = create(ModelRef(name, source), weights="none", **record.base.get("create_kwargs", {}))
+    model, _ = create(ModelRef(name, source), weights="none", **safe_create_kwargs(record.base.get("create_kwargs")))
     return model
+
+
+#: constructor keywords that make a library read a file or the network (timm's checkpoint_path loads a pickle)
+_LOADING_WORDS = ("path", "file", "url", "pretrained", "checkpoint", "cache", "weights", "overlay", "hub")
+
+
+def safe_create_kwargs(kwargs: Any) -> dict[str, Any]:
+    """Constructor keywords from a saved config, refused where they would make the library load
+    something (``checkpoint_path``, ``pretrained_cfg_overlay``, ``weights``…) or are not plain values."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise WeightsError(f"base.create_kwargs in the config must be a mapping, not {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        if any(word in str(key).lower() for word in _LOADING_WORDS) or not _plain(value):
+            raise WeightsError(f"base.create_kwargs.{key} in the config is refused: loading only passes plain "
+                               "constructor values (num_classes, in_chans…), never what makes a library read a "
+                               "file or the network")
+    return dict(kwargs)
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _load_attention(model: nn.Module, file: Path) -> None:

@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
-import types
 from collections import defaultdict
 from typing import Callable, Iterator
 
 from torch import fx, nn
-from torch.fx.graph_module import _forward_from_src
 from torch.fx.proxy import TraceError
 
 from .errors import RetrofitError
@@ -24,6 +22,7 @@ from . import op_kinds as K
 from .analysis import add_operands, dominated_cone, dynamic_inputs, mark_dynamic
 from .attention import create_attention
 from .config import RetrofitConfig, Site
+from .edited import EditSpec, Variant, base_class, install
 from .tracing import restore_training, snapshot_training, trace
 
 
@@ -42,13 +41,16 @@ def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig) -> 
         except AttributeError:
             raise SurgeryError(f"the model has no module {path!r}: it does not match the sites planned "
                                "for it") from None
-        attention = {s.module_name: _new_attention(s, config) for s in block_sites}
+        attention = {s.module_name: _new_attention(s, config, block) for s in block_sites}
         edit_block(block, block_sites, attention)
 
 
-def _new_attention(site: Site, config: RetrofitConfig) -> nn.Module:
-    return create_attention(config.attention, site.channels, init=config.init,
-                            spatial_dims=site.spatial_dims, **config.attention_options())
+def _new_attention(site: Site, config: RetrofitConfig, block: nn.Module) -> nn.Module:
+    """The site's module, on the block's device and in its floating dtype (half, bfloat16, meta)."""
+    module = create_attention(config.attention, site.channels, init=config.init,
+                              spatial_dims=site.spatial_dims, **config.attention_options())
+    like = next((t for t in itertools.chain(block.parameters(), block.buffers()) if t.is_floating_point()), None)
+    return module if like is None else module.to(device=like.device, dtype=like.dtype)
 
 
 def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Module]) -> None:
@@ -68,8 +70,6 @@ def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Modu
     _install_forward(block, forwards, optional, fixed)
 
 
-#: a traced variant of a block's forward: (training, which optional arguments are None)
-Variant = tuple[bool, tuple[bool, ...]]
 MAX_OPTIONAL = 3
 
 
@@ -114,24 +114,21 @@ def _trace_block(block: nn.Module, variant: Variant, optional: list[str], fixed:
 
 
 def _current_forward_function(block: nn.Module) -> Callable:
-    forward = vars(block).get("forward")
-    if forward is None:
-        return type(block).forward
-    return getattr(forward.__func__, "original", forward.__func__)
+    """The block's forward as written by its author (an edited block's class keeps it as ``original``)."""
+    forward = type(block).forward
+    return getattr(forward, "original", forward)
 
 
 @contextlib.contextmanager
 def _instance_forward_as_class(block: nn.Module, variant: Variant | None = None) -> Iterator[None]:
-    """fx traces ``type(root).forward``; a block edited before carries its forward on the instance."""
-    forward = vars(block).get("forward")
-    if forward is None:
+    """fx traces ``type(root).forward``; for a block edited before whose forward dispatches between
+    variants, trace the variant asked for."""
+    variants = getattr(type(block).forward, "variants", None)
+    if variants is None:
         yield
         return
-    function = forward.__func__
-    variants = getattr(function, "variants", None)  # a dispatcher: trace the matching function
-    if variants is not None:
-        function = variants.get(variant) or variants[(block.training, next(iter(variants))[1])]
     cls = type(block)
+    function = variants.get(variant) or variants[(block.training, next(iter(variants))[1])]
     block.__class__ = type(cls.__name__, (cls,), {"forward": function, "__module__": cls.__module__})
     try:
         yield
@@ -258,40 +255,8 @@ def _block_input(shortcut: fx.Node, branch: fx.Node) -> tuple[fx.Node, set[fx.No
 
 def _install_forward(block: nn.Module, code: dict[Variant, fx.graph.PythonCode], optional: list[str],
                      fixed: dict[str, object]) -> None:
-    """One generated forward where every variant compiled to the same code, else a dispatcher."""
-    sources = {key: c.src for key, c in code.items()}
-    if len(set(sources.values())) == 1 and not fixed:
-        first = next(iter(code.values()))
-        forward = _forward_from_src(first.src, first.globals)
-    else:
-        compiled: dict[str, Callable] = {}
-        variants = {}
-        for key, c in code.items():
-            if c.src not in compiled:
-                compiled[c.src] = _forward_from_src(c.src, c.globals)
-            variants[key] = compiled[c.src]
-        forward = _dispatcher(variants, optional, fixed, _current_forward_function(block))
-    block.forward = types.MethodType(forward, block)
-
-
-def _dispatcher(variants: dict[Variant, Callable], optional: list[str], fixed: dict[str, object],
-                original: Callable) -> Callable:
-    """Choose the traced variant matching the block's mode and which optional arguments are None."""
-    signature = inspect.signature(original)
-
-    def forward(self, *args, **kwargs):
-        if not optional and not fixed:
-            return variants[(self.training, ())](self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        for name, value in fixed.items():
-            if bound.arguments[name] != value:
-                raise ValueError(f"{type(self).__name__} was edited by se_retrofit for {name}={value!r}, "
-                                 f"its default; it cannot be called with {name}={bound.arguments[name]!r}")
-        nones = tuple(bound.arguments[name] is None for name in optional)
-        # positionally: fx renames the parameters it specialised to None (bias -> bias_1)
-        return variants[(self.training, nones)](*bound.args, **bound.kwargs)
-
-    forward.variants = variants
-    forward.original = original
-    return forward
+    """Give ``block`` the edited class generated from each variant's code (see :mod:`.edited`)."""
+    spec = EditSpec(base=base_class(block), sources={key: c.src for key, c in code.items()},
+                    globals={key: c.globals for key, c in code.items()}, optional=tuple(optional),
+                    fixed=tuple(fixed.items()))
+    install(block, spec)

@@ -32,7 +32,7 @@ HEAD_NAMES = ("fc", "classifier", "head", "heads", "last_linear")
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The inserted attention modules by their path in ``model`` (``layer1.0.se``)."""
-    return {site.module_path: model.get_submodule(site.module_path) for site in record_of(model).sites}
+    return {site.module_path: model.get_submodule(site.module_path) for site in record_of(model).all_sites}
 
 
 def attention_parameter_names(model: nn.Module) -> list[str]:

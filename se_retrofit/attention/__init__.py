@@ -127,6 +127,15 @@ def get_attention(name: str) -> AttentionSpec:
             "(register your own with se_retrofit.register_attention)") from None
 
 
+def is_registered(name: str) -> bool:
+    """Whether an attention type of that name is registered (nothing is imported to find out)."""
+    try:
+        get_attention(name)
+    except UnknownAttentionError:
+        return False
+    return True
+
+
 def list_attentions() -> dict[str, AttentionSpec]:
     """All registered attention types by name."""
     _load_builtins()

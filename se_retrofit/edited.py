@@ -1,0 +1,157 @@
+"""The class of an edited block: a generated subclass that keeps the edit through pickling.
+
+Surgery regenerates a block's ``forward``. That forward lives on a subclass of the block's own
+class, generated once per distinct edit, so the block stays an instance of its library's class
+(``isinstance(block, Bottleneck)``), keeps its name in ``repr`` and its state-dict keys, and every
+copy of it computes the same thing:
+
+* ``copy.deepcopy`` and ``pickle`` / ``torch.save(model)`` reduce an edited block to
+  "original class + generated code + state"; loading it in a fresh process rebuilds the same
+  subclass. A forward bound on the instance, by contrast, is pickled by name and silently comes back
+  as the class's original forward.
+* a generated forward that cannot be pickled (its code refers to a function pickle cannot name)
+  makes pickling fail with the reason, never succeed with the wrong forward.
+
+Example:
+    >>> import io, timm, torch, se_retrofit
+    >>> model = se_retrofit.retrofit(timm.create_model("resnet18"), position="post").eval()
+    >>> buffer = io.BytesIO()
+    >>> torch.save(model, buffer)
+    >>> again = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False).eval()
+    >>> type(again.layer1[0]).__name__, is_edited(again.layer1[0])
+    ('BasicBlock', True)
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+from torch.fx.graph_module import _forward_from_src
+
+#: a traced variant of a block's forward: (training, which optional arguments are None)
+Variant = tuple[bool, tuple[bool, ...]]
+SPEC_ATTR = "_se_retrofit_edit"
+
+
+@dataclass(frozen=True, eq=False)
+class EditSpec:
+    """Everything needed to rebuild an edited block's class: its base class, the generated source of
+    each traced variant with the globals it refers to, and how calls pick a variant."""
+
+    base: type
+    sources: dict[Variant, str]
+    globals: dict[Variant, dict[str, Any]]
+    optional: tuple[str, ...] = ()
+    fixed: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> tuple:
+        return (self.base, tuple(sorted(self.sources.items())), self.optional, self.fixed)
+
+    def __deepcopy__(self, memo: dict) -> "EditSpec":
+        return self  # immutable, and its globals hold modules and functions that must not be copied
+
+    def __reduce__(self) -> tuple:
+        """Modules among the globals (``torch``) pickle by name; functions pickle by reference as usual."""
+        named = {key: {name: _ModuleName(v.__name__) if isinstance(v, types.ModuleType) else v
+                       for name, v in values.items()} for key, values in self.globals.items()}
+        return (_restore_spec, (self.base, self.sources, named, self.optional, self.fixed))
+
+
+@dataclass(frozen=True)
+class _ModuleName:
+    name: str
+
+
+def _restore_spec(base, sources, named_globals, optional, fixed) -> EditSpec:
+    restored = {key: {name: importlib.import_module(v.name) if isinstance(v, _ModuleName) else v
+                      for name, v in values.items()} for key, values in named_globals.items()}
+    return EditSpec(base, sources, restored, optional, fixed)
+
+
+_CLASSES: dict[tuple, type] = {}
+
+
+def is_edited(module: nn.Module) -> bool:
+    """Whether ``module``'s forward was rewritten by se_retrofit."""
+    return isinstance(getattr(type(module), SPEC_ATTR, None), EditSpec)
+
+
+def base_class(module: nn.Module) -> type:
+    """The class the module's library gave it (the edited class's base)."""
+    spec = getattr(type(module), SPEC_ATTR, None)
+    return spec.base if isinstance(spec, EditSpec) else type(module)
+
+
+def install(block: nn.Module, spec: EditSpec) -> None:
+    """Make ``block`` an instance of the edited class described by ``spec``."""
+    block.__dict__.pop("forward", None)  # a forward bound on the instance would shadow the class's
+    block.__class__ = edited_class(spec)
+
+
+def edited_class(spec: EditSpec) -> type:
+    """The generated subclass for ``spec`` (one class per distinct edit, shared by equal edits)."""
+    cls = _CLASSES.get(spec.key)
+    if cls is None:
+        base = spec.base
+        cls = type(base.__name__, (base,), {
+            "forward": _forward(spec), SPEC_ATTR: spec, "__reduce_ex__": _reduce_edited,
+            "__module__": base.__module__,
+            # pickling the class object itself (not an instance) must fail loudly, not find the base
+            "__qualname__": f"{base.__qualname__}<edited by se_retrofit>",
+        })
+        _CLASSES[spec.key] = cls
+    return cls
+
+
+def _reduce_edited(self: nn.Module, protocol: int) -> tuple:
+    return (_new_edited, (getattr(type(self), SPEC_ATTR),), self.__getstate__())
+
+
+def _new_edited(spec: EditSpec) -> nn.Module:
+    """Unpickling: an empty instance of the edited class; pickle then restores its state."""
+    cls = edited_class(spec)
+    return cls.__new__(cls)
+
+
+def _forward(spec: EditSpec) -> Callable:
+    """One compiled forward where every variant has the same code, else a dispatcher."""
+    compiled: dict[str, Callable] = {}
+    variants = {}
+    for key, src in spec.sources.items():
+        if src not in compiled:
+            compiled[src] = _forward_from_src(src, dict(spec.globals[key]))
+        variants[key] = compiled[src]
+    original = spec.base.forward
+    if len(compiled) == 1 and not spec.fixed:
+        forward = next(iter(compiled.values()))
+    else:
+        forward = _dispatcher(variants, spec.optional, dict(spec.fixed), original)
+    forward.variants = variants
+    forward.original = original
+    return forward
+
+
+def _dispatcher(variants: dict[Variant, Callable], optional: tuple[str, ...], fixed: dict[str, object],
+                original: Callable) -> Callable:
+    """Choose the traced variant matching the block's mode and which optional arguments are None."""
+    signature = inspect.signature(original)
+
+    def forward(self, *args, **kwargs):
+        if not optional and not fixed:
+            return variants[(self.training, ())](self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        for name, value in fixed.items():
+            if bound.arguments[name] != value:
+                raise ValueError(f"{type(self).__name__} was edited by se_retrofit for {name}={value!r}, "
+                                 f"its default; it cannot be called with {name}={bound.arguments[name]!r}")
+        nones = tuple(bound.arguments[name] is None for name in optional)
+        # positionally: fx renames the parameters it specialised to None (bias -> bias_1)
+        return variants[(self.training, nones)](*bound.args, **bound.kwargs)
+
+    return forward
