@@ -31,7 +31,7 @@ from .attention._layers import gate_state, set_gate_state
 from .config import RetrofitRecord
 from .core import apply_record, record_of
 from .training import attention_state_dict
-from .hub import ModelRef, WeightsError, check_state_dict, create
+from .hub import ModelRef, WeightsError, check_state_dict, create, first_sentence
 
 CONFIG_FILE, MODEL_FILE, ATTENTION_FILE = "retrofit_config.json", "model.safetensors", "attention.safetensors"
 FORMAT = "se_retrofit/1"
@@ -168,8 +168,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
     record = RetrofitRecord.from_dict(config, trust_code=trust_code)
     model = copy.deepcopy(base_model) if base_model is not None else _fresh_base(record, weights)
     apply_record(model, record)
-    for path_, state in config.get("gates", {}).items():  # gates folded or scaled after retrofit()
-        set_gate_state(model.get_submodule(path_), state)
+    _set_gates(model, config.get("gates", {}), Path(path) / CONFIG_FILE)
     if weights == "full":
         state = load_file(str(Path(path) / MODEL_FILE))
         check_state_dict(model, state, str(Path(path) / MODEL_FILE))
@@ -177,6 +176,16 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
     else:
         _load_attention(model, Path(path) / ATTENTION_FILE)
     return model
+
+
+def _set_gates(model: nn.Module, gates: dict[str, Any], file: Path) -> None:
+    """Gate scales and offsets (not weights: folded or scaled after retrofit()) recorded in the config."""
+    for module_path, state in gates.items():
+        try:
+            set_gate_state(model.get_submodule(module_path), state)
+        except (AttributeError, KeyError, TypeError) as error:
+            raise WeightsError(f"{file}: the gate state of {module_path} does not match the model "
+                               f"({first_sentence(error)})") from None
 
 
 def _fresh_base(record: RetrofitRecord, weights: str) -> nn.Module:
