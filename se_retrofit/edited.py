@@ -47,10 +47,11 @@ class EditSpec:
     globals: dict[Variant, dict[str, Any]]
     optional: tuple[str, ...] = ()
     fixed: tuple[tuple[str, Any], ...] = ()
+    var_keyword: bool = False  # the original forward takes **kwargs; the traced one was called without
 
     @property
     def key(self) -> tuple:
-        return (self.base, tuple(sorted(self.sources.items())), self.optional, self.fixed)
+        return (self.base, tuple(sorted(self.sources.items())), self.optional, self.fixed, self.var_keyword)
 
     def __deepcopy__(self, memo: dict) -> "EditSpec":
         return self  # immutable, and its globals hold modules and functions that must not be copied
@@ -59,7 +60,7 @@ class EditSpec:
         """Modules among the globals (``torch``) pickle by name; functions pickle by reference as usual."""
         named = {key: {name: _ModuleName(v.__name__) if isinstance(v, types.ModuleType) else v
                        for name, v in values.items()} for key, values in self.globals.items()}
-        return (_restore_spec, (self.base, self.sources, named, self.optional, self.fixed))
+        return (_restore_spec, (self.base, self.sources, named, self.optional, self.fixed, self.var_keyword))
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,10 @@ class _ModuleName:
     name: str
 
 
-def _restore_spec(base, sources, named_globals, optional, fixed) -> EditSpec:
+def _restore_spec(base, sources, named_globals, optional, fixed, var_keyword=False) -> EditSpec:
     restored = {key: {name: importlib.import_module(v.name) if isinstance(v, _ModuleName) else v
                       for name, v in values.items()} for key, values in named_globals.items()}
-    return EditSpec(base, sources, restored, optional, fixed)
+    return EditSpec(base, sources, restored, optional, fixed, var_keyword)
 
 
 _CLASSES: dict[tuple, type] = {}
@@ -127,7 +128,7 @@ def _forward(spec: EditSpec) -> Callable:
             compiled[src] = _forward_from_src(src, dict(spec.globals[key]))
         variants[key] = compiled[src]
     original = spec.base.forward
-    if len(compiled) == 1 and not spec.fixed:
+    if len(compiled) == 1 and not spec.fixed and not spec.var_keyword:
         forward = next(iter(compiled.values()))
     else:
         forward = _dispatcher(variants, spec.optional, dict(spec.fixed), original)
@@ -140,12 +141,16 @@ def _dispatcher(variants: dict[Variant, Callable], optional: tuple[str, ...], fi
                 original: Callable) -> Callable:
     """Choose the traced variant matching the block's mode and which optional arguments are None."""
     signature = inspect.signature(original)
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     def forward(self, *args, **kwargs):
-        if not optional and not fixed:
+        if not optional and not fixed and var_keyword is None:
             return variants[(self.training, ())](self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
+        if var_keyword is not None and bound.arguments.pop(var_keyword, None):
+            raise TypeError(f"{type(self).__name__} was edited by se_retrofit as called without keyword arguments "
+                            f"beyond its own; it cannot take {', '.join(kwargs.keys() - signature.parameters.keys())}")
         for name, value in fixed.items():
             if bound.arguments[name] != value:
                 raise ValueError(f"{type(self).__name__} was edited by se_retrofit for {name}={value!r}, "
@@ -155,3 +160,32 @@ def _dispatcher(variants: dict[Variant, Callable], optional: tuple[str, ...], fi
         return variants[(self.training, nones)](*bound.args, **bound.kwargs)
 
     return forward
+
+
+def takes_var_keyword(function: Callable) -> bool:
+    """Whether ``function`` has a ``**kwargs`` parameter."""
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+
+
+def without_var_keyword(function: Callable) -> Callable:
+    """``function`` as called with no ``**kwargs``: the same parameters less the var-keyword one, so that
+    fx can trace it (it cannot unpack a proxy). ``function`` itself where it has none."""
+    if not takes_var_keyword(function):
+        return function
+    kept = [p for p in inspect.signature(function).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    namespace = {"_function": function, **{f"_default_{p.name}": p.default for p in kept if p.default is not p.empty}}
+    params = ", ".join(_parameter_source(p, kept) for p in kept)
+    call = ", ".join(p.name if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) else
+                     (f"*{p.name}" if p.kind is p.VAR_POSITIONAL else f"{p.name}={p.name}") for p in kept)
+    exec(f"def forward({params}):\n    return _function({call})\n", namespace)  # our own source, no input
+    return namespace["forward"]
+
+
+def _parameter_source(parameter: inspect.Parameter, kept: list[inspect.Parameter]) -> str:
+    text = f"*{parameter.name}" if parameter.kind is parameter.VAR_POSITIONAL else parameter.name
+    if parameter.default is not parameter.empty:
+        text += f"=_default_{parameter.name}"
+    before = kept[kept.index(parameter) - 1].kind if kept.index(parameter) else None
+    if parameter.kind is parameter.KEYWORD_ONLY and before not in (parameter.KEYWORD_ONLY, parameter.VAR_POSITIONAL):
+        text = "*, " + text
+    return text

@@ -22,7 +22,7 @@ from . import op_kinds as K
 from .analysis import add_operands, dominated_cone, dynamic_inputs, mark_dynamic
 from .attention import create_attention
 from .config import RetrofitConfig, Site
-from .edited import EditSpec, Variant, base_class, install
+from .edited import EditSpec, Variant, base_class, install, takes_var_keyword, without_var_keyword
 from .tracing import restore_training, snapshot_training, trace
 
 
@@ -121,14 +121,18 @@ def _current_forward_function(block: nn.Module) -> Callable:
 
 @contextlib.contextmanager
 def _instance_forward_as_class(block: nn.Module, variant: Variant | None = None) -> Iterator[None]:
-    """fx traces ``type(root).forward``; for a block edited before whose forward dispatches between
-    variants, trace the variant asked for."""
-    variants = getattr(type(block).forward, "variants", None)
-    if variants is None:
+    """fx traces ``type(root).forward``: make that the function to trace. For a block edited before
+    whose forward dispatches between variants, that is the variant asked for; a forward taking
+    ``**kwargs`` (Hugging Face layers) is traced as called without them (a proxy cannot be unpacked)."""
+    cls = type(block)
+    function = cls.forward
+    variants = getattr(function, "variants", None)
+    if variants is not None:
+        function = variants.get(variant) or variants[(block.training, next(iter(variants))[1])]
+    function = without_var_keyword(function)
+    if function is cls.forward:
         yield
         return
-    cls = type(block)
-    function = variants.get(variant) or variants[(block.training, next(iter(variants))[1])]
     block.__class__ = type(cls.__name__, (cls,), {"forward": function, "__module__": cls.__module__})
     try:
         yield
@@ -258,5 +262,5 @@ def _install_forward(block: nn.Module, code: dict[Variant, fx.graph.PythonCode],
     """Give ``block`` the edited class generated from each variant's code (see :mod:`.edited`)."""
     spec = EditSpec(base=base_class(block), sources={key: c.src for key, c in code.items()},
                     globals={key: c.globals for key, c in code.items()}, optional=tuple(optional),
-                    fixed=tuple(fixed.items()))
+                    fixed=tuple(fixed.items()), var_keyword=takes_var_keyword(_current_forward_function(block)))
     install(block, spec)

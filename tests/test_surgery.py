@@ -245,3 +245,60 @@ def test_blocks_with_optional_arguments_keep_both_call_forms():
         edited = se_retrofit.retrofit(base, position=position, example_input=x[:1])
         assert len(edited.se_retrofit.sites) == (3 if position == "stage" else 12), position
         assert torch.equal(edited(x), base(x)), position
+
+
+class _TupleAttention(torch.nn.Module):
+    """Returns (output, weights), as Hugging Face attention layers do."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None, **kwargs):
+        return self.proj(x), None
+
+
+class _KeywordLayer(torch.nn.Module):
+    """A Hugging Face style layer: `**kwargs` passed on, a tuple unpacked, two residual adds."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attention = _TupleAttention(dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+
+    def forward(self, hidden, mask=None, **kwargs):
+        attended, _ = self.attention(self.norm1(hidden), mask, **kwargs)
+        hidden = attended + hidden
+        return hidden + self.mlp(self.norm2(hidden))
+
+
+class _KeywordModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 16, 8, 8)
+        self.layers = torch.nn.ModuleList([_KeywordLayer(), _KeywordLayer()])
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        hidden = self.embed(x).flatten(2).transpose(1, 2)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return self.head(hidden.mean(1))
+
+
+@pytest.mark.parametrize("position", ["standard", "pre", "post", "identity"])
+def test_layers_taking_var_keyword_arguments_are_edited(position):
+    """A forward with **kwargs (every Hugging Face layer) is traced as called without them."""
+    base = as_if_pretrained(_KeywordModel()).eval()
+    x = small_input(size=32)
+    model = se_retrofit.retrofit(base, position=position, example_input=x)
+    assert len(se_retrofit.record_of(model).sites) == 4
+    for training in (False, True):
+        assert torch.equal(run(model, x, training), run(base, x, training))
+    with torch.no_grad():
+        for parameter in se_retrofit.attention_parameters(model):
+            parameter.add_(0.1)
+    assert not torch.equal(run(model, x, False), run(base, x, False))
+    with pytest.raises(TypeError, match="edited by se_retrofit as called without keyword arguments.*output_attentions"):
+        model.layers[0](torch.randn(1, 16, 16), output_attentions=True)
