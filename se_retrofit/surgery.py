@@ -22,6 +22,7 @@ from . import op_kinds as K
 from .analysis import add_operands, dominated_cone, dynamic_inputs, mark_dynamic
 from .attention import create_attention
 from .config import RetrofitConfig, Site
+from .hub import first_sentence
 from .edited import EditSpec, Variant, base_class, install, takes_var_keyword, without_var_keyword
 from .tracing import restore_training, snapshot_training, trace
 
@@ -56,7 +57,12 @@ def _new_attention(site: Site, config: RetrofitConfig, block: nn.Module) -> nn.M
 def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Module]) -> None:
     """Give ``block`` the attention modules (by attribute name) and a forward that calls them."""
     optional = _optional_arguments(block)
-    graphs, fixed = _trace_variants(block, optional)
+    try:
+        graphs, fixed = _trace_variants(block, optional)
+    except (TraceError, TypeError, AttributeError, NotImplementedError, RuntimeError) as error:
+        raise SurgeryError(f"{type(block).__name__} at {sites[0].block!r}: its forward cannot be rewritten "
+                           f"(torch.fx: {type(error).__name__}: {first_sentence(error)}); leave it out with exclude=[{sites[0].block!r}] "
+                           "(--exclude on the command line)") from None
     for name, module in attention.items():
         _attach(block, name, module)
     modules = dict(block.named_modules())

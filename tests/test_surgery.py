@@ -302,3 +302,27 @@ def test_layers_taking_var_keyword_arguments_are_edited(position):
     assert not torch.equal(run(model, x, False), run(base, x, False))
     with pytest.raises(TypeError, match="edited by se_retrofit as called without keyword arguments.*output_attentions"):
         model.layers[0](torch.randn(1, 16, 16), output_attentions=True)
+
+
+class _DataDependentBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.mean() > 0:  # data-dependent control flow: torch.fx cannot trace this forward
+            return x + self.conv(x)
+        return x - self.conv(x)
+
+
+def test_a_block_whose_forward_cannot_be_rewritten_is_a_clear_error():
+    from se_retrofit.config import RetrofitConfig, Site
+    from se_retrofit.surgery import SurgeryError, apply_sites
+
+    model = torch.nn.Sequential(_DataDependentBlock())
+    site = Site(block="0", add_index=0, shortcut_arg=0, position="standard", channels=8, spatial_dims=2, stage=1,
+                module_name="se")
+    with pytest.raises(SurgeryError, match=r"_DataDependentBlock at '0': its forward cannot be rewritten \(torch.fx: "
+                                           r"TraceError.*exclude=\['0'\]"):
+        apply_sites(model, [site], RetrofitConfig())
+    assert not hasattr(model[0], "se")  # nothing attached
