@@ -38,7 +38,7 @@ class EfficientChannelAttention(nn.Module):
         k = eca_kernel_size(channels) if kernel_size is None else kernel_size
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"kernel_size must be an odd positive integer, got {kernel_size!r}")
-        self.reduce_dims = tuple(range(2, 2 + spatial_dims))
+        self.reduce_dims = list(range(2, 2 + spatial_dims))
         self.conv = nn.Conv1d(1, 1, kernel_size=k, padding=(k - 1) // 2, bias=False)
         self.gate = Gate(gate)
 
@@ -52,4 +52,6 @@ class EfficientChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.mean(self.reduce_dims).unsqueeze(1)  # (N, 1, C): channels as a sequence
         y = self.gate(self.conv(y)).squeeze(1)
-        return x * y.reshape(*y.shape, *([1] * len(self.reduce_dims)))
+        for _ in self.reduce_dims:  # (N, C) -> (N, C, 1, …): unsqueeze, which TorchScript compiles
+            y = y.unsqueeze(-1)
+        return x * y

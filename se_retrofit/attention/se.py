@@ -38,7 +38,7 @@ class SqueezeExcite(nn.Module):
         conv = conv_layer(spatial_dims)
         hidden = hidden_channels(channels, reduction, divisor)
         self.squeeze = check_choice("squeeze", squeeze, SQUEEZES)
-        self.reduce_dims = tuple(range(2, 2 + spatial_dims))
+        self.reduce_dims = list(range(2, 2 + spatial_dims))  # a list: TorchScript reduces over List[int]
         self.fc1 = conv(channels, hidden, kernel_size=1, bias=True)
         self.act = act_layer(act)
         self.fc2 = conv(hidden, channels, kernel_size=1, bias=True)
