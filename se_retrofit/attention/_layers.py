@@ -120,3 +120,23 @@ def set_gate_state(module: nn.Module, state: dict[str, dict[str, float]]) -> Non
     for name, values in state.items():
         gate = module.get_submodule(name)
         gate.scale, gate.offset = values["scale"], values["offset"]
+
+
+def check_by_building(cls: type[nn.Module], options: dict) -> None:
+    """Validate option values early by building the module once at a small width (64 channels, 2-D):
+    the constructor is the one place that checks them, so the config can reject them before any
+    model work. Use as ``check_options = classmethod(check_by_building)``."""
+    cls(64, spatial_dims=2, **options)
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_odd_kernel(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd positive integer (3, 5, 7, …) so the output keeps "
+                         f"its size, got {value!r}")
+    return value

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from . import register_attention
-from ._layers import SQUEEZES, Gate, act_layer, check_choice, conv_layer, hidden_channels, mirror_rows_, squeeze
+from ._layers import (SQUEEZES, Gate, act_layer, check_by_building, check_choice, conv_layer, hidden_channels,
+                      mirror_rows_, squeeze)
 
 __all__ = ["SqueezeExcite", "reduced_channels"]
 
@@ -31,6 +32,8 @@ def reduced_channels(channels: int, reduction: int = 16, divisor: int = 8) -> in
 @register_attention("se")
 class SqueezeExcite(nn.Module):
     """Squeeze-and-Excitation (Hu et al. 2018): channel gates from globally pooled features."""
+
+    check_options = classmethod(check_by_building)
 
     def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 16, divisor: int = 8,
                  squeeze: str = "avg", gate: str = "sigmoid", act: str = "relu"):
