@@ -50,7 +50,7 @@ class RetrofitConfig:
 
     def __post_init__(self) -> None:
         spec = get_attention(self.attention)
-        if self.attention_module is None and not spec.cls.__module__.startswith("se_retrofit."):
+        if self.attention_module is None and not spec.builtin:
             self.attention_module = spec.cls.__module__
         self.position = self.position or spec.default_position
         if self.position not in POSITIONS:
