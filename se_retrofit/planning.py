@@ -45,13 +45,13 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
         blocks = [b for b in blocks if b.stage in config.stages]
     if config.every is not None:
         blocks = every_kth(blocks, config.every)
-    if spec.default_blocks == "last" and config.stages is None and config.blocks is None and blocks:
-        blocks = blocks[-1:]  # the type's own placement (DANet: once, on the backbone's output)
     if config.position == "stage":
         if len(analysis.stages) < 2:
             raise StageError("position 'stage' goes between stages, and all of this model's residual blocks "
                              "are at one resolution; use a block position such as standard")
         blocks = _last_block_of_each_stage(blocks, analysis.stages)
+    if spec.default_blocks == "last" and config.stages is None and config.blocks is None and blocks:
+        blocks = blocks[-1:]  # the type's own placement (DANet: once, on the backbone's output)
     plan = Plan(sites=[])
     taken: dict[str, set[str]] = {}
     attr = spec.attr_name
