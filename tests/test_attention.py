@@ -82,18 +82,88 @@ def test_user_attention_is_used_by_retrofit(clean_registry):
     assert "layer1.0.se.scale" in edited.state_dict()
 
 
-def test_user_attention_without_identity_init_needs_random(clean_registry):
+def test_user_attention_without_identity_init_gets_the_zero_blend(clean_registry):
+    from se_retrofit.attention.blend import ZeroBlend
+
     @se_retrofit.register_attention("no_identity_test")
     class Plain(nn.Module):
         def __init__(self, channels, **_):
             super().__init__()
+            self.conv = nn.Conv2d(channels, channels, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    blended = create_attention("no_identity_test", 8)
+    assert isinstance(blended, ZeroBlend) and isinstance(blended.attn, Plain)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(blended(x), x) and not torch.equal(blended.attn(x), x)
+    assert isinstance(create_attention("no_identity_test", 8, init="random"), Plain)
+    base = timm.create_model("resnet18").eval()
+    edited = se_retrofit.retrofit(base, attention="no_identity_test", stages=[4])
+    assert {"layer4.0.se.alpha", "layer4.0.se.attn.conv.weight"} <= set(edited.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(edited(x), base(x))
+
+
+def test_a_built_in_name_cannot_be_taken_without_override(clean_registry):
+    class Mine(nn.Module):
+        def __init__(self, channels, **_):
+            super().__init__()
+
+        def init_identity(self):
+            pass
 
         def forward(self, x):
             return x
 
-    with pytest.raises(ValueError, match="has no identity initialisation"):
-        create_attention("no_identity_test", 8)
-    assert isinstance(create_attention("no_identity_test", 8, init="random"), Plain)
+    with pytest.raises(se_retrofit.RetrofitError, match="'se' is taken by a built-in type; choose another name, "
+                                                        "or pass override=True"):
+        se_retrofit.register_attention("se")(Mine)
+    assert get_attention("se").cls is SqueezeExcite
+    se_retrofit.register_attention("se", override=True)(Mine)
+    assert get_attention("se").cls is Mine
+    unregister_attention("se")  # the built-in comes back
+    assert get_attention("se").cls is SqueezeExcite
+
+
+def test_another_users_name_cannot_be_taken_silently(clean_registry):
+    def make(label):
+        return type(label, (nn.Module,), {"__init__": lambda self, c, **_: nn.Module.__init__(self),
+                                          "forward": lambda self, x: x})
+
+    se_retrofit.register_attention("taken_test")(make("First"))
+    with pytest.raises(se_retrofit.RetrofitError, match="'taken_test' is taken by .*First"):
+        se_retrofit.register_attention("taken_test")(make("Second"))
+    se_retrofit.register_attention("taken_test")(make("First"))  # the same class again (a re-import) is fine
+
+
+@pytest.mark.parametrize("name,options", [
+    ("se", {}), ("se", {"squeeze": "avg+max", "gate": "tanh", "act": "silu"}),
+    ("se", {"squeeze": "max", "gate": "hard_sigmoid"}), ("cbam", {}), ("cbam", {"gate": "tanh", "kernel_size": 3}),
+    ("bam", {}), ("eca", {}), ("eca", {"gate": "hard_sigmoid", "kernel_size": 5})])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_built_in_types_script_with_the_same_output(name, options, dims):
+    module = create_attention(name, 32, spatial_dims=dims, **options)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    module.eval()
+    x = torch.randn(2, 32, *([6] * dims))
+    assert torch.equal(torch.jit.script(module)(x), module(x))
+
+
+@pytest.mark.parametrize("position", ["standard", "pre", "post", "identity", "inner"])
+def test_an_edited_timm_resnet_scripts_with_the_same_output(position):
+    base = timm.create_model("resnet18").eval()
+    edited = se_retrofit.retrofit(base, position=position, gate="tanh").eval()
+    with torch.no_grad():
+        for n, p in edited.named_parameters():
+            if ".se." in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(edited)(x), edited(x))
 
 
 def test_cbam_state_dict_names_match_timm():
