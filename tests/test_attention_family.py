@@ -99,8 +99,15 @@ def resnet18():
     return make_model("timm", "resnet18").eval()
 
 
-@pytest.mark.parametrize("position", POSITIONS)
-@pytest.mark.parametrize("name,options", OWN, ids=_ids(OWN))
+#: every type at every position, on resnet18; all variants at every position on resnet50:
+#: benchmarks/attention_identity.py
+AT_POSITIONS = [(n, o, p) for n, o in OWN[:1] + OWN[3:7] for p in POSITIONS] + [
+    ("gc", {"fusion": "mul", "reduction": 4}, "standard"), ("nonlocal", {"mode": "dot"}, "post"),
+    ("nonlocal", {"mode": "gaussian", "sub_sample": False}, "post")]
+
+
+@pytest.mark.parametrize("name,options,position", AT_POSITIONS,
+                         ids=[f"{i}-{p}" for i, (_, _, p) in zip(_ids([c[:2] for c in AT_POSITIONS]), AT_POSITIONS)])
 def test_own_types_are_exact_identity_at_every_position_on_resnet18(resnet18, name, options, position):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     edited = se_retrofit.retrofit(resnet18, attention=name, position=position, **options)
@@ -161,7 +168,7 @@ def test_nonlocal_on_video_r3d_18():
 def test_nonlocal_on_vit_tokens():
     base = as_if_pretrained(timm.create_model("vit_tiny_patch16_224", img_size=64)).eval()
     x = torch.randn(2, 3, 64, 64)
-    edited = se_retrofit.retrofit(base, attention="nonlocal", blocks=["blocks.0.*", "blocks.11.*"],
+    edited = se_retrofit.retrofit(base, attention="nonlocal", blocks=["blocks.0*", "blocks.11*"],
                                   example_input=x)
     sites = se_retrofit.record_of(edited).sites
     assert len(sites) == 4 and {(s.spatial_dims, s.channel_dim) for s in sites} == {(1, -1)}

@@ -112,6 +112,12 @@ class AttentionSpec:
         """A new module at the class's own (random) initialisation."""
         return self.cls(channels, spatial_dims=spatial_dims, **options)
 
+    def blend(self, module: nn.Module) -> nn.Module:
+        """``module`` inside a zero-initialised blend (for a type without identity initialisation)."""
+        from .blend import ZeroBlend
+
+        return ZeroBlend(module)
+
     def attention_bytes(self, channels: int, spatial: tuple[int, ...], options: dict[str, Any]) -> int | None:
         """Bytes of the type's largest intermediate at batch 1 in float32, where the class tells it."""
         size = getattr(self.cls, "attention_bytes", None)
@@ -248,9 +254,7 @@ def create_attention(name: str, channels: int, *, init: str = "identity", spatia
     module = spec.build(channels, spatial_dims, options)
     if init == "identity":
         if spec.identity_init is None:
-            from .blend import ZeroBlend
-
-            return ZeroBlend(module)
+            return spec.blend(module)
         spec.identity_init(module)
     return module
 

@@ -8,6 +8,10 @@ As α grows the block moves towards ``A(x)`` (α = 1: the module alone).
 Gradient: α receives one at the first step (``Σ (A(x) − x)·∂L/∂y``); the module's own parameters
 from the second step on, once α is no longer 0.
 
+A module that already computes ``x`` at its start must not be blended: then ``A(x) − x = 0`` gives
+α no gradient, and α = 0 gives the module none, so nothing ever learns. Give such a module an
+``init_identity()`` (timm's ``nl``, at identity by its own init, has its norm set to 1 before it is blended).
+
 State-dict names: the module sits under ``attn`` and the blend weight is ``alpha``, e.g.
 ``layer1.0.se.attn.fc1.weight`` and ``layer1.0.se.alpha``. (With ``init="random"`` there is no
 blend, and the module keeps its names directly: ``layer1.0.se.fc1.weight``.)

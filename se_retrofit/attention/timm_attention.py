@@ -8,7 +8,10 @@ start near 0.5; ``gca`` zeroes only the last weight, not its bias; ``nl`` zeroes
 ``init="identity"`` each is wrapped in the zero-initialised blend ``x + α·(A(x) − x)``
 (:class:`~se_retrofit.attention.blend.ZeroBlend`): timm's parameters sit under ``attn.``
 (``layer1.0.se.attn.fc1.weight``) next to ``alpha``. At ``init="random"`` the module is timm's
-alone, with timm's names (``layer1.0.se.fc1.weight``).
+alone, with timm's names (``layer1.0.se.fc1.weight``). ``nl`` (``x + BN(z(y))`` with the BN at 0)
+already computes x at timm's init; inside the blend it would never learn, so its BN starts at
+weight 1 there. (Used alone, timm's ``nl`` is not a safe identity: its output has another memory
+layout than its input, and the next convolution then rounds differently, ~1e-5.)
 
 Options are timm's keyword arguments (``rd_ratio``, ``act_layer``, ``gate_layer``, ``kernel_size``,
 ``use_mlp`` …); ``reduction`` becomes ``rd_ratio = 1/r``, ``divisor`` ``rd_divisor``, ``act``
@@ -87,6 +90,12 @@ class TimmAttentionSpec(AttentionSpec):
                                        f"options {options or '{}'}: {type(error).__name__}: {error}"
                                        f"{KNOWN_PROBLEMS.get(self.name[5:], '')}") from None
 
+    def blend(self, module: nn.Module) -> nn.Module:
+        before = BEFORE_BLEND.get(self.name[len("timm:"):])
+        if before is not None:
+            before(module)
+        return super().blend(module)
+
     def build(self, channels: int, spatial_dims: int, options: dict[str, Any]) -> nn.Module:
         kwargs = {**dict(self.fixed), **_translate(options)}
         return self.cls(channels, **kwargs)
@@ -141,3 +150,15 @@ def timm_spec(name: str) -> TimmAttentionSpec:
         fixed = tuple(sorted(target.keywords.items()))
         target = target.func
     return TimmAttentionSpec(name, target, None, attr_name="se", default_position="standard", fixed=fixed)
+
+
+def _unit_norm(module: nn.Module) -> None:
+    """timm's NonLocalAttn is ``x + norm(z(y))`` with its norm at 0: already x. Inside the blend that
+    would learn nothing (``A(x) − x = 0`` gives α no gradient, and α = 0 gives the module none), so
+    its norm starts at weight 1 (PyTorch's default) and the blend alone makes the start exact."""
+    nn.init.ones_(module.norm.weight)
+    nn.init.zeros_(module.norm.bias)
+
+
+#: timm modules that already compute x at timm's init, made to compute something else before blending
+BEFORE_BLEND = {"nl": _unit_norm}
