@@ -139,6 +139,9 @@ def test_timm_bat_needs_multiples_of_its_block_size(resnet18):
 
 @pytest.mark.parametrize("name", ["nonlocal", "danet", "gc", "timm:gca"])
 def test_whole_edited_model_scripts_with_the_same_output(resnet18, name):
+    # TorchScript caches a compiled type per block class; edited forwards live on instances
+    # (see tests/test_attention.py::test_two_edited_models_of_one_block_class_script_each_with_its_own_forward)
+    torch.jit._recursive.concrete_type_store.type_store.clear()
     edited = se_retrofit.retrofit(resnet18, attention=name, stages=[3, 4]).eval()
     with torch.no_grad():
         for n, p in edited.named_parameters():
@@ -149,6 +152,7 @@ def test_whole_edited_model_scripts_with_the_same_output(resnet18, name):
     with torch.no_grad():
         assert torch.allclose(scripted(x), edited(x), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(edited(x), resnet18(x))
+    torch.jit._recursive.concrete_type_store.type_store.clear()
 
 
 # --- the models the papers use -----------------------------------------------------------------
