@@ -115,7 +115,12 @@ def measure(row: Row, repeats: int, cache: dict) -> dict:
             "sites": len(sites), "params_added": params, "params_added_pct": 100 * params / base_params,
             "base_gflops": base_flops / 1e9, "gflops_added": flops / 1e9, "flops_added_pct": 100 * flops / base_flops,
             "base_ms": base_ms, "edited_ms": edited_ms, "latency_ratio": ratio, "paper": row.paper,
-            "max_attention_mib": max((s.attention_bytes or 0) for s in sites) / 2 ** 20}
+            "max_attention_mib": None if all(s.attention_bytes is None for s in sites)
+            else max(s.attention_bytes or 0 for s in sites) / 2 ** 20}
+
+
+def _mib(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f} MiB"
 
 
 def table(results: list[dict]) -> str:
@@ -124,7 +129,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         lines.append(f"| {r['label']} | {r['model']} | {r['sites']} | {r['params_added']:,} "
                      f"(+{r['params_added_pct']:.1f}%) | {r['gflops_added']:.3f} (+{r['flops_added_pct']:.1f}%) "
-                     f"| {r['latency_ratio']:.2f} | {r['max_attention_mib']:.2f} MiB | {r['paper']} |")
+                     f"| {r['latency_ratio']:.2f} | {_mib(r['max_attention_mib'])} | {r['paper']} |")
     return "\n".join(lines)
 
 
