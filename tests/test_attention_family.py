@@ -297,3 +297,43 @@ def test_a_timm_type_saves_and_loads_without_importing_anything(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.equal(loaded.eval()(x), edited.eval()(x))
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def test_list_attentions_shows_each_type_with_its_options(capsys):
+    from se_retrofit.cli import main
+
+    assert main(["--list-attentions"]) == 0
+    out = capsys.readouterr().out
+    assert "default position: post; options: reduction=2, divisor=1, mode='embedded_gaussian', sub_sample=True" in out
+    assert "default position: post, last block only; options: reduction=8, divisor=1" in out
+    assert "options: reduction=16, divisor=1, fusion='add'" in out
+    assert all(f"timm:{n} " in out for n in TIMM_ATTENTIONS)
+
+
+def test_cli_plans_the_five_block_placement(tmp_path, capsys):
+    from se_retrofit.cli import main
+
+    code = main(["resnet50", "--attention", "nonlocal", "--stages", "2,3", "--every", "2", "--no-sub-sample",
+                 "--mode", "dot", "--weights", "none", "--input-size", "3,64,64", "--dry-run", "--json"])
+    report = __import__("json").loads(capsys.readouterr().out)
+    assert code == 0 and report["every"] == 2 and report["options"] == {"mode": "dot", "sub_sample": False}
+    assert [s["block"] for s in report["sites"]] == ["layer2.0", "layer2.2", "layer3.0", "layer3.2", "layer3.4"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attention", "cbam", "--kernel-size", "4"], "kernel_size must be an odd positive integer"),
+    (["--attention", "eca", "--kernel-size", "4"], "kernel_size must be an odd positive integer"),
+    (["--act", "bogus"], "unknown activation 'bogus'"),
+    (["--attention", "gc", "--mode", "dot"], "option mode does not apply to attention 'gc'"),
+    (["--attention", "gc", "--fusion", "mul", "--every", "0"], "--every: must be a positive integer"),
+    (["--attention", "timm:sk"], "replaces a convolution"),
+])
+def test_bad_attention_options_end_in_one_line_before_any_model_work(tmp_path, capsys, argv, message):
+    from se_retrofit.cli import main
+
+    code = main(["no_such_model_is_built", *argv, "--weights", "none", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
