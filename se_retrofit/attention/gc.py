@@ -52,7 +52,8 @@ class GlobalContextBlock(nn.Module):
         last = self._transform()[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-        self.gate.start_at_identity()
+        if self.fusion == "mul":  # the add fusion does not use the gate
+            self.gate.start_at_identity()
 
     def _transform(self) -> nn.Sequential:
         return self.channel_add_conv if self.channel_add_conv is not None else self.channel_mul_conv
