@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", nargs="?", help="timm name (resnet50) or torchvision name (torchvision:resnet50)")
     parser.add_argument("--source", choices=("timm", "torchvision"), help="library to take MODEL from")
     parser.add_argument("--attention", default="se",
-                        help="attention type: se, cbam, bam, eca or one you registered (see --list-attentions)")
+                        help="attention type: se, cbam, bam, eca, nonlocal, danet, pam, cam, gc, timm:NAME (timm's, "
+                             "e.g. timm:gca) or one you registered (see --list-attentions)")
     parser.add_argument("--position", choices=POSITIONS,
                         help="; ".join(f"{k}: {v}" for k, v in POSITION_HELP.items())
                         + " (default: the attention's own: standard, stage for bam)")
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--act", help="se, cbam, bam: hidden activation by timm name (relu, silu, gelu, …)")
     parser.add_argument("--kernel-size", type=_positive_int, help="cbam: spatial kernel (7); eca: 1-D kernel (adaptive)")
     parser.add_argument("--dilation", type=_positive_int, help="bam: dilation of the spatial convs (4)")
+    parser.add_argument("--mode", choices=("embedded_gaussian", "dot", "gaussian"),
+                        help="nonlocal: pairwise function (embedded_gaussian)")
+    parser.add_argument("--sub-sample", action=argparse.BooleanOptionalAction,
+                        help="nonlocal: max-pool phi and g, a quarter of the pairs (default: on)")
+    parser.add_argument("--fusion", choices=("add", "mul"), help="gc: add the context (add) or gate with it (mul)")
+    parser.add_argument("--every", type=_positive_int,
+                        help="every N-th selected block of each stage, from its first (default: every block)")
     parser.add_argument("--stages", type=_stage_list, help="stages to edit, e.g. 3,4 (default: all)")
     parser.add_argument("--blocks", type=_patterns, help="glob patterns of blocks to edit, e.g. 'layer3.*,layer4.0'")
     parser.add_argument("--exclude", type=_patterns, help="glob patterns of blocks to leave alone")
@@ -155,16 +163,21 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     for module in args.imports:
         import_attention_module(module)
     if args.list_attentions:
-        for name, spec in list_attentions().items():
-            out.print(f"{name:10s} {spec.summary}", markup=False, highlight=False)
+        for name, spec in list_attentions(include_timm=True).items():
+            out.print(f"{name:12s} {spec.summary}", markup=False, highlight=False)
+            out.print(f"{'':12s}   default position: {spec.default_position}"
+                      + (", last block only" if spec.default_blocks == "last" else "")
+                      + f"; options: {_option_text(spec.options)}", markup=False, highlight=False)
         return 0
     if not args.model:
         raise UsageError("the following arguments are required: model")
     options = {k: v for k, v in (("squeeze", args.squeeze), ("gate", args.gate), ("act", args.act),
-                                 ("kernel_size", args.kernel_size), ("dilation", args.dilation)) if v is not None}
+                                 ("kernel_size", args.kernel_size), ("dilation", args.dilation),
+                                 ("mode", args.mode), ("sub_sample", args.sub_sample), ("fusion", args.fusion))
+               if v is not None}
     config = RetrofitConfig(attention=args.attention, position=args.position, reduction=args.r,
                             divisor=args.divisor, stages=args.stages, blocks=args.blocks, exclude=args.exclude,
-                            init=args.init, options=options)
+                            every=args.every, init=args.init, options=options)
     ref = resolve(args.model, args.source)
     out_dir = args.out or Path(f"{ref.name.replace('/', '_')}-{config.attention}-{config.position}"
                                + (f"-r{config.reduction}" if config.reduction else ""))
@@ -195,6 +208,13 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     else:
         _print_report(report, out)
     return 0
+
+
+def _option_text(options: dict[str, Any]) -> str:
+    if "*" in options:
+        return "any keyword the class takes"
+    shown = {k: getattr(v, "__name__", None) or repr(v) for k, v in options.items() if v is not None}
+    return ", ".join(f"{k}={shown[k]}" if k in shown else k for k in options) or "none"
 
 
 def _example(model: nn.Module, size: tuple[int, ...] | None) -> torch.Tensor:

@@ -28,7 +28,7 @@ class RetrofitConfig:
     """How to retrofit attention into a model. Round-trips through JSON.
 
     Example:
-        >>> cfg = RetrofitConfig(position="post", reduction=8, stages=[3, 4], options={"gate": "tanh"})
+        >>> cfg = RetrofitConfig(position="post", reduction=8, stages=[3, 4], every=2, options={"gate": "tanh"})
         >>> RetrofitConfig.from_json(cfg.to_json()) == cfg
         True
     """
@@ -41,17 +41,21 @@ class RetrofitConfig:
         "help": "round hidden widths to a multiple of this; None: the type's default (timm's)"})
     stages: list[int] | None = field(default=None, metadata={"help": "1-based stages to edit; None: all"})
     blocks: list[str] | None = field(default=None, metadata={"help": "glob patterns over block paths"})
+    every: int | None = field(default=None, metadata={
+        "help": "every k-th selected block of each stage, counting from its first (Non-local's 5-block "
+                "model: stages [2, 3], every 2); None: every block"})
     exclude: list[str] | None = field(default=None, metadata={"help": "glob patterns of blocks to leave out"})
     init: str = field(default="identity", metadata={"help": "identity (output unchanged) | random"})
     options: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "further options of the attention type (squeeze, gate, act, kernel_size, dilation)"})
+    max_attention_mib: float = field(default=64.0, metadata={
+        "help": "refuse a site whose attention map (Non-local, PAM) would exceed this many MiB at batch 1"})
     attention_module: str | None = field(default=None, metadata={
         "help": "module to import for a user-registered attention type (recorded automatically)"})
 
     def __post_init__(self) -> None:
         spec = get_attention(self.attention)
-        builtin = spec.cls.__module__.startswith("se_retrofit.")
-        self.attention_module = None if builtin else self.attention_module or spec.cls.__module__
+        self.attention_module = None if spec.builtin else self.attention_module or spec.cls.__module__
         self.position = self.position or spec.default_position
         if self.position not in POSITIONS:
             raise ConfigError(f"unknown position {self.position!r}; choose one of {', '.join(POSITIONS)}")
@@ -59,6 +63,12 @@ class RetrofitConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int)
+                                       or self.every < 1):
+            raise ConfigError(f"every must be a positive integer (2: every other block), got {self.every!r}")
+        if isinstance(self.max_attention_mib, bool) or not isinstance(self.max_attention_mib, (int, float)) \
+                or not self.max_attention_mib > 0:
+            raise ConfigError(f"max_attention_mib must be a positive number of MiB, got {self.max_attention_mib!r}")
         if self.init not in INITS:
             raise ConfigError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.stages is not None:
@@ -129,7 +139,9 @@ class Site:
     ``block`` is the module to edit (the residual block, or for ``inner`` the module calling the
     spatial conv); ``add_index``/``shortcut_arg`` locate the residual addition in its forward;
     ``anchor`` names the child whose output is gated (``inner``); ``channel_dim`` is where the
-    channels are at that point (1 for NCHW, -1 for NHWC maps and token sequences).
+    channels are at that point (1 for NCHW, -1 for NHWC maps and token sequences);
+    ``attention_bytes`` is the size of the attention type's largest intermediate at batch 1 in
+    float32 (Non-local's and PAM's N×N map), None where the type does not tell.
     """
 
     block: str
@@ -142,6 +154,7 @@ class Site:
     module_name: str
     channel_dim: int = 1
     anchor: str | None = None
+    attention_bytes: int | None = None
 
     @property
     def module_path(self) -> str:

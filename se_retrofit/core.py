@@ -37,6 +37,7 @@ def plan(model: nn.Module, config: RetrofitConfig | None = None, example_input: 
 def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = None,
              reduction: int | None = None, stages: list[int] | None = None, blocks: list[str] | None = None,
              exclude: list[str] | None = None, init: str = "identity", divisor: int | None = None,
+             every: int | None = None, max_attention_mib: float = 64.0,
              example_input: Any = None, inplace: bool = False, **options) -> nn.Module:
     """Insert attention into every residual block of ``model`` (or the selected ones).
 
@@ -47,7 +48,8 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
 
     Args:
         model: any timm or torchvision network (or your own ``nn.Module``).
-        attention: registered attention type: ``se``, ``cbam``, ``bam``, ``eca`` or your own.
+        attention: registered attention type: ``se``, ``cbam``, ``bam``, ``eca``, ``nonlocal``,
+            ``danet``, ``pam``, ``cam``, ``gc``, ``timm:NAME`` (timm's, e.g. ``timm:gca``) or your own.
         position: ``standard``, ``pre``, ``post``, ``identity`` (SE paper, Sec. 6.5), ``inner``
             (after the branch's spatial conv) or ``stage`` (once per stage transition); by default
             the attention type's own (``standard``; ``stage`` for BAM).
@@ -57,6 +59,9 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
         exclude: glob patterns of blocks to leave alone.
         init: ``identity`` (outputs unchanged at start) or ``random`` (the paper's init).
         divisor: round hidden widths to a multiple of this (default: timm's, 8 for SE).
+        every: only every k-th selected block of each stage, from its first (``stages=[2, 3],
+            every=2``: the Non-local paper's 5 blocks on ResNet-50).
+        max_attention_mib: refuse a site whose attention map (Non-local, PAM) would be larger at batch 1.
         example_input: an input the model accepts, for probing shapes (default: its input size).
         inplace: edit ``model`` itself instead of a copy.
         **options: further options of the attention type, e.g. ``squeeze="max"``, ``gate="tanh"``,
@@ -76,7 +81,8 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
                             stages=list(stages) if stages is not None else None,
                             blocks=list(blocks) if blocks is not None else None,
                             exclude=list(exclude) if exclude is not None else None,
-                            init=init, divisor=divisor, options=options)
+                            init=init, divisor=divisor, every=every, max_attention_mib=max_attention_mib,
+                            options=options)
     return retrofit_with(model, config, example_input=example_input, inplace=inplace)
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from .errors import RetrofitError
 from .analysis import CHANNELS_FIRST, SUPPORTED_LAYOUTS, Analysis, Block
-from .attention import get_attention
+from .attention import AttentionSpec, get_attention
 from .config import RetrofitConfig, Site
 
 
@@ -39,17 +39,22 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
     if not analysis.blocks:
         raise NoResidualBlocksError(f"no residual blocks found: {analysis.describe()}")
     _check_stages(config, analysis.stages)
+    spec = get_attention(config.attention)
     blocks = select_blocks(analysis.blocks, config.blocks, config.exclude)
     if config.stages is not None:
         blocks = [b for b in blocks if b.stage in config.stages]
+    if config.every is not None:
+        blocks = every_kth(blocks, config.every)
     if config.position == "stage":
         if len(analysis.stages) < 2:
             raise StageError("position 'stage' goes between stages, and all of this model's residual blocks "
                              "are at one resolution; use a block position such as standard")
         blocks = _last_block_of_each_stage(blocks, analysis.stages)
+    if spec.default_blocks == "last" and config.stages is None and config.blocks is None and blocks:
+        blocks = blocks[-1:]  # the type's own placement (DANet: once, on the backbone's output)
     plan = Plan(sites=[])
     taken: dict[str, set[str]] = {}
-    attr = get_attention(config.attention).attr_name
+    attr = spec.attr_name
     for block in blocks:
         reason = _unplaceable(block, config.position)
         if reason:
@@ -57,10 +62,45 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
             continue
         if block.has_attention:
             plan.stacked.append(block.name)
-        site = _site(block, config.position)
+        site = _sized(_site(block, config.position), block, spec, config)
         owner = model.get_submodule(site.block)
         plan.sites.append(replace(site, module_name=_free_name(owner, attr, taken.setdefault(site.block, set()))))
     return plan
+
+
+def every_kth(blocks: list[Block], k: int) -> list[Block]:
+    """Every k-th block of each stage, counting from the first one of that stage in ``blocks``."""
+    seen: dict[int, int] = {}
+    chosen = []
+    for block in blocks:
+        index = seen.get(block.stage, 0)
+        seen[block.stage] = index + 1
+        if index % k == 0:
+            chosen.append(block)
+    return chosen
+
+
+class AttentionSiteError(RetrofitError):
+    """The attention type cannot go on a site's feature map (its rank, shape or memory)."""
+
+
+def _sized(site: Site, block: Block, spec: AttentionSpec, config: RetrofitConfig) -> Site:
+    """The site with its attention-map size; an error where the type cannot go there or the map
+    would exceed ``config.max_attention_mib`` (sizes use the block's output resolution)."""
+    options = config.attention_options()
+    problem = spec.site_problem(site.channels, block.spatial, options)
+    if problem:
+        raise AttentionSiteError(f"{block.name}: {problem}")
+    size = spec.attention_bytes(site.channels, block.spatial, options)
+    if size is not None and size > config.max_attention_mib * 2 ** 20:
+        hints = ["a later stage (--stages)", "a smaller input"]
+        if "sub_sample" in spec.options and options.get("sub_sample", True) is not True:
+            hints.insert(0, "sub_sample=True (--sub-sample)")
+        raise AttentionSiteError(
+            f"{block.name}: {config.attention}'s attention map at {tuple(block.spatial)} would take "
+            f"{size / 2 ** 20:,.0f} MiB at batch 1, over the limit of {config.max_attention_mib:g} MiB; use "
+            f"{', '.join(hints)}, or raise max_attention_mib")
+    return replace(site, attention_bytes=size)
 
 
 def select_blocks(blocks: list[Block], patterns: list[str] | None, exclude: list[str] | None) -> list[Block]:

@@ -82,75 +82,111 @@ def test_user_attention_is_used_by_retrofit(clean_registry):
     assert "layer1.0.se.scale" in edited.state_dict()
 
 
-def test_user_attention_without_identity_init_needs_random(clean_registry):
+def test_user_attention_without_identity_init_gets_the_zero_blend(clean_registry):
+    from se_retrofit.attention.blend import ZeroBlend
+
     @se_retrofit.register_attention("no_identity_test")
     class Plain(nn.Module):
         def __init__(self, channels, **_):
             super().__init__()
+            self.conv = nn.Conv2d(channels, channels, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    blended = create_attention("no_identity_test", 8)
+    assert isinstance(blended, ZeroBlend) and isinstance(blended.attn, Plain)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(blended(x), x) and not torch.equal(blended.attn(x), x)
+    assert isinstance(create_attention("no_identity_test", 8, init="random"), Plain)
+    base = timm.create_model("resnet18").eval()
+    edited = se_retrofit.retrofit(base, attention="no_identity_test", stages=[4])
+    assert {"layer4.0.se.alpha", "layer4.0.se.attn.conv.weight"} <= set(edited.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(edited(x), base(x))
+
+
+def test_a_built_in_name_cannot_be_taken_without_override(clean_registry):
+    class Mine(nn.Module):
+        def __init__(self, channels, **_):
+            super().__init__()
+
+        def init_identity(self):
+            pass
 
         def forward(self, x):
             return x
 
-    with pytest.raises(ValueError, match="has no identity initialisation"):
-        create_attention("no_identity_test", 8)
-    assert isinstance(create_attention("no_identity_test", 8, init="random"), Plain)
+    with pytest.raises(se_retrofit.RetrofitError, match="'se' is taken by a built-in type; choose another name, "
+                                                        "or pass override=True"):
+        se_retrofit.register_attention("se")(Mine)
+    assert get_attention("se").cls is SqueezeExcite
+    se_retrofit.register_attention("se", override=True)(Mine)
+    assert get_attention("se").cls is Mine
+    unregister_attention("se")  # the built-in comes back
+    assert get_attention("se").cls is SqueezeExcite
 
 
-def test_cbam_state_dict_names_match_timm():
-    from timm.layers.cbam import CbamModule
+def test_another_users_name_cannot_be_taken_silently(clean_registry):
+    def make(label):
+        return type(label, (nn.Module,), {"__init__": lambda self, c, **_: nn.Module.__init__(self),
+                                          "forward": lambda self, x: x})
 
-    ours = create_attention("cbam", 64, init="random").state_dict()
-    theirs = CbamModule(64).state_dict()
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
-
-
-def test_cbam_random_init_computes_timm_cbam():
-    from timm.layers.cbam import CbamModule
-
-    ours, theirs = create_attention("cbam", 64, init="random").eval(), CbamModule(64).eval()
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 64, 9, 9)
-    assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+    se_retrofit.register_attention("taken_test")(make("First"))
+    with pytest.raises(se_retrofit.RetrofitError, match="'taken_test' is taken by .*First"):
+        se_retrofit.register_attention("taken_test")(make("Second"))
+    se_retrofit.register_attention("taken_test")(make("First"))  # the same class again (a re-import) is fine
 
 
-@pytest.mark.parametrize("channels,kernel", [(64, 3), (256, 5), (512, 5), (1024, 5), (2048, 7)])
-def test_eca_matches_timm(channels, kernel):
-    from timm.layers import EcaModule
-
-    ours, theirs = create_attention("eca", channels, init="random"), EcaModule(channels)
-    assert ours.conv.kernel_size == (kernel,) == theirs.conv.kernel_size
-    theirs.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(2, channels, 5, 5)
-    assert torch.allclose(ours(x), theirs(x), atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["se", "cbam", "bam", "eca"])
+@pytest.mark.parametrize("name,options", [
+    ("se", {}), ("se", {"squeeze": "avg+max", "gate": "tanh", "act": "silu"}),
+    ("se", {"squeeze": "max", "gate": "hard_sigmoid"}), ("cbam", {}), ("cbam", {"gate": "tanh", "kernel_size": 3}),
+    ("bam", {}), ("eca", {}), ("eca", {"gate": "hard_sigmoid", "kernel_size": 5})])
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_every_type_starts_at_exact_identity(name, dims):
-    module = create_attention(name, 48, init="identity", spatial_dims=dims)
-    for training in (True, False):
-        module.train(training)
-        x = torch.randn(3, 48, *([6] * dims))
-        assert torch.equal(module(x), x), training
+def test_built_in_types_script_with_the_same_output(name, options, dims):
+    module = create_attention(name, 32, spatial_dims=dims, **options)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    module.eval()
+    x = torch.randn(2, 32, *([6] * dims))
+    assert torch.equal(torch.jit.script(module)(x), module(x))
 
 
-@pytest.mark.parametrize("options", [{"squeeze": "max"}, {"squeeze": "avg+max"}, {"gate": "hard_sigmoid"},
-                                     {"gate": "tanh"}, {"act": "silu"}, {"divisor": 1, "reduction": 4}])
-def test_se_ablation_options_start_at_identity(options):
-    se = create_attention("se", 40, init="identity", **options)
-    x = torch.randn(2, 40, 7, 7)
-    assert torch.equal(se(x), x)
-    if "reduction" in options:
-        assert se.fc1.out_channels == 10  # exact C/r with divisor 1
+def _edited_resnet18(position: str) -> nn.Module:
+    edited = se_retrofit.retrofit(timm.create_model("resnet18").eval(), position=position, gate="tanh").eval()
+    with torch.no_grad():
+        for n, p in edited.named_parameters():
+            if ".se." in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return edited
 
 
-def test_hidden_units_start_mirrored_so_half_are_alive_for_any_input():
-    se = create_attention("se", 64, init="identity")
-    hidden = torch.relu(se.fc1(torch.rand(16, 64, 1, 1)))  # non-negative inputs, as after a ReLU
-    alive = (hidden > 0).float().sum(dim=1)
-    assert bool((alive >= se.fc1.out_channels // 2).all())
+def _forget_scripted_types() -> None:
+    """TorchScript compiles one type per module class and attribute set, and caches it; see the next test."""
+    torch.jit._recursive.concrete_type_store.type_store.clear()
 
 
-def test_options_are_introspected_from_the_constructor():
-    assert list(get_attention("eca").options) == ["kernel_size", "gate"]
-    assert get_attention("bam").default_position == "stage" and get_attention("bam").attr_name == "bam"
+@pytest.mark.parametrize("position", ["standard", "pre", "post", "identity", "inner"])
+def test_an_edited_timm_resnet_scripts_with_the_same_output(position):
+    _forget_scripted_types()
+    edited = _edited_resnet18(position)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(edited)(x), edited(x))
+    _forget_scripted_types()
+
+
+@pytest.mark.xfail(strict=True, reason="surgery gives each edited block its forward on the instance; TorchScript "
+                   "caches the compiled forward per class and attribute set, so a second model edited at another "
+                   "position with the same attention type scripts with the first model's forward (silently)")
+def test_two_edited_models_of_one_block_class_script_each_with_its_own_forward():
+    _forget_scripted_types()
+    x = torch.randn(1, 3, 64, 64)
+    try:
+        first, second = _edited_resnet18("post"), _edited_resnet18("standard")
+        torch.jit.script(first)
+        with torch.no_grad():
+            assert torch.equal(torch.jit.script(second)(x), second(x))
+    finally:
+        _forget_scripted_types()

@@ -9,6 +9,8 @@ zeroed is exactly ``2 · 0.5 = 1``; a tanh gate becomes ``1 + tanh(a)``. ``gate.
 """
 from __future__ import annotations
 
+from typing import List
+
 import torch
 import torch.nn.functional as F
 from timm.layers import get_act_layer, make_divisible
@@ -64,7 +66,7 @@ def mirror_rows_(layer: nn.Module) -> None:
         layer.bias[half:2 * half] = -layer.bias[:half]
 
 
-def squeeze(x: torch.Tensor, dims: tuple[int, ...], kind: str) -> torch.Tensor:
+def squeeze(x: torch.Tensor, dims: List[int], kind: str) -> torch.Tensor:
     """Global pooling over ``dims``: average, maximum, or their mean (timm's ``add_maxpool``)."""
     if kind == "avg":
         return x.mean(dims, keepdim=True)
@@ -91,7 +93,13 @@ class Gate(nn.Module):
         self.scale, self.offset = IDENTITY_GATE[self.kind]
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        g = GATE_FUNCTIONS[self.kind](a)
+        # branches on a string, not a dict of functions: TorchScript compiles this
+        if self.kind == "hard_sigmoid":
+            g = F.hardsigmoid(a)
+        elif self.kind == "tanh":
+            g = torch.tanh(a)
+        else:
+            g = torch.sigmoid(a)
         if self.scale != 1.0:
             g = g * self.scale
         if self.offset != 0.0:
@@ -112,3 +120,23 @@ def set_gate_state(module: nn.Module, state: dict[str, dict[str, float]]) -> Non
     for name, values in state.items():
         gate = module.get_submodule(name)
         gate.scale, gate.offset = values["scale"], values["offset"]
+
+
+def check_by_building(cls: type[nn.Module], options: dict) -> None:
+    """Validate option values early by building the module once at a small width (64 channels, 2-D):
+    the constructor is the one place that checks them, so the config can reject them before any
+    model work. Use as ``check_options = classmethod(check_by_building)``."""
+    cls(64, spatial_dims=2, **options)
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_odd_kernel(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd positive integer (3, 5, 7, …) so the output keeps "
+                         f"its size, got {value!r}")
+    return value

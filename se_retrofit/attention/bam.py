@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import register_attention
-from ._layers import BATCHNORMS, Gate, act_layer, conv_layer, hidden_channels
+from ._layers import BATCHNORMS, Gate, act_layer, check_by_building, check_positive_int, conv_layer, hidden_channels
 
 __all__ = ["BAM"]
 
@@ -25,10 +25,13 @@ __all__ = ["BAM"]
 class BAM(nn.Module):
     """BAM (Park et al. 2018): channel and spatial branches, ``x · (1 + gate(Mc · Ms))``."""
 
+    check_options = classmethod(check_by_building)
+
     def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 16, divisor: int = 1,
                  dilation: int = 4, act: str = "relu"):
         super().__init__()
         conv, norm = conv_layer(spatial_dims), BATCHNORMS[spatial_dims]
+        check_positive_int("dilation", dilation)
         hidden = hidden_channels(channels, reduction, divisor)
         self.reduce_dims = tuple(range(2, 2 + spatial_dims))
         # layers followed by a BN have no bias: in training the BN removes it, so it would never learn

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from . import register_attention
-from ._layers import BATCHNORMS, Gate, act_layer, conv_layer, hidden_channels, mirror_rows_
+from ._layers import (BATCHNORMS, Gate, act_layer, check_by_building, check_odd_kernel, conv_layer, hidden_channels,
+                      mirror_rows_)
 
 __all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
 
@@ -57,9 +58,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, *, spatial_dims: int, kernel_size: int, gate: str):
         super().__init__()
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
-                or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd positive integer, got {kernel_size!r}")
+        check_odd_kernel(kernel_size)
         self.conv = _ConvNorm(2, 1, kernel_size, spatial_dims)
         self.gate = Gate(gate)
 
@@ -71,6 +70,8 @@ class SpatialAttention(nn.Module):
 @register_attention("cbam")
 class CBAM(nn.Module):
     """CBAM (Woo et al. 2018): channel attention, then spatial attention, in sequence."""
+
+    check_options = classmethod(check_by_building)
 
     def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 16, divisor: int = 1,
                  kernel_size: int = 7, act: str = "relu", gate: str = "sigmoid"):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import register_attention
-from ._layers import Gate
+from ._layers import Gate, check_by_building, check_odd_kernel
 from .se import _fold_into
 
 __all__ = ["EfficientChannelAttention", "eca_kernel_size"]
@@ -32,13 +32,14 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
 class EfficientChannelAttention(nn.Module):
     """Efficient Channel Attention (Wang et al. 2020): a 1-D conv across pooled channels, ~k parameters."""
 
+    check_options = classmethod(check_by_building)
+
     def __init__(self, channels: int, *, spatial_dims: int = 2, kernel_size: int | None = None,
                  gate: str = "sigmoid"):
         super().__init__()
         k = eca_kernel_size(channels) if kernel_size is None else kernel_size
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd positive integer, got {kernel_size!r}")
-        self.reduce_dims = tuple(range(2, 2 + spatial_dims))
+        check_odd_kernel(k)
+        self.reduce_dims = list(range(2, 2 + spatial_dims))
         self.conv = nn.Conv1d(1, 1, kernel_size=k, padding=(k - 1) // 2, bias=False)
         self.gate = Gate(gate)
 
@@ -52,4 +53,6 @@ class EfficientChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.mean(self.reduce_dims).unsqueeze(1)  # (N, 1, C): channels as a sequence
         y = self.gate(self.conv(y)).squeeze(1)
-        return x * y.reshape(*y.shape, *([1] * len(self.reduce_dims)))
+        for _ in self.reduce_dims:  # (N, C) -> (N, C, 1, …): unsqueeze, which TorchScript compiles
+            y = y.unsqueeze(-1)
+        return x * y

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from . import register_attention
-from ._layers import SQUEEZES, Gate, act_layer, check_choice, conv_layer, hidden_channels, mirror_rows_, squeeze
+from ._layers import (SQUEEZES, Gate, act_layer, check_by_building, check_choice, conv_layer, hidden_channels,
+                      mirror_rows_, squeeze)
 
 __all__ = ["SqueezeExcite", "reduced_channels"]
 
@@ -32,13 +33,15 @@ def reduced_channels(channels: int, reduction: int = 16, divisor: int = 8) -> in
 class SqueezeExcite(nn.Module):
     """Squeeze-and-Excitation (Hu et al. 2018): channel gates from globally pooled features."""
 
+    check_options = classmethod(check_by_building)
+
     def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 16, divisor: int = 8,
                  squeeze: str = "avg", gate: str = "sigmoid", act: str = "relu"):
         super().__init__()
         conv = conv_layer(spatial_dims)
         hidden = hidden_channels(channels, reduction, divisor)
         self.squeeze = check_choice("squeeze", squeeze, SQUEEZES)
-        self.reduce_dims = tuple(range(2, 2 + spatial_dims))
+        self.reduce_dims = list(range(2, 2 + spatial_dims))  # a list: TorchScript reduces over List[int]
         self.fc1 = conv(channels, hidden, kernel_size=1, bias=True)
         self.act = act_layer(act)
         self.fc2 = conv(hidden, channels, kernel_size=1, bias=True)
