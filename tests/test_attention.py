@@ -177,9 +177,6 @@ def test_an_edited_timm_resnet_scripts_with_the_same_output(position):
     _forget_scripted_types()
 
 
-@pytest.mark.xfail(strict=True, reason="surgery gives each edited block its forward on the instance; TorchScript "
-                   "caches the compiled forward per class and attribute set, so a second model edited at another "
-                   "position with the same attention type scripts with the first model's forward (silently)")
 def test_two_edited_models_of_one_block_class_script_each_with_its_own_forward():
     _forget_scripted_types()
     x = torch.randn(1, 3, 64, 64)
