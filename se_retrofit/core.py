@@ -102,11 +102,16 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
 
 
 def describe_base(model: nn.Module) -> dict[str, Any]:
-    """What can be told of a model handed to :func:`retrofit`: its timm architecture, or its class."""
+    """What can be told of a model handed to :func:`retrofit`: its timm architecture, its transformers
+    class and config, or its class."""
+    from . import hf
+
     cfg = getattr(model, "pretrained_cfg", None)
     cls = type(model)
     info: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}",
                             "weights": "as passed to se_retrofit.retrofit()"}
+    if hf.is_transformers_model(model):
+        return {**info, **hf.describe(model)}
     if isinstance(cfg, dict) and cfg.get("architecture"):
         info.update(name=cfg["architecture"], source="timm", pretrained_tag=cfg.get("tag"))
         if isinstance(getattr(model, "num_classes", None), int):
