@@ -3,6 +3,7 @@ code named by the file is imported), the base-in-transformers + attention-adapte
 unsupported save_pretrained/from_pretrained path of an edited model does."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def trained_attention(model):
 
 
 def outputs(model, x, training=False):
-    model.train(training)
+    """Outputs in eval or train mode; train mode runs a copy, so batch-norm statistics stay as they were."""
+    model = copy.deepcopy(model).train() if training else model.eval()
     with torch.no_grad():
         return output_tensors(model(x))
 
