@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from . import hf
 from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
 from .planning import NoResidualBlocksError, Plan, plan_sites
@@ -98,14 +99,13 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
     apply_sites(target, site_plan.sites, config)
     base = dict(getattr(getattr(model, RECORD_ATTR, None), "base", {}) or {}) or describe_base(model)
     setattr(target, RECORD_ATTR, RetrofitRecord(config, site_plan.sites, base))
+    hf.warn_on_save_pretrained(target)
     return target
 
 
 def describe_base(model: nn.Module) -> dict[str, Any]:
     """What can be told of a model handed to :func:`retrofit`: its timm architecture, its transformers
     class and config, or its class."""
-    from . import hf
-
     cfg = getattr(model, "pretrained_cfg", None)
     cls = type(model)
     info: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}",
@@ -123,6 +123,7 @@ def apply_record(model: nn.Module, record: RetrofitRecord) -> nn.Module:
     """Re-apply recorded sites to a fresh base model, in place (used by :func:`se_retrofit.load`)."""
     apply_sites(model, record.sites, record.config)
     setattr(model, RECORD_ATTR, record)
+    hf.warn_on_save_pretrained(model)
     return model
 
 

@@ -10,13 +10,16 @@ Loading runs no code it was not asked to: the name is looked up only as an attri
 imported, there is no ``trust_remote_code``); anything else asks for ``base_model=``.
 
 ``save_pretrained`` of an *edited* model followed by ``from_pretrained`` builds the plain class and
-drops the attention (transformers lists its weights as UNEXPECTED): save with :func:`se_retrofit.save`,
-or keep the base in transformers' format and the attention as se_retrofit's adapter (README).
+drops the attention (transformers lists its weights as UNEXPECTED): an edited model's
+``save_pretrained`` therefore warns (:class:`SavePretrainedWarning`) before saving. Save with
+:func:`se_retrofit.save`, or keep the base in transformers' format and the attention as se_retrofit's
+adapter (README, "Hugging Face transformers models").
 """
 from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Any
 
 from torch import nn
@@ -30,10 +33,41 @@ class TransformersBaseError(RetrofitError):
     """The recorded transformers base cannot be rebuilt safely; pass ``base_model=``."""
 
 
+class SavePretrainedWarning(UserWarning):
+    """``from_pretrained`` of what an edited model's ``save_pretrained`` writes drops the attention."""
+
+
+SAVE_PRETRAINED_MESSAGE = (
+    "save_pretrained of a model edited by se_retrofit writes weights that from_pretrained loads into the "
+    "plain {cls} WITHOUT the attention (transformers drops its weights as unexpected); save it with "
+    "se_retrofit.save(model, dir) and load it with se_retrofit.load(dir), or save the base with save_pretrained "
+    "and load the attention adapter onto it: se_retrofit.load(dir, base_model=..., weights='attention')")
+
+
 def is_transformers_model(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers ``PreTrainedModel`` (transformers is not imported for this)."""
     transformers = sys.modules.get("transformers")
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+class _WarnOnSavePretrained:
+    """Stands for ``save_pretrained`` on an edited transformers model: warns, then saves as transformers
+    does. Kept in the instance's ``__dict__``; copies and pickles carry it, bound to the copy."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        warnings.warn(SAVE_PRETRAINED_MESSAGE.format(cls=type(self.model).__name__), SavePretrainedWarning,
+                      stacklevel=2)
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
+
+
+def warn_on_save_pretrained(model: nn.Module) -> None:
+    """Make an edited transformers model's ``save_pretrained`` warn that ``from_pretrained`` of its
+    output drops the attention (no-op for other models)."""
+    if is_transformers_model(model) and hasattr(type(model), "save_pretrained"):
+        model.__dict__["save_pretrained"] = _WarnOnSavePretrained(model)
 
 
 def describe(model: nn.Module) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from transformers import (AutoModelForImageClassification, ConvNextConfig, ConvN
                           ResNetForImageClassification)
 
 import se_retrofit
+from se_retrofit.hf import SavePretrainedWarning
 from se_retrofit.outputs import output_tensors
 
 from conftest import as_if_pretrained, small_input
@@ -98,19 +99,24 @@ def test_base_in_transformers_format_plus_attention_adapter_round_trips(tmp_path
     assert same(outputs(again, x), outputs(edited, x)) and same(outputs(again, x, True), outputs(edited, x, True))
 
 
-def test_from_pretrained_of_an_edited_models_save_pretrained_drops_the_attention(tmp_path, capfd):
+def test_from_pretrained_of_an_edited_models_save_pretrained_drops_the_attention(tmp_path, caplog, capfd):
     """The unsupported path, documented: transformers builds the plain class, reports the attention
     weights as UNEXPECTED and computes the unedited base."""
     base = small_resnet()
     edited = trained_attention(se_retrofit.retrofit(base, example_input=PROBE))
-    edited.save_pretrained(tmp_path / "hf")
+    with pytest.warns(SavePretrainedWarning, match=r"from_pretrained loads into the plain ResNetForImageClassification "
+                                                   r"WITHOUT the attention .* se_retrofit.save\(model, dir\)"):
+        edited.save_pretrained(tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    caplog.clear()
     capfd.readouterr()
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "hf")
-    report = capfd.readouterr().err
+    report = caplog.text + capfd.readouterr().err  # a logging record (5.x) or stderr (4.x keeps its own handler)
     x = small_input(2, 32)
     assert not any(".se." in key for key in reloaded.state_dict())
     assert same(outputs(reloaded, x), outputs(base, x)) and not same(outputs(reloaded, x), outputs(edited, x))
-    assert "UNEXPECTED" in report and ".se.fc1.weight" in report, report
+    # transformers 5 prints a load report (UNEXPECTED), 4.x a warning (weights ... were not used)
+    assert ("UNEXPECTED" in report or "were not used" in report) and ".se.fc1.weight" in report, report
     # the supported path from the same edited model keeps the attention
     se_retrofit.save(edited, tmp_path / "se")
     assert same(outputs(se_retrofit.load(tmp_path / "se"), x), outputs(edited, x))
@@ -155,3 +161,23 @@ def test_a_remote_code_or_user_subclass_is_not_recorded_as_rebuildable(tmp_path)
     with pytest.raises(se_retrofit.RetrofitError, match="pass base_model="):
         se_retrofit.load(saved)
 
+
+
+def test_save_pretrained_of_a_copy_saves_the_copy_and_the_base_saves_without_warning(tmp_path, recwarn):
+    base = small_resnet()
+    edited = se_retrofit.retrofit(base, example_input=PROBE)
+    copied = trained_attention(copy.deepcopy(edited))
+    with pytest.warns(SavePretrainedWarning):
+        copied.save_pretrained(tmp_path / "copy")
+    from safetensors.torch import load_file
+
+    written = load_file(str(tmp_path / "copy" / "model.safetensors"))
+    assert torch.equal(written["resnet.encoder.stages.1.layers.0.se.fc1.weight"],
+                       copied.state_dict()["resnet.encoder.stages.1.layers.0.se.fc1.weight"])
+    assert not torch.equal(written["resnet.encoder.stages.1.layers.0.se.fc1.weight"],
+                           edited.state_dict()["resnet.encoder.stages.1.layers.0.se.fc1.weight"])
+    base.save_pretrained(tmp_path / "base")  # the caller's model is not touched by retrofit()
+    assert not any(isinstance(w.message, SavePretrainedWarning) for w in recwarn.list)
+    loaded = se_retrofit.load(se_retrofit.save(copied, tmp_path / "se"))
+    with pytest.warns(SavePretrainedWarning):  # a loaded edited model warns too
+        loaded.save_pretrained(tmp_path / "loaded")
