@@ -185,9 +185,27 @@ def _create(name: str, pretrained: bool, **kwargs) -> nn.Module:
     from timm.models import build_model_with_cfg
 
     architecture = _REGISTERED[name]
-    return build_model_with_cfg(functools.partial(_build_edited, architecture), name, pretrained,
-                                pretrained_filter_fn=functools.partial(_with_identity_attention, architecture),
-                                **kwargs)
+    features = kwargs.get("features_only") and "feature_cls" not in kwargs
+    out_indices = kwargs.pop("out_indices", None) if features else None
+    if features:
+        kwargs.pop("features_only")
+    model = build_model_with_cfg(functools.partial(_build_edited, architecture), name, pretrained,
+                                 pretrained_filter_fn=functools.partial(_with_identity_attention, architecture),
+                                 **kwargs)
+    return _feature_getter(model, out_indices) if features else model
+
+
+def _feature_getter(model: nn.Module, out_indices: Any) -> nn.Module:
+    """``features_only``: the edited model wrapped by timm's FeatureGetterNet (``forward_intermediates``),
+    the one feature wrapper that needs no per-architecture settings from the base's own entry point."""
+    from timm.models._builder import pretrained_cfg_for_features
+    from timm.models._features import FeatureGetterNet
+
+    if out_indices is None:
+        out_indices = tuple(range(len(model.feature_info)))
+    wrapper = FeatureGetterNet(model, out_indices=out_indices)
+    wrapper.pretrained_cfg = wrapper.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return wrapper
 
 
 def _build_edited(architecture: _Architecture, **kwargs) -> nn.Module:

@@ -234,3 +234,26 @@ def test_launcher_runs_timm_style_train_and_validate_scripts_by_name(edited_file
     missing = subprocess.run([sys.executable, "validate.py", "--model", "resnet18_se"], capture_output=True,
                              text=True, timeout=300, cwd=tmp_path)
     assert missing.returncode == 1 and "Unknown model (resnet18_se)" in missing.stderr  # without the launcher
+
+
+@pytest.mark.parametrize("base", ["efficientnet_b0", "convnext_atto"])
+def test_features_only_of_architectures_with_their_own_feature_settings(base):
+    """timm builds features_only for these with per-architecture settings; the registered name wraps the
+    edited model with FeatureGetterNet (forward_intermediates) instead."""
+    name = f"{base}_se_features"
+    register_timm_model(name, base, example_input=PROBE)
+    try:
+        torch.manual_seed(0)
+        full = trained_attention(timm.create_model(name)).eval()
+        features = timm.create_model(name, features_only=True).eval()
+        loaded = features.model.load_state_dict(full.state_dict(), strict=False)  # the pruned head's keys are extra
+        assert not loaded.missing_keys and loaded.unexpected_keys
+        x = small_input(1, 64)
+        with torch.no_grad():
+            maps = features(x)
+            expected = full.forward_intermediates(x, indices=len(full.feature_info), intermediates_only=True)
+        assert len(maps) == len(full.feature_info) and all(torch.equal(a, b) for a, b in zip(maps, expected))
+        assert features.feature_info.channels() == [m.shape[1] for m in maps]
+        print(f"{base} features_only:", [tuple(m.shape) for m in maps])
+    finally:
+        unregister_timm_model(name)
