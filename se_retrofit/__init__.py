@@ -16,6 +16,7 @@ from .core import StackedAttentionWarning, plan, record_of, retrofit, retrofit_w
 from .io import load, save
 from .convert import fold_gate_scale, to_timm_native
 from .export import ExportError, ExportResult, export
+from .timm_models import register_timm_model, unregister_timm_model
 from .training import (attention_modules, attention_parameters, attention_state_dict, freeze_backbone,
                        param_groups, unfreeze)
 
@@ -27,5 +28,5 @@ __all__ = [
     "create_attention", "find_blocks", "list_attentions", "plan", "record_of", "register_attention",
     "retrofit", "retrofit_with", "__version__", "load", "save", "fold_gate_scale", "to_timm_native",
     "attention_modules", "attention_parameters", "attention_state_dict", "freeze_backbone", "param_groups",
-    "unfreeze", "export", "ExportError", "ExportResult", "finetune",
+    "unfreeze", "export", "ExportError", "ExportResult", "finetune", "register_timm_model", "unregister_timm_model",
 ]

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the edited model: timm (NAME.safetensors for timm's native model, e.g. seresnet50), "
                              "torchscript (model.torchscript.pt), export (model.pt2), onnx (model.onnx); "
                              "default safetensors: the directory alone")
+    parser.add_argument("--dynamic-spatial", action="store_true",
+                        help="with --format export or onnx: let the file take any height and width, checked at "
+                             "the probe size and 32 pixels larger")
     parser.add_argument("--dry-run", action="store_true", help="show the plan, write nothing")
     parser.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
     parser.add_argument("--list-attentions", action="store_true", help="list the attention types and exit")
@@ -201,7 +204,8 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         getattr(edited, RECORD_ATTR).base.update(name=ref.name, source=ref.source, weights=origin)
         report.update(_identity(model, edited, example), params_after=_count(edited))
         report["params_added_pct"] = 100.0 * (report["params_after"] / report["params_before"] - 1)
-        saved, exported = save_and_export(edited, out_dir, args.format, example, overwrite=args.overwrite)
+        saved, exported = save_and_export(edited, out_dir, args.format, example, overwrite=args.overwrite,
+                                          dynamic_spatial=args.dynamic_spatial)
         report.update(output_dir=str(saved), export=exported.to_dict() if exported else None)
     if args.json:
         print(json.dumps(report, indent=2))

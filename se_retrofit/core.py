@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from . import hf
 from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
 from .planning import NoResidualBlocksError, Plan, plan_sites
@@ -106,15 +107,19 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
     record = previous.followed_by(config, site_plan.sites) if isinstance(previous, RetrofitRecord) \
         else RetrofitRecord(config, site_plan.sites, describe_base(model))
     setattr(target, RECORD_ATTR, record)
+    hf.warn_on_save_pretrained(target)
     return target
 
 
 def describe_base(model: nn.Module) -> dict[str, Any]:
-    """What can be told of a model handed to :func:`retrofit`: its timm architecture, or its class."""
+    """What can be told of a model handed to :func:`retrofit`: its timm architecture, its transformers
+    class and config, or its class."""
     cfg = getattr(model, "pretrained_cfg", None)
     cls = type(model)
     info: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}",
                             "weights": "as passed to se_retrofit.retrofit()"}
+    if hf.is_transformers_model(model):
+        return {**info, **hf.describe(model)}
     if isinstance(cfg, dict) and cfg.get("architecture"):
         info.update(name=cfg["architecture"], source="timm", pretrained_tag=cfg.get("tag"))
         if isinstance(getattr(model, "num_classes", None), int):
@@ -128,6 +133,7 @@ def apply_record(model: nn.Module, record: RetrofitRecord) -> nn.Module:
     for config, sites in record.edits:
         apply_sites(model, sites, config)
     setattr(model, RECORD_ATTR, record)
+    hf.warn_on_save_pretrained(model)
     return model
 
 

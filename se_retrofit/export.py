@@ -10,6 +10,11 @@ Formats (the registry :data:`FORMATS`; add one there):
 * ``export``: a ``torch.export`` ExportedProgram saved with ``torch.export.save`` (``.pt2``);
 * ``onnx``: ``torch.onnx.export(..., dynamo=True)``, checked with onnxruntime.
 
+``export`` and ``onnx`` files take any batch size where the model allows it, and with
+``dynamic_spatial=True`` any height and width too (detection and segmentation backbones run at many
+sizes): the file is then checked at two sizes, the example's and one 32 pixels larger each way, and a
+model that cannot be traced with a free spatial size (a ViT built for one image size) is refused.
+
 Every file is written into a hidden staging directory next to its destination, read back and run
 on the example input there, and only then renamed into place: a failed export or check leaves
 nothing behind, and an existing destination is replaced only with ``overwrite=True``. The model is
@@ -32,6 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import RetrofitError
+from .hub import first_sentence
 from .analysis import default_example_input
 from .convert import ConversionError, timm_create_kwargs, timm_native_name, to_timm_native
 from .io import _replace_dir, _unshared, default_file_mode, load, save
@@ -54,8 +60,11 @@ class ExportResult:
     """What :func:`export` wrote and how closely the file reproduces the model.
 
     ``max_abs_diff`` is max |Δ| between the model's outputs and the written file's outputs on the
-    example input; ``dynamic_batch`` says whether the file accepts any batch size (``None`` where
-    the format keeps the module itself); ``timm_model`` is the timm name to create (format ``timm``).
+    example input (and, with a dynamic spatial size, on the larger check input too); ``dynamic_batch``
+    says whether the file accepts any batch size (``None`` where the format keeps the module itself);
+    ``dynamic_spatial`` whether it accepts any height and width (``None`` unless asked for);
+    ``checked_sizes`` the spatial sizes the file was checked at; ``timm_model`` is the timm name to
+    create (format ``timm``).
     """
 
     format: str
@@ -64,34 +73,50 @@ class ExportResult:
     dynamic_batch: bool | None = None
     timm_model: str | None = None
     timm_kwargs: dict | None = None
+    dynamic_spatial: bool | None = None
+    checked_sizes: list[tuple[int, ...]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path)}
+
+
+#: how much larger (in every spatial dim) the second check input of a dynamic spatial export is
+SPATIAL_CHECK_STEP = 32
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """Which input dims an exported graph should leave free: the batch, the spatial dims (H, W)."""
+
+    batch: bool = True
+    spatial: bool = False
 
 
 @dataclass(frozen=True)
 class ExportFormat:
     """One entry of :data:`FORMATS`.
 
-    ``write(model, path, example, dynamic_batch)`` writes the file (the model is in eval mode) and
-    returns facts for :class:`ExportResult`; ``run(path, example, facts)`` loads the written file
-    and returns its outputs on ``example``; ``check(model)`` refuses a model early, before any work;
-    ``suffix`` is the ending the file name must have (timm tells safetensors from pickles by it).
+    ``write(model, path, example, dynamic)`` writes the file (the model is in eval mode; ``dynamic``
+    is a :class:`Dynamic`) and returns facts for :class:`ExportResult`; ``run(path, example, facts)``
+    loads the written file and returns its outputs on ``example``; ``check(model)`` refuses a model
+    early, before any work; ``suffix`` is the ending the file name must have (timm tells safetensors
+    from pickles by it); ``dynamic_spatial`` says whether the writer can leave H and W free.
     """
 
     summary: str
     filename: Callable[[nn.Module], str]
-    write: Callable[[nn.Module, Path, torch.Tensor, bool], dict]
+    write: Callable[[nn.Module, Path, torch.Tensor, Dynamic], dict]
     run: Callable[[Path, torch.Tensor, dict], Any]
     tolerance: float = 1e-5
     check: Callable[[nn.Module], Any] = lambda model: None
     directory: bool = False
     suffix: str = ""
+    dynamic_spatial: bool = False
 
 
 def export(model: nn.Module, path: str | os.PathLike, format: str = "safetensors",
            example_input: torch.Tensor | None = None, *, overwrite: bool = False,
-           dynamic_batch: bool = True) -> ExportResult:
+           dynamic_batch: bool = True, dynamic_spatial: bool = False) -> ExportResult:
     """Write ``model`` to ``path`` in ``format`` and check the file reproduces the model's outputs.
 
     Args:
@@ -104,12 +129,15 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "safetensors
         overwrite: replace an existing ``path``.
         dynamic_batch: let ``export`` and ``onnx`` files take any batch size (they fall back to the
             example's batch size where the model does not allow it; see ``result.dynamic_batch``).
+        dynamic_spatial: let ``export`` and ``onnx`` files take any height and width; the file is
+            checked at the example's size and at one :data:`SPATIAL_CHECK_STEP` larger each way.
 
     Returns:
         an :class:`ExportResult` with max |Δ| between the file's and the model's outputs.
 
     Raises:
-        ExportError: unknown format, ``path`` exists, no timm native model matches, the check failed.
+        ExportError: unknown format, ``path`` exists, no timm native model matches, the check failed,
+            a dynamic spatial size asked of a format or a model that cannot have one.
 
     Example:
         >>> import tempfile, timm, torch, se_retrofit
@@ -125,21 +153,69 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "safetensors
         True
         >>> se_retrofit.export(model, out + "/model.onnx", format="onnx", example_input=x).max_abs_diff < 1e-4
         True
+        >>> result = se_retrofit.export(model, out + "/any_size.pt2", format="export", example_input=x,
+        ...                             dynamic_spatial=True)
+        >>> result.dynamic_spatial, result.checked_sizes, result.max_abs_diff
+        (True, [(64, 64), (96, 96)], 0.0)
     """
     spec = format_spec(format)
     path = Path(path)
     _check_path(path, format, overwrite)
     example = _example(model, example_input)
+    examples = [example, larger_example(example)] if _check_dynamic_spatial(format, example, dynamic_spatial) \
+        else [example]
     with eval_mode(model):
         spec.check(model)
         expected = output_tensors(model(example))
         path.parent.mkdir(parents=True, exist_ok=True)
         with _staging(path) as staged:
-            facts = spec.write(model, staged, example, dynamic_batch)
-            diff = max_abs_diff(expected, spec.run(staged, example, facts))
-            _check(diff, expected, spec, format)
+            facts = spec.write(model, staged, example, Dynamic(dynamic_batch, dynamic_spatial))
+            diffs = []
+            for x in examples:
+                want = expected if x is example else _outputs_at(model, x)
+                diffs.append(max_abs_diff(want, spec.run(staged, x, facts)))
+                _check(diffs[-1], want, spec, format)
             _move_into_place(staged, path)
-    return ExportResult(format=format, path=path, max_abs_diff=diff, **facts)
+    if dynamic_spatial:
+        facts = {**facts, "checked_sizes": [tuple(x.shape[2:]) for x in examples]}
+    return ExportResult(format=format, path=path, max_abs_diff=max(diffs), **facts)
+
+
+def larger_example(example: torch.Tensor) -> torch.Tensor:
+    """A random input like ``example`` but :data:`SPATIAL_CHECK_STEP` larger in every spatial dim.
+
+    Example:
+        >>> import torch
+        >>> from se_retrofit.export import larger_example
+        >>> tuple(larger_example(torch.zeros(2, 3, 64, 48)).shape)
+        (2, 3, 96, 80)
+    """
+    shape = (*example.shape[:2], *(size + SPATIAL_CHECK_STEP for size in example.shape[2:]))
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=generator, dtype=example.dtype).to(example.device)
+
+
+def _outputs_at(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The model's outputs on the larger check input; a model that refuses that size is refused."""
+    try:
+        return output_tensors(model(x))
+    except Exception as error:
+        raise ExportError(f"this model cannot be exported with a dynamic spatial size: it does not run at "
+                          f"{'×'.join(map(str, x.shape[2:]))} ({type(error).__name__}: {first_sentence(error)})") \
+            from None
+
+
+def _check_dynamic_spatial(format: str, example: torch.Tensor, dynamic_spatial: bool) -> bool:
+    if not dynamic_spatial:
+        return False
+    if not FORMATS[format].dynamic_spatial:
+        capable = ", ".join(name for name, spec in FORMATS.items() if spec.dynamic_spatial)
+        raise ExportError(f"a dynamic spatial size applies to the formats that trace a graph ({capable}), "
+                          f"not {format!r}")
+    if example.dim() < 3 or not example.is_floating_point():
+        raise ExportError("a dynamic spatial size needs an image-like example input (N, C, H, W), "
+                          f"not one of shape {tuple(example.shape)}")
+    return True
 
 
 def format_spec(format: str) -> ExportFormat:
@@ -162,7 +238,8 @@ def default_filename(model: nn.Module, format: str) -> str:
 
 
 def save_and_export(model: nn.Module, directory: str | os.PathLike, format: str = "safetensors",
-                    example_input: torch.Tensor | None = None, *, overwrite: bool = False) -> \
+                    example_input: torch.Tensor | None = None, *, overwrite: bool = False,
+                    dynamic_spatial: bool = False) -> \
         tuple[Path, ExportResult | None]:
     """:func:`se_retrofit.save` to ``directory`` with the ``format`` file inside it, all or nothing.
 
@@ -180,14 +257,16 @@ def save_and_export(model: nn.Module, directory: str | os.PathLike, format: str 
     """
     spec = format_spec(format)
     directory = Path(directory)
-    if format == "safetensors":
+    if format == "safetensors" and not dynamic_spatial:
         return save(model, directory, overwrite=overwrite), None
     _check_path(directory, "safetensors", overwrite)
+    _check_dynamic_spatial(format, _example(model, example_input), dynamic_spatial)
     spec.check(model)  # refuse before writing anything
     directory.parent.mkdir(parents=True, exist_ok=True)
     with _staging(directory) as staged:
         save(model, staged)
-        result = export(model, staged / spec.filename(model), format, example_input)
+        result = export(model, staged / spec.filename(model), format, example_input,
+                        dynamic_spatial=dynamic_spatial)
         _replace_dir(staged, directory)
     return directory, replace(result, path=directory / result.path.name)
 
@@ -261,7 +340,7 @@ def _move_into_place(staged: Path, path: Path) -> None:
 
 # --- the formats ---------------------------------------------------------------------------------
 
-def _write_safetensors(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> dict:
+def _write_safetensors(model: nn.Module, path: Path, example: torch.Tensor, dynamic: Dynamic) -> dict:
     save(model, path)
     return {}
 
@@ -283,7 +362,7 @@ def _timm_name(model: nn.Module) -> str:
         return timm_native_name(model)
 
 
-def _write_timm(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> dict:
+def _write_timm(model: nn.Module, path: Path, example: torch.Tensor, dynamic: Dynamic) -> dict:
     with _no_native_model():
         name, state = to_timm_native(model)
     kwargs = timm_create_kwargs(model)
@@ -325,7 +404,7 @@ def _quiet_jit() -> Iterator[None]:
         yield
 
 
-def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> dict:
+def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor, dynamic: Dynamic) -> dict:
     with _quiet_jit():
         traced = torch.jit.trace(model, example, check_trace=False)  # checked below, on the saved file
         torch.jit.save(traced, str(path))
@@ -337,31 +416,68 @@ def _run_torchscript(path: Path, example: torch.Tensor, facts: dict) -> Any:
         return torch.jit.load(str(path))(example)
 
 
-def exported_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) \
-        -> torch.export.ExportedProgram:
-    """``torch.export.export`` of the model, with a dynamic batch size where the model allows it.
+def exported_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True,
+                     dynamic_spatial: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of the model, with a dynamic batch size where the model allows it, and
+    with ``dynamic_spatial`` free spatial dims (or an :class:`ExportError` where they cannot be).
 
     A batch of 1 would be specialised, so the trace sees the example twice over; the program is then
-    checked on the example itself. Where the batch cannot stay dynamic, the example's shape is kept.
+    checked on the example itself. Where the batch cannot stay dynamic, the example's batch is kept.
     """
     if dynamic_batch and example.dim() > 0:
         batched = example if example.shape[0] > 1 else torch.cat([example, example])
-        program = torch.export.export(model, (batched,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+        program = _export_with_free_dims(model, batched, batch=True, spatial=dynamic_spatial)
         if _batch_is_dynamic(program):
-            return program
-    return torch.export.export(model, (example,))
+            return _require_free_spatial(program, dynamic_spatial)
+    return _require_free_spatial(_export_with_free_dims(model, example, batch=False, spatial=dynamic_spatial),
+                                 dynamic_spatial)
+
+
+def _export_with_free_dims(model: nn.Module, example: torch.Tensor, *, batch: bool,
+                           spatial: bool) -> torch.export.ExportedProgram:
+    dims = {**({0: torch.export.Dim.AUTO} if batch else {}),
+            **({d: torch.export.Dim.AUTO for d in range(2, example.dim())} if spatial else {})}
+    if not spatial:
+        return torch.export.export(model, (example,), dynamic_shapes=(dims,) if dims else None)
+    try:
+        return torch.export.export(model, (example,), dynamic_shapes=(dims,))
+    except Exception as error:  # a data-dependent branch on the size, an unsupported op, …
+        raise ExportError(f"this model cannot be exported with a dynamic spatial size: {type(error).__name__}: "
+                          f"{first_sentence(error)}") from None
+
+
+def _input_shape(program: torch.export.ExportedProgram) -> tuple:
+    name = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    return tuple(node.meta["val"].shape)
 
 
 def _batch_is_dynamic(program: torch.export.ExportedProgram) -> bool:
-    name = program.graph_signature.user_inputs[0]
-    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
-    return isinstance(node.meta["val"].shape[0], torch.SymInt)
+    return isinstance(_input_shape(program)[0], torch.SymInt)
 
 
-def _write_export(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> dict:
-    program = exported_program(model, example, dynamic)
+def _spatial_is_dynamic(program: torch.export.ExportedProgram) -> bool:
+    return all(isinstance(size, torch.SymInt) for size in _input_shape(program)[2:])
+
+
+def _require_free_spatial(program: torch.export.ExportedProgram, dynamic_spatial: bool) \
+        -> torch.export.ExportedProgram:
+    if dynamic_spatial and not _spatial_is_dynamic(program):
+        fixed = "×".join(str(s) for s in _input_shape(program)[2:])
+        raise ExportError(f"this model cannot be exported with a dynamic spatial size: its forward only works "
+                          f"at {fixed} (torch.export fixed the size; a timm ViT needs dynamic_img_size=True)")
+    return program
+
+
+def _facts(program: torch.export.ExportedProgram, dynamic: Dynamic) -> dict:
+    return {"dynamic_batch": _batch_is_dynamic(program),
+            **({"dynamic_spatial": _spatial_is_dynamic(program)} if dynamic.spatial else {})}
+
+
+def _write_export(model: nn.Module, path: Path, example: torch.Tensor, dynamic: Dynamic) -> dict:
+    program = exported_program(model, example, dynamic.batch, dynamic.spatial)
     torch.export.save(program, str(path))
-    return {"dynamic_batch": _batch_is_dynamic(program)}
+    return _facts(program, dynamic)
 
 
 def _run_export(path: Path, example: torch.Tensor, facts: dict) -> Any:
@@ -382,10 +498,10 @@ def _check_onnx(model: nn.Module) -> None:
     _onnxruntime()
 
 
-def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> dict:
-    program = exported_program(model, example, dynamic)
+def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, dynamic: Dynamic) -> dict:
+    program = exported_program(model, example, dynamic.batch, dynamic.spatial)
     torch.onnx.export(program, dynamo=True, verbose=False).save(str(path))
-    return {"dynamic_batch": _batch_is_dynamic(program)}
+    return _facts(program, dynamic)
 
 
 def _run_onnx(path: Path, example: torch.Tensor, facts: dict) -> Any:
@@ -403,7 +519,8 @@ FORMATS: dict[str, ExportFormat] = {
     "torchscript": ExportFormat("torch.jit.trace in eval mode, torch.jit.save",
                                 lambda model: "model.torchscript.pt", _write_torchscript, _run_torchscript),
     "export": ExportFormat("torch.export ExportedProgram, torch.export.save (.pt2)",
-                           lambda model: "model.pt2", _write_export, _run_export),
+                           lambda model: "model.pt2", _write_export, _run_export, dynamic_spatial=True),
     "onnx": ExportFormat("torch.onnx.export(dynamo=True), checked with onnxruntime",
-                         lambda model: "model.onnx", _write_onnx, _run_onnx, tolerance=1e-4, check=_check_onnx),
+                         lambda model: "model.onnx", _write_onnx, _run_onnx, tolerance=1e-4, check=_check_onnx,
+                         dynamic_spatial=True),
 }

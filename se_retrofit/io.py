@@ -29,6 +29,7 @@ from .errors import RetrofitError
 from ._version import __version__
 from .attention._layers import gate_state, set_gate_state
 from .config import RetrofitRecord
+from . import hf
 from .core import apply_record, record_of
 from .training import attention_state_dict
 from .hub import ModelRef, WeightsError, check_state_dict, create, first_sentence
@@ -192,8 +193,10 @@ def _fresh_base(record: RetrofitRecord, weights: str) -> nn.Module:
     if weights == "attention":
         raise SaveError("weights='attention' needs the base_model to put the attention weights on")
     name, source = record.base.get("name"), record.base.get("source")
+    if source == hf.SOURCE:
+        return hf.rebuild(record.base)
     if not name or source not in ("timm", "torchvision"):
-        raise WeightsError("the config does not say which timm/torchvision model is the base; pass "
+        raise WeightsError("the config does not say which timm/torchvision/transformers model is the base; pass "
                            "base_model= to load onto your own model")
     model, _ = create(ModelRef(name, source), weights="none", **safe_create_kwargs(record.base.get("create_kwargs")))
     return model

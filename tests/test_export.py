@@ -257,3 +257,72 @@ def test_cli_export_errors_are_one_line_and_write_nothing(capsys, tmp_path, monk
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("se-retrofit: error: ") and message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+# --- dynamic spatial size (detection and segmentation backbones run at many sizes) -------------------
+
+def _run_file(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return _read_back(fmt, path)(x)
+
+
+@pytest.mark.parametrize("fmt", ["export", "onnx"])
+def test_dynamic_spatial_file_runs_at_every_size(edited, tmp_path, fmt):
+    result = export(edited, tmp_path / NAMES[fmt], fmt, small_input(1, 64), dynamic_spatial=True)
+    assert result.dynamic_spatial is True and result.dynamic_batch is True
+    assert result.checked_sizes == [(64, 64), (96, 96)]
+    tolerance = 1e-4 if fmt == "onnx" else 0.0
+    assert result.max_abs_diff <= tolerance
+    sizes = [(1, 64, 64), (3, 96, 96), (2, 80, 112), (1, 224, 224)]  # non-square and unseen sizes too
+    for batch, height, width in sizes:
+        x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))
+        diff = (_run_file(fmt, result.path, x) - _reference(edited, x)).abs().max().item()
+        print(f"{fmt} dynamic spatial: {batch}x3x{height}x{width} max |Δ| = {diff:.3g}")
+        assert diff <= tolerance, (fmt, x.shape, diff)
+    assert json.loads(json.dumps(result.to_dict()))["checked_sizes"] == [[64, 64], [96, 96]]
+
+
+def test_without_dynamic_spatial_the_file_keeps_the_example_size(edited, tmp_path):
+    result = export(edited, tmp_path / "model.pt2", "export", small_input(1, 64))
+    assert result.dynamic_spatial is None and result.checked_sizes is None
+    program = torch.export.load(str(result.path)).module()
+    with pytest.raises(Exception, match="96|64"):
+        program(small_input(1, 96))
+
+
+def test_fixed_size_vit_is_refused_and_dynamic_img_size_vit_is_exported(tmp_path):
+    torch.manual_seed(0)
+    fixed = timm.create_model("vit_tiny_patch16_224", img_size=64).eval()
+    with pytest.raises(ExportError, match=r"cannot be exported with a dynamic spatial size: it does not run at "
+                                          r"96×96 \(AssertionError: Input height \(96\) doesn't match model"):
+        export(fixed, tmp_path / "vit.pt2", "export", small_input(1, 64), dynamic_spatial=True)
+    assert list(tmp_path.iterdir()) == []
+    free = timm.create_model("vit_tiny_patch16_224", img_size=64, dynamic_img_size=True).eval()
+    result = export(free, tmp_path / "vit.pt2", "export", small_input(1, 64), dynamic_spatial=True)
+    assert result.dynamic_spatial is True and result.max_abs_diff == 0.0
+    x = torch.randn(2, 3, 128, 80)
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(str(result.path)).module()(x), free(x))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "timm", "torchscript"])
+def test_dynamic_spatial_is_refused_for_formats_that_keep_no_graph(edited, tmp_path, fmt):
+    with pytest.raises(ExportError, match=f"a dynamic spatial size applies to the formats that trace a graph "
+                                          f"\\(export, onnx\\), not '{fmt}'"):
+        export(edited, tmp_path / NAMES[fmt], fmt, small_input(1, 64), dynamic_spatial=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_dynamic_spatial(capsys, tmp_path, monkeypatch):
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--format", "onnx", "--dynamic-spatial",
+                         "--out", str(tmp_path / "o"), "--input-size", "3,64,64", "--json")
+    assert code == 0, err
+    exported = json.loads(out)["export"]
+    assert exported["dynamic_spatial"] is True and exported["checked_sizes"] == [[64, 64], [96, 96]]
+    assert exported["max_abs_diff"] < 1e-4
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--dynamic-spatial", "--out", "X",
+                         "--input-size", "3,64,64")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "a dynamic spatial size applies to the formats that trace a graph (export, onnx), not 'safetensors'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
