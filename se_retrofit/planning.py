@@ -42,6 +42,11 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
     blocks = select_blocks(analysis.blocks, config.blocks, config.exclude)
     if config.stages is not None:
         blocks = [b for b in blocks if b.stage in config.stages]
+    if not blocks:
+        chosen = ", ".join(f"{k}={v}" for k, v in (("blocks", config.blocks), ("exclude", config.exclude),
+                                                    ("stages", config.stages)) if v is not None)
+        raise BlockPatternError(f"{chosen} leave none of the {len(analysis.blocks)} residual blocks "
+                                f"({analysis.blocks[0].name} … {analysis.blocks[-1].name}) to edit")
     if config.position == "stage":
         if len(analysis.stages) < 2:
             raise StageError("position 'stage' goes between stages, and all of this model's residual blocks "

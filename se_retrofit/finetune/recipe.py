@@ -34,7 +34,7 @@ import yaml
 from ..errors import RetrofitError
 from ..attention import UnknownAttentionError
 from ..config import ConfigError, RetrofitConfig
-from ..hub import UnknownModelError, resolve
+from ..hub import WEIGHT_LOADING_KWARGS, UnknownModelError, resolve
 
 TASKS = ("classification", "detection")
 TRAINABLE = ("new", "all")
@@ -222,6 +222,16 @@ def _model(value: Any, where: str) -> str:
     return value
 
 
+def _model_kwargs(value: Any, where: str) -> dict[str, Any]:
+    value = _mapping(value, where)
+    loading = [key for key in WEIGHT_LOADING_KWARGS if key in value]
+    if loading:
+        raise RecipeError(f"{_join(where, loading[0])} would make the library load weights itself, past "
+                          "se_retrofit's weights reader; give the file as the recipe's weights: PATH (or --weights "
+                          "PATH): .safetensors, or a pickled .pth/.pt with --allow-pickle")
+    return value
+
+
 def _phases(value: Any, where: str) -> tuple[Phase, ...]:
     if not isinstance(value, list) or not value:
         raise _fail(where, "a non-empty list of phases (name, trainable, epochs, lr, …)", value)
@@ -252,7 +262,7 @@ class Recipe:
     description: str = _check(_string, default="")
     task: str = _check(_choice(TASKS), default="classification")
     weights: str = _check(_text, default="pretrained")
-    model_kwargs: dict[str, Any] = _check(_mapping, default_factory=dict)
+    model_kwargs: dict[str, Any] = _check(_model_kwargs, default_factory=dict)
     data: DataSpec = _check(_section(DataSpec), default_factory=DataSpec)
     train: TrainSpec = _check(_section(TrainSpec), default_factory=TrainSpec)
 
