@@ -32,7 +32,7 @@ from .core import RECORD_ATTR, StackedAttentionWarning, plan, retrofit_with
 from .export import FORMATS as EXPORT_FORMATS, save_and_export, timm_usage
 from .hub import OfflineWarning, WeightsError, check_weights_path, create, resolve
 from .identity_check import check_identity
-from .io import check_target
+from .io import SaveError, check_target
 from .planning import Plan
 
 #: a probe input and the activations of one forward need about this many times the input's bytes
@@ -150,6 +150,8 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     out_dir = args.out or Path(f"{ref.name.replace('/', '_')}-{config.attention}-{config.position}"
                                + (f"-r{config.reduction}" if config.reduction else ""))
     if not args.dry_run:
+        if os.path.lexists(out_dir) and not args.overwrite:
+            raise SaveError(f"output directory {out_dir} already exists; pass --overwrite or choose --out")
         check_target(out_dir, args.overwrite)
     if args.weights not in ("pretrained", "none"):
         check_weights_path(Path(args.weights), allow_pickle=args.allow_pickle)
