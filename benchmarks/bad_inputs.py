@@ -295,7 +295,7 @@ def cases() -> list[Case]:
         # finetune
         Case("finetune: missing recipe", ("finetune", "nowhere.yaml", "--data", "."), contains="does not exist"),
         Case("finetune: recipe is a directory", ("finetune", "rdir", "--data", "."), setup=make_dirs("rdir"),
-             contains="rdir"),
+             contains="is a directory"),
         Case("finetune: recipe not YAML", ("finetune", "r.yaml", "--dry-run", "--data", "."),
              setup=recipe("name: x\nmodel: [resnet18\n"), contains="not valid YAML"),
         Case("finetune: recipe key typo (learning_rate)", ("finetune", "r.yaml", "--dry-run", "--data", "."),

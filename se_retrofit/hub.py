@@ -113,11 +113,19 @@ WEIGHT_LOADING_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay
                          "weights", "weights_backbone", "pretrained_backbone")
 
 
+def loading_kwargs(create_kwargs: dict) -> list[str]:
+    """The options in ``create_kwargs`` that would load weights: any of :data:`WEIGHT_LOADING_KWARGS`
+    with a value other than None or False (``weights_backbone: null`` turns a download off), and
+    ``pretrained`` / ``weights`` always (se_retrofit sets those from ``weights``)."""
+    return [key for key in WEIGHT_LOADING_KWARGS if key in create_kwargs
+            and (key in ("pretrained", "weights") or create_kwargs[key] not in (None, False))]
+
+
 def _check_create_kwargs(create_kwargs: dict) -> None:
     """Refuse constructor options that load weights behind :func:`read_state_dict`'s back (timm's
     ``checkpoint_path`` runs ``torch.load`` on a pickle; ``pretrained_cfg_overlay=dict(file=…)``
     too), so every weight goes through one reader and the model says where its weights came from."""
-    found = [key for key in WEIGHT_LOADING_KWARGS if key in create_kwargs]
+    found = loading_kwargs(create_kwargs)
     if found:
         raise WeightsError(f"model option {found[0]!r} would make the library load weights itself; give the file "
                            "as the weights instead (--weights PATH, or weights: PATH in a recipe), which reads "

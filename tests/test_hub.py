@@ -109,3 +109,11 @@ def test_a_directory_as_weights_says_so(tmp_path):
     (tmp_path / "retrofit_config.json").write_text("{}")
     with pytest.raises(WeightsError, match="holding a saved se_retrofit model; it is loaded with se_retrofit.load"):
         hub.read_state_dict(tmp_path)
+
+
+def test_options_that_turn_loading_off_are_allowed():
+    model, origin = hub.create(ModelRef("resnet18", "timm"), "none", checkpoint_path=None, cache_dir=None)
+    assert origin == "random initialisation (weights: none)"
+    assert hub.loading_kwargs({"weights_backbone": None, "pretrained_backbone": False}) == []
+    assert hub.loading_kwargs({"weights_backbone": "DEFAULT", "pretrained": False}) == ["pretrained",
+                                                                                        "weights_backbone"]

@@ -34,7 +34,7 @@ import yaml
 from ..errors import RetrofitError
 from ..attention import UnknownAttentionError
 from ..config import ConfigError, RetrofitConfig
-from ..hub import WEIGHT_LOADING_KWARGS, UnknownModelError, resolve
+from ..hub import UnknownModelError, loading_kwargs, resolve
 
 TASKS = ("classification", "detection")
 TRAINABLE = ("new", "all")
@@ -224,7 +224,7 @@ def _model(value: Any, where: str) -> str:
 
 def _model_kwargs(value: Any, where: str) -> dict[str, Any]:
     value = _mapping(value, where)
-    loading = [key for key in WEIGHT_LOADING_KWARGS if key in value]
+    loading = loading_kwargs(value)
     if loading:
         raise RecipeError(f"{_join(where, loading[0])} would make the library load weights itself, past "
                           "se_retrofit's weights reader; give the file as the recipe's weights: PATH (or --weights "
@@ -375,6 +375,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         True
     """
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe path {path} is a directory; pass a recipe file in it, such as "
+                          f"{path / 'NAME.yaml'} (see recipes/)")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist" + ("" if path.suffix else
                                                                      " (recipes are .yaml files; see recipes/)"))
