@@ -3,6 +3,7 @@ table: PYTHONPATH=$PWD python benchmarks/bad_inputs.py), and the Python API's ow
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ SUBSET = ("unknown model", "--exclude '*' (nothing left)", "--input-size 3,10000
 def _script():
     spec = importlib.util.spec_from_file_location("bad_inputs_benchmark", ROOT / "benchmarks" / "bad_inputs.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
