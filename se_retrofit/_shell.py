@@ -11,9 +11,10 @@ Example:
     >>> from se_retrofit.errors import RetrofitError
     >>> def body():
     ...     raise RetrofitError("no such thing")
-    >>> run_command("se-retrofit", body)  # doctest: +SKIP
-    se-retrofit: error: no such thing
+    >>> run_command("se-retrofit", body)  # and "se-retrofit: error: no such thing" on stderr
     2
+    >>> one_line(ValueError("first line\\n  second line"))
+    'first line / second line'
 """
 from __future__ import annotations
 

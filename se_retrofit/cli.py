@@ -30,7 +30,7 @@ from .config import POSITION_HELP, POSITIONS, RetrofitConfig, import_attention_m
 from .errors import RetrofitError
 from .core import RECORD_ATTR, StackedAttentionWarning, plan, retrofit_with
 from .export import FORMATS as EXPORT_FORMATS, save_and_export, timm_usage
-from .hub import OfflineWarning, WeightsError, check_weights_path, create, resolve
+from .hub import OfflineWarning, check_weights_path, create, resolve
 from .identity_check import check_identity
 from .io import SaveError, check_target
 from .planning import Plan
