@@ -377,3 +377,34 @@ def timm_state():
     import timm
 
     return timm.create_model("resnet18").state_dict()
+
+
+class _Double(torch.nn.Module):
+    """An attention type whose init_identity doubles its input."""
+
+    def __init__(self, channels, **_):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((1,), 2.0))
+
+    def init_identity(self):
+        torch.nn.init.constant_(self.weight, 2.0)
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_export_only_refuses_a_model_that_is_not_the_identity(tmp_path, capsys):
+    from se_retrofit.attention import register_attention, unregister_attention
+
+    text = QUICK.read_text().replace("attention: se", "attention: double_ft").replace("  reduction: 16           # r\n", "")
+    register_attention("double_ft")(_Double)
+    try:
+        recipe = _write(tmp_path / "r.yaml", text)
+        code, out, err = cli(capsys, recipe, "--export-only", "--out", tmp_path / "run", "--weights", "none",
+                             "--image-size", "32")
+    finally:
+        unregister_attention("double_ft")
+    print(err)
+    assert code == 2 and err.startswith("se-retrofit: error: identity check failed: max |Δ| = ")
+    assert "on trained-like statistics on a copy (the weights are random)" in err and "nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]

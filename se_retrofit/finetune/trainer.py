@@ -35,8 +35,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import RetrofitError
-from ..outputs import output_difference
-from ..core import RECORD_ATTR, retrofit_with
+from ..identity_check import check_identity
+from ..core import RECORD_ATTR, record_of, retrofit_with
 from ..hub import ModelRef, OfflineWarning, check_weights_path, create, resolve
 from ..io import save
 from ..tracing import training_mode
@@ -389,13 +389,17 @@ def export(plan: Plan, options: Options, reporter: Reporter) -> Result:
     train in your own script."""
     base, model, origin, config, shown = build_model(plan, options)
     reporter.warnings(shown)
-    target = (lambda m: m.backbone) if plan.recipe.task == "detection" else (lambda m: m)
+    prefix = "backbone." if plan.recipe.task == "detection" else ""  # a detector's backbone gives features
     example = torch.randn(1, *config["input_size"], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        identity = output_difference(target(base).eval()(example), target(model).eval()(example))[0]
-    plan.out.mkdir(parents=True, exist_ok=True)
-    final = save(model, plan.out / "model", overwrite=options.overwrite)
-    reporter.exported(plan, origin, model, identity, final)
+    paths = tuple(site.module_path.removeprefix(prefix) for site in record_of(model).sites)
+    check = check_identity(base.get_submodule(prefix[:-1]), model.get_submodule(prefix[:-1]), example,
+                           random_weights=origin.startswith("random"), attention_paths=paths)
+    if plan.recipe.retrofit.init == "identity" and not check.passed:
+        raise FinetuneError(f"identity check failed: max |Δ| = {check.max_abs_diff:.3g} (relative "
+                            f"{check.max_rel_diff:.3g}) on {check.statistics}: {plan.recipe.retrofit.attention!r} at "
+                            f"{plan.recipe.retrofit.position!r} does not start at identity; nothing was written")
+    final = save(model, plan.out / "model", overwrite=options.overwrite)  # makes plan.out; removes it on failure
+    reporter.exported(plan, origin, model, check.max_abs_diff, final, statistics=check.statistics)
     return Result(model.eval(), [], plan.out, final, files={"model": final})
 
 
