@@ -186,7 +186,12 @@ def _make_parents(directory: Path) -> list[Path]:
     created = []
     try:
         for item in reversed(missing):
-            item.mkdir()
+            try:
+                item.mkdir()
+            except FileExistsError:  # made meanwhile by another process: not ours to remove
+                if not item.is_dir():
+                    raise
+                continue
             created.append(item)
     except OSError as error:
         for item in reversed(created):
@@ -204,7 +209,8 @@ def _remove_if_empty(directory: Path) -> None:
 
 def remove_stale_staging(parent: Path) -> list[Path]:
     """Remove the staging directories in ``parent`` left by saves whose process is gone (killed
-    mid-save); the ones of running processes stay. Returns those removed."""
+    mid-save); the ones of running processes stay. A previous save moved aside by a killed
+    overwrite goes back to its place when that place is still free. Returns those removed."""
     removed = []
     try:
         entries = list(Path(parent).iterdir())
@@ -212,13 +218,19 @@ def remove_stale_staging(parent: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _STAGING_NAME.fullmatch(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
+        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(2))):
+            previous, place = entry / "previous", Path(parent) / match.group(1)
+            if match.group(3) == "old" and previous.is_dir() and not os.path.lexists(place):
+                try:
+                    _rename_noreplace(previous, place)
+                except (OSError, SaveError):
+                    pass
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
 
 
-_STAGING_NAME = re.compile(rf"\..*\.{STAGING_TAG}-(\d+)-[^.]*\.(?:partial|old)")
+_STAGING_NAME = re.compile(rf"\.(.*)\.{STAGING_TAG}-(\d+)-[^.]*\.(partial|old)")
 
 
 def _alive(pid: int) -> bool:

@@ -266,3 +266,16 @@ def test_staging_left_by_a_killed_save_is_removed_by_the_next_save(tmp_path, edi
     se_retrofit.save(edited, tmp_path / "other")
     print(left, "->", sorted(p.name for p in tmp_path.iterdir()))
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "other"]
+
+
+def test_a_previous_save_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path, edited):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    aside = tmp_path / f".out.se-retrofit-{pid}-x1y2.old"
+    se_retrofit.save(edited, aside / "previous")  # killed between moving the old save aside and the new in
+    se_retrofit.save(edited, tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
+    assert (tmp_path / "out" / "retrofit_config.json").is_file()
