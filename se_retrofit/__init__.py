@@ -21,7 +21,15 @@ from .training import (attention_modules, attention_parameters, attention_state_
                        param_groups, unfreeze)
 
 from ._version import __version__
-from . import finetune  # se_retrofit.finetune.run(recipe, data) and load_recipe: recipes/
+
+
+def __getattr__(name: str):
+    """``se_retrofit.finetune`` (the trainer: DDP, YAML, plots, datasets) is imported on first use."""
+    if name == "finetune":
+        import importlib
+
+        return importlib.import_module(".finetune", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Analysis", "Block", "RetrofitError", "POSITIONS", "RetrofitConfig", "Site", "StackedAttentionWarning", "analyze",

@@ -23,29 +23,24 @@ from rich.table import Table
 from torch import nn
 
 from ._version import __version__
+from ._shell import Parser, UsageError, run_command
 from .analysis import default_example_input
 from .attention import create_attention, list_attentions
 from .config import POSITION_HELP, POSITIONS, RetrofitConfig, import_attention_module
 from .errors import RetrofitError
 from .core import RECORD_ATTR, StackedAttentionWarning, plan, retrofit_with
 from .export import FORMATS as EXPORT_FORMATS, save_and_export, timm_usage
-from .hub import OfflineWarning, WeightsError, create, resolve
-from .outputs import output_difference
-from .io import SaveError
+from .hub import OfflineWarning, check_weights_path, create, resolve
+from .identity_check import check_identity
+from .io import SaveError, check_target
 from .planning import Plan
 
-#: everything a user can get wrong derives from RetrofitError (se_retrofit.errors): one line, exit 2
-USER_ERRORS = (RetrofitError,)
-EXIT_USER_ERROR, EXIT_INTERNAL = 2, 1
+#: a probe input and the activations of one forward need about this many times the input's bytes
+ACTIVATION_FACTOR = 32
 
 
-class UsageError(Exception):
-    """Bad command-line arguments (reported in one line, exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        raise UsageError(f"{message} (see se-retrofit --help)")
+class IdentityCheckError(RetrofitError):
+    """The edited model does not compute what the original computes, and that was not asked for."""
 
 
 def _positive_int(text: str) -> int:
@@ -76,7 +71,7 @@ def _size(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="se-retrofit",
         description="Retrofit Squeeze-and-Excitation attention into a pretrained timm or torchvision "
                     "network, starting at exact identity, and save it for fine-tuning.")
@@ -127,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dynamic-spatial", action="store_true",
                         help="with --format export or onnx: let the file take any height and width, checked at "
                              "the probe size and 32 pixels larger")
+    parser.add_argument("--allow-nonidentity", action="store_true",
+                        help="save even when the identity check finds the edited model computes something else "
+                             "(by default that is an error and nothing is written)")
     parser.add_argument("--dry-run", action="store_true", help="show the plan, write nothing")
     parser.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
     parser.add_argument("--list-attentions", action="store_true", help="list the attention types and exit")
@@ -142,24 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return finetune_main(argv[1:])
     out = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
-    try:
-        args = build_parser().parse_args(argv)
-        return _run(args, out, err)
-    except UsageError as error:
-        err.print(f"se-retrofit: error: {error}", markup=False, highlight=False)
-        return EXIT_USER_ERROR
-    except USER_ERRORS as error:
-        err.print(f"se-retrofit: error: {error}", markup=False, highlight=False)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        err.print("se-retrofit: interrupted; nothing was written", highlight=False)
-        return 130
-    except Exception as error:  # a bug: one line, traceback only on request
-        if os.environ.get("SE_RETROFIT_DEBUG"):
-            raise
-        err.print(f"se-retrofit: internal error: {type(error).__name__}: {error} "
-                  "(set SE_RETROFIT_DEBUG=1 for the traceback)", markup=False, highlight=False)
-        return EXIT_INTERNAL
+    return run_command("se-retrofit", lambda: _run(build_parser().parse_args(argv), out, err))
 
 
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -184,10 +165,14 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     ref = resolve(args.model, args.source)
     out_dir = args.out or Path(f"{ref.name.replace('/', '_')}-{config.attention}-{config.position}"
                                + (f"-r{config.reduction}" if config.reduction else ""))
-    if not args.dry_run and out_dir.exists() and not args.overwrite:
-        raise SaveError(f"output directory {out_dir} already exists; pass --overwrite or choose --out")
-    if args.weights not in ("pretrained", "none") and not Path(args.weights).is_file():
-        raise WeightsError(f"weights file {args.weights} does not exist (use pretrained, none or a file path)")
+    if not args.dry_run:
+        if os.path.lexists(out_dir) and not args.overwrite:
+            raise SaveError(f"output directory {out_dir} already exists; pass --overwrite or choose --out")
+        check_target(out_dir, args.overwrite)
+    if args.weights not in ("pretrained", "none"):
+        check_weights_path(Path(args.weights), allow_pickle=args.allow_pickle)
+    if args.input_size is not None:
+        _check_input_memory(args.input_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, origin = create(ref, args.weights, allow_pickle=args.allow_pickle)
@@ -202,7 +187,9 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             edited = retrofit_with(model, config, example_input=example, analysis=analysis)
         _report_warnings(caught, err)
         getattr(edited, RECORD_ATTR).base.update(name=ref.name, source=ref.source, weights=origin)
-        report.update(_identity(model, edited, example), params_after=_count(edited))
+        check = check_identity(model, edited, example, random_weights=origin.startswith("random"))
+        _enforce_identity(check, config, args.allow_nonidentity, err)
+        report.update(_identity_report(check), params_after=_count(edited))
         report["params_added_pct"] = 100.0 * (report["params_after"] / report["params_before"] - 1)
         saved, exported = save_and_export(edited, out_dir, args.format, example, overwrite=args.overwrite,
                                           dynamic_spatial=args.dynamic_spatial)
@@ -219,6 +206,46 @@ def _option_text(options: dict[str, Any]) -> str:
         return "any keyword the class takes"
     shown = {k: getattr(v, "__name__", None) or repr(v) for k, v in options.items() if v is not None}
     return ", ".join(f"{k}={shown[k]}" if k in shown else k for k in options) or "none"
+
+
+def _check_input_memory(size: tuple[int, ...]) -> None:
+    """Refuse an ``--input-size`` whose probe forward cannot fit in memory, before allocating it."""
+    needed = 4 * ACTIVATION_FACTOR
+    for extent in size:
+        needed *= extent
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise UsageError(f"--input-size {','.join(map(str, size))} needs about {needed / 2**30:,.0f} GiB for the "
+                         f"probe input and its activations, and {available / 2**30:,.1f} GiB are available; "
+                         "choose a smaller size such as 3,224,224")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable; else physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _enforce_identity(check, config: RetrofitConfig, allowed: bool, err: Console) -> None:
+    """An identity init that does not give the original outputs is an error (nothing is saved)
+    unless ``--allow-nonidentity``, then a warning. ``--init random`` is not meant to be identity."""
+    if config.init != "identity" or check.passed:
+        return
+    message = (f"identity check failed: max |Δ| = {check.max_abs_diff:.3g} (relative {check.max_rel_diff:.3g}, "
+               f"tolerance {check.tolerance:g}) on {check.statistics}: the edited model does not compute what the "
+               f"original does ({config.attention!r} at {config.position!r} does not start at identity)")
+    if not allowed:
+        raise IdentityCheckError(f"{message}; nothing was written (pass --allow-nonidentity to save it anyway)")
+    err.print(f"warning: {message}; saving anyway (--allow-nonidentity)", markup=False, highlight=False,
+              style="yellow")
 
 
 def _example(model: nn.Module, size: tuple[int, ...] | None) -> torch.Tensor:
@@ -267,13 +294,10 @@ def _report(ref, origin: str, config: RetrofitConfig, analysis, site_plan: Plan,
     }
 
 
-def _identity(original: nn.Module, edited: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-    """Max |Δ| over every output tensor of the original and edited models on ``example`` (eval mode)."""
-    original.eval()
-    edited.eval()
-    with torch.no_grad():
-        absolute, relative = output_difference(original(example), edited(example))
-    return {"dry_run": False, "identity_max_abs_diff": absolute, "identity_max_rel_diff": relative}
+def _identity_report(check) -> dict[str, Any]:
+    return {"dry_run": False, "identity_max_abs_diff": check.max_abs_diff,
+            "identity_max_rel_diff": check.max_rel_diff, "identity_statistics": check.statistics,
+            "identity_passed": check.passed}
 
 
 def _print_report(report: dict, out: Console) -> None:
@@ -301,7 +325,8 @@ def _print_report(report: dict, out: Console) -> None:
     out.print(f"parameters: {before:,} → {report['params_after']:,} (+{report['params_added_pct']:.2f}%)",
               highlight=False)
     out.print(f"identity check: max |Δ| = {report['identity_max_abs_diff']:.3g} "
-              f"(relative {report['identity_max_rel_diff']:.3g})", highlight=False)
+              f"(relative {report['identity_max_rel_diff']:.3g}) on {report['identity_statistics']}",
+              highlight=False)
     out.print(f"saved to {report['output_dir']}", highlight=False)
     if report["export"]:
         _print_export(report["export"], out)

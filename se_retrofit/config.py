@@ -78,7 +78,11 @@ class RetrofitConfig:
             self.stages = sorted(set(self.stages))
         for name in ("blocks", "exclude"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, str) or not all(isinstance(p, str) and p for p in value)):
+            if isinstance(value, str):  # one pattern, not a list of its characters
+                value = [value]
+                setattr(self, name, value)
+            if value is not None and (not isinstance(value, (list, tuple))
+                                      or not all(isinstance(p, str) and p for p in value)):
                 raise ConfigError(f"{name} must be a list of glob patterns such as ['layer3.*'], got {value!r}")
         self.options = dict(self.options)
         try:

@@ -80,11 +80,15 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
     """
     config = RetrofitConfig(attention=attention, position=position, reduction=reduction,
                             stages=list(stages) if stages is not None else None,
-                            blocks=list(blocks) if blocks is not None else None,
-                            exclude=list(exclude) if exclude is not None else None,
+                            blocks=_patterns(blocks), exclude=_patterns(exclude),
                             init=init, divisor=divisor, every=every, max_attention_mib=max_attention_mib,
                             options=options)
     return retrofit_with(model, config, example_input=example_input, inplace=inplace)
+
+
+def _patterns(value: Any) -> list[str] | None:
+    """Glob patterns as a list: a single string is one pattern, not a list of its characters."""
+    return None if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: Any = None,

@@ -40,7 +40,7 @@ from .errors import RetrofitError
 from .hub import first_sentence
 from .analysis import default_example_input
 from .convert import ConversionError, timm_create_kwargs, timm_native_name, to_timm_native
-from .io import _replace_dir, _unshared, default_file_mode, load, save
+from .io import _replace_dir, _unshared, default_file_mode, load, save, staging_dir
 from .outputs import OutputMismatchError, output_difference, output_tensors
 from .tracing import training_mode
 
@@ -262,12 +262,12 @@ def save_and_export(model: nn.Module, directory: str | os.PathLike, format: str 
     _check_path(directory, "safetensors", overwrite)
     _check_dynamic_spatial(format, _example(model, example_input), dynamic_spatial)
     spec.check(model)  # refuse before writing anything
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with _staging(directory) as staged:
+    with staging_dir(directory, overwrite) as staging:  # removed (with the parents it made) on failure
+        staged = staging / directory.name
         save(model, staged)
         result = export(model, staged / spec.filename(model), format, example_input,
                         dynamic_spatial=dynamic_spatial)
-        _replace_dir(staged, directory)
+        _replace_dir(staged, directory, overwrite)
     return directory, replace(result, path=directory / result.path.name)
 
 

@@ -97,6 +97,7 @@ def create(ref: ModelRef, weights: str = "pretrained", *, allow_pickle: bool = F
         allow_pickle: permit pickled torch files (never needed for ``.safetensors``).
         create_kwargs: passed to the library's constructor (``num_classes=10``).
     """
+    _check_create_kwargs(create_kwargs)
     if weights == "none":
         return _build(ref, False, create_kwargs), "random initialisation (weights: none)"
     if weights == "pretrained":
@@ -105,6 +106,30 @@ def create(ref: ModelRef, weights: str = "pretrained", *, allow_pickle: bool = F
     model = _build(ref, False, create_kwargs)
     load_weights_file(model, path, allow_pickle=allow_pickle)
     return model, f"file {path}"
+
+
+#: constructor options that make the library read or fetch weights itself, past read_state_dict's rules
+WEIGHT_LOADING_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                         "weights", "weights_backbone", "pretrained_backbone")
+
+
+def loading_kwargs(create_kwargs: dict) -> list[str]:
+    """The options in ``create_kwargs`` that would load weights: any of :data:`WEIGHT_LOADING_KWARGS`
+    with a value other than None or False (``weights_backbone: null`` turns a download off), and
+    ``pretrained`` / ``weights`` always (se_retrofit sets those from ``weights``)."""
+    return [key for key in WEIGHT_LOADING_KWARGS if key in create_kwargs
+            and (key in ("pretrained", "weights") or create_kwargs[key] not in (None, False))]
+
+
+def _check_create_kwargs(create_kwargs: dict) -> None:
+    """Refuse constructor options that load weights behind :func:`read_state_dict`'s back (timm's
+    ``checkpoint_path`` runs ``torch.load`` on a pickle; ``pretrained_cfg_overlay=dict(file=…)``
+    too), so every weight goes through one reader and the model says where its weights came from."""
+    found = loading_kwargs(create_kwargs)
+    if found:
+        raise WeightsError(f"model option {found[0]!r} would make the library load weights itself; give the file "
+                           "as the weights instead (--weights PATH, or weights: PATH in a recipe), which reads "
+                           ".safetensors, and pickled .pth/.pt files only with --allow-pickle")
 
 
 def _build(ref: ModelRef, pretrained: bool, create_kwargs: dict | None = None) -> nn.Module:
@@ -211,11 +236,7 @@ def read_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
     """Read a state dict from safetensors, or (only with ``allow_pickle``) a torch file read with
     ``weights_only=True``; unwrap common wrappers (``state_dict``, ``model``)."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
-    if path.suffix != ".safetensors" and not allow_pickle:
-        raise WeightsError(f"weights file {path} is not .safetensors; pickled torch files are read only when "
-                           "you allow it (--allow-pickle, or allow_pickle=True; loaded with weights_only=True)")
+    check_weights_path(path, allow_pickle=allow_pickle)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -232,6 +253,25 @@ def read_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
     return state
+
+
+def check_weights_path(path: Path, *, allow_pickle: bool = False) -> None:
+    """Raise :class:`WeightsError` unless ``path`` is a weights file :func:`read_state_dict` may read."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "retrofit_config.json").is_file():
+            raise WeightsError(f"weights path {path} is a directory holding a saved se_retrofit model; it is "
+                               "loaded with se_retrofit.load, not as the base model's weights (pass a state dict "
+                               "file of the base model, e.g. resnet50.safetensors)")
+        inside = sorted((p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".bin")),
+                        key=lambda name: (not name.endswith(".safetensors"), name))
+        hint = f" such as {path / inside[0]}" if inside else " (a .safetensors state dict of the model)"
+        raise WeightsError(f"weights path {path} is a directory; pass the weights file inside it{hint}")
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist (use pretrained, none or a file path)")
+    if path.suffix != ".safetensors" and not allow_pickle:
+        raise WeightsError(f"weights file {path} is not .safetensors; pickled torch files are read only when "
+                           "you allow it (--allow-pickle, or allow_pickle=True; loaded with weights_only=True)")
 
 
 def first_sentence(error: BaseException, limit: int = 160) -> str:

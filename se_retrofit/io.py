@@ -13,13 +13,18 @@ end, so an interrupted save never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -45,6 +50,12 @@ class SaveError(RetrofitError):
 def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``model`` (edited by :func:`se_retrofit.retrofit`) to the directory ``path``.
 
+    All or nothing: the files are written in a hidden staging directory next to ``path``, which is
+    renamed into place at the end. Without ``overwrite`` an existing ``path`` is never replaced,
+    even one that appears while the files are being written (the final rename refuses); with it,
+    only a saved se_retrofit model or an empty directory is replaced, never a file or another
+    directory. Staging directories of saves that were killed are removed by the next save.
+
     Example:
         >>> import tempfile, timm, se_retrofit
         >>> model = se_retrofit.retrofit(timm.create_model("resnet18"))
@@ -54,17 +65,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) 
     """
     record = record_of(model)
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise SaveError(f"{path} already exists; choose another directory or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
+    with staging_dir(path, overwrite) as staging:
         _write(model, record, staging)
         _set_default_permissions(staging)
-        _replace_dir(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _replace_dir(staging, path, overwrite)
     return path
 
 
@@ -108,14 +112,201 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _replace_dir(staging: Path, path: Path) -> None:
-    if not path.exists():
-        os.replace(staging, path)
+STAGING_TAG = "se-retrofit"  # staging names: .NAME.se-retrofit-PID-RANDOM.partial (and .old)
+
+
+def check_target(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse, before anything is built or written, a ``path`` that :func:`save` would refuse.
+
+    Raises :class:`SaveError` when ``path`` is the current directory (or holds it), exists and
+    ``overwrite`` is false, is a file or a directory other than a saved model or an empty one, or
+    lies under a file or a directory that cannot be written.
+    """
+    path = Path(path)
+    absolute = Path(os.path.abspath(path))
+    cwd = Path.cwd()
+    if absolute == cwd or absolute in cwd.parents:
+        raise SaveError(f"refusing to save to {path}: it is the current directory or holds it; name a new "
+                        "directory such as ./model-se")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise SaveError(f"{path} already exists; choose another directory or pass overwrite=True")
+        if path.is_symlink() or not path.is_dir():
+            raise SaveError(f"{path} is a file, not a saved model directory; refusing to replace it (remove it "
+                            "yourself or choose another directory)")
+        if not _replaceable(path):
+            raise SaveError(f"{path} is a directory that is not a saved se_retrofit model (no {CONFIG_FILE}); "
+                            "refusing to replace it (remove it yourself or choose another directory)")
+    ancestor = absolute.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SaveError(f"cannot save to {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SaveError(f"cannot save to {path}: {ancestor} is not writable")
+
+
+def _replaceable(path: Path) -> bool:
+    """A directory ``save(..., overwrite=True)`` may replace: a saved model, or an empty directory."""
+    try:
+        return (path / CONFIG_FILE).is_file() or not any(path.iterdir())
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def staging_dir(path: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh hidden directory next to ``path`` to write into; removed afterwards whatever happens,
+    with the parent directories it had to create (when nothing was saved), and OS errors turned
+    into :class:`SaveError`. Stale staging directories of dead processes are removed first."""
+    path = Path(path)
+    check_target(path, overwrite)
+    created = _make_parents(path.parent)
+    staging = None
+    try:
+        remove_stale_staging(path.parent)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{STAGING_TAG}-{os.getpid()}-", suffix=".partial",
+                                        dir=path.parent))
+        yield staging
+    except OSError as error:
+        raise SaveError(f"cannot save to {path}: {error.strerror or error}") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not os.path.lexists(path):
+            for directory in reversed(created):
+                _remove_if_empty(directory)
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """``mkdir -p directory``; the directories it created, outermost first."""
+    missing = []
+    while not os.path.lexists(directory) and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    created = []
+    try:
+        for item in reversed(missing):
+            try:
+                item.mkdir()
+            except FileExistsError:  # made meanwhile by another process: not ours to remove
+                if not item.is_dir():
+                    raise
+                continue
+            created.append(item)
+    except OSError as error:
+        for item in reversed(created):
+            _remove_if_empty(item)
+        raise SaveError(f"cannot create directory {missing[0]}: {error.strerror or error}") from None
+    return created
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove the staging directories in ``parent`` left by saves whose process is gone (killed
+    mid-save); the ones of running processes stay. A previous save moved aside by a killed
+    overwrite goes back to its place when that place is still free. Returns those removed."""
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _STAGING_NAME.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(2))):
+            previous, place = entry / "previous", Path(parent) / match.group(1)
+            if match.group(3) == "old" and previous.is_dir() and not os.path.lexists(place):
+                try:
+                    _rename_noreplace(previous, place)
+                except (OSError, SaveError):
+                    pass
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+_STAGING_NAME = re.compile(rf"\.(.*)\.{STAGING_TAG}-(\d+)-[^.]*\.(partial|old)")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _replace_dir(staging: Path, path: Path, overwrite: bool = True) -> None:
+    """Rename ``staging`` to ``path`` atomically. A ``path`` that exists is replaced only when
+    ``overwrite`` is true and it is a saved model or empty; one that appeared meanwhile otherwise
+    makes this fail rather than be replaced."""
+    if not overwrite or not os.path.lexists(path):
+        _rename_noreplace(staging, path)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-    os.replace(path, old / "previous")
-    os.replace(staging, path)
-    shutil.rmtree(old, ignore_errors=True)
+    check_target(path, overwrite=True)
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{STAGING_TAG}-{os.getpid()}-", suffix=".old", dir=path.parent))
+    try:
+        os.replace(path, old / "previous")
+        try:
+            _rename_noreplace(staging, path)
+        except BaseException:
+            try:
+                _rename_noreplace(old / "previous", path)  # put the previous save back where it was
+            except (OSError, SaveError):
+                pass
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rename_noreplace(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, failing (never replacing) when ``target`` exists: Linux's
+    ``renameat2(RENAME_NOREPLACE)``; elsewhere a check and ``os.rename`` (which refuses a non-empty
+    directory and a file in the way)."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise SaveError(f"{target} appeared while this model was being saved (another run?); it was left as "
+                            "it is and nothing was saved")
+        if code not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code), str(target))
+    if os.path.lexists(target):
+        raise SaveError(f"{target} appeared while this model was being saved (another run?); it was left as it "
+                        "is and nothing was saved")
+    try:
+        os.rename(source, target)
+    except OSError as error:
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise SaveError(f"{target} appeared while this model was being saved (another run?); it was left "
+                            "as it is and nothing was saved") from None
+        raise
+
+
+def _load_renameat2():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+_renameat2 = _load_renameat2() if sys.platform.startswith("linux") else None
 
 
 def library_versions() -> dict[str, str]:

@@ -45,6 +45,12 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
         blocks = [b for b in blocks if b.stage in config.stages]
     if config.every is not None:
         blocks = every_kth(blocks, config.every)
+    if not blocks:
+        chosen = ", ".join(f"{k}={v}" for k, v in (("blocks", config.blocks), ("exclude", config.exclude),
+                                                    ("stages", config.stages), ("every", config.every))
+                           if v is not None)
+        raise BlockPatternError(f"{chosen} leave none of the {len(analysis.blocks)} residual blocks "
+                                f"({analysis.blocks[0].name} … {analysis.blocks[-1].name}) to edit")
     if config.position == "stage":
         if len(analysis.stages) < 2:
             raise StageError("position 'stage' goes between stages, and all of this model's residual blocks "

@@ -232,3 +232,138 @@ def test_cbam_inner_dry_run_table(capsys):
                          "--input-size", "3,64,64", "--dry-run", "--blocks", "layer1.0")
     assert code == 0, err
     assert "layer1.0 │     1 │       64 │       4 │" in out and "cbam at 'inner'" in out
+
+
+# --- the identity check is enforced, and not vacuous --------------------------------------------------
+
+class _Double(torch.nn.Module):
+    """A registered type whose init_identity is not an identity: it doubles what it is given."""
+
+    def __init__(self, channels, **_):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def init_identity(self):
+        with torch.no_grad():
+            self.weight.fill_(2.0)
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.fixture
+def double_attention():
+    from se_retrofit.attention import register_attention, unregister_attention
+
+    register_attention("double_test")(_Double)
+    yield "double_test"
+    unregister_attention("double_test")
+
+
+def test_failed_identity_check_writes_nothing_and_exits_2(capsys, tmp_path, double_attention):
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--input-size", "3,64,64",
+                         "--attention", double_attention, "--out", str(tmp_path / "o"))
+    print(err)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("se-retrofit: error: identity check failed: max |Δ| = ")
+    assert "trained-like statistics on a copy (the weights are random)" in lines[0]
+    assert "nothing was written (pass --allow-nonidentity" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_allow_nonidentity_saves_with_a_warning(capsys, tmp_path, double_attention):
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--input-size", "3,64,64",
+                         "--attention", double_attention, "--out", str(tmp_path / "o"), "--allow-nonidentity",
+                         "--json")
+    print(err)
+    assert code == 0
+    assert err.startswith("warning: identity check failed") and "saving anyway (--allow-nonidentity)" in err
+    report = json.loads(out)
+    assert report["identity_passed"] is False and report["identity_max_rel_diff"] > 0.1
+    assert report["identity_statistics"] == "trained-like statistics on a copy (the weights are random)"
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_saved_model_is_the_users_not_the_trained_like_copy(capsys, tmp_path):
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--input-size", "3,64,64", "--json",
+                         "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert json.loads(out)["identity_statistics"].startswith("trained-like statistics on a copy")
+    saved = se_retrofit_load(tmp_path / "o")
+    # timm zero-initialises each block's last BN scale; the trained-like copy had them in [0.5, 1.5)
+    assert all(float(block.bn2.weight.detach().abs().max()) == 0.0 for layer in (saved.layer1, saved.layer4)
+               for block in layer)
+
+
+def test_identity_check_on_own_weights_for_a_weights_file(capsys, tmp_path):
+    weights = _mismatched(tmp_path)  # resnet18's own state dict
+    code, out, err = cli(capsys, "resnet18", "--weights", str(weights), "--input-size", "3,64,64", "--json",
+                         "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["identity_statistics"] == "the model's own weights" and report["identity_passed"] is True
+
+
+def se_retrofit_load(path):
+    import se_retrofit
+
+    return se_retrofit.load(path)
+
+
+# --- one shell for both commands --------------------------------------------------------------------
+
+def test_interrupt_is_exit_130_in_one_line(capsys, monkeypatch):
+    import se_retrofit.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "resolve", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, out, err = cli(capsys, "resnet18", "--weights", "none")
+    assert code == 130 and err.strip() == "se-retrofit: interrupted; nothing was written"
+
+
+def test_internal_error_is_one_line_exit_1_and_a_traceback_on_request(capsys, monkeypatch):
+    import se_retrofit.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "resolve", lambda *a: (_ for _ in ()).throw(ZeroDivisionError("x\ny")))
+    code, out, err = cli(capsys, "resnet18", "--weights", "none")
+    assert code == 1
+    assert err.strip() == ("se-retrofit: internal error: ZeroDivisionError: x / y "
+                           "(set SE_RETROFIT_DEBUG=1 for the traceback)")
+    monkeypatch.setenv("SE_RETROFIT_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["resnet18", "--weights", "none"])
+
+
+def test_out_of_memory_is_a_user_error(capsys, monkeypatch):
+    import se_retrofit.cli as cli_module
+
+    def no_memory(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(cli_module, "resolve", no_memory)
+    code, out, err = cli(capsys, "resnet18", "--weights", "none")
+    assert code == 2 and err.startswith("se-retrofit: error: out of memory (") and err.count("\n") == 1
+
+
+def test_commands_share_one_shell_without_an_import_cycle():
+    import ast
+    import inspect
+
+    import se_retrofit.cli
+    import se_retrofit.finetune.cli
+
+    def imported(module):
+        tree = ast.parse(inspect.getsource(module))
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+    assert "_shell" in imported(se_retrofit.cli) and "_shell" in imported(se_retrofit.finetune.cli)
+    assert "cli" not in imported(se_retrofit.finetune.cli)  # finetune's cli no longer imports the main one
+    assert se_retrofit.cli.Parser is se_retrofit.finetune.cli.Parser
+
+
+def test_import_se_retrofit_does_not_load_the_trainer():
+    code = ("import sys, se_retrofit; loaded = 'se_retrofit.finetune' in sys.modules; "
+            "run = se_retrofit.finetune.run; print(loaded, 'se_retrofit.finetune.trainer' in sys.modules, "
+            "run.__module__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["False", "True", "se_retrofit.finetune.trainer"], result.stderr

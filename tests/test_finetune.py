@@ -230,6 +230,9 @@ BAD_RECIPES = {
                       "model: unknown model 'resnet19'"),
     "not yaml": ("name: x\nmodel: [resnet18\n", "not valid YAML at line 3"),
     "not a mapping": ("- just\n- a list\n", "the recipe must be a mapping"),
+    "checkpoint_path": ("name: x\nmodel: resnet18\nretrofit: {}\nmodel_kwargs: {checkpoint_path: w.pth}\n"
+                        "phases: [{name: a, epochs: 1, lr: 0.1}]\n",
+                        "model_kwargs.checkpoint_path would make the library load weights itself"),
 }
 
 
@@ -326,3 +329,82 @@ def test_train_and_val_folders_are_used_as_given(tmp_path):
     make_images(tmp_path / "val", per_class=1)
     splits = finetune.find_splits(tmp_path)
     assert splits.layout == "train/val" and (len(splits.train), len(splits.val)) == (9, 3)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_one_line_and_leaves_nothing(workers, tmp_path, capsys):
+    data = make_images(tmp_path / "data", per_class=4)
+    broken = data / "red" / "001.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    out = tmp_path / "runs" / "quick"
+    args = [QUICK, "--data", data, "--out", out, "--epochs", "1,1", "--batch-size", "4", "--device", "cpu",
+            "--weights", "none", "--image-size", "32", "--workers", workers, "--no-progress"]
+    code, stdout, err = cli(capsys, *args)
+    print(err)
+    assert code == 2
+    assert err.startswith(f"se-retrofit: error: cannot read image {broken}: UnidentifiedImageError: ")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no recipe.yaml, not even runs/
+    broken.unlink()
+    code, stdout, err = cli(capsys, *args)  # the retry is not refused
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.csv", "model",
+                                                     "recipe.yaml"]
+
+
+def test_checkpoint_path_in_model_kwargs_never_reaches_torch_load(tmp_path, monkeypatch):
+    torch.save(timm_state(), tmp_path / "w.pth")
+    text = QUICK.read_text() + "model_kwargs: {checkpoint_path: %s}\n" % (tmp_path / "w.pth")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    with pytest.raises(finetune.RecipeError, match="model_kwargs.checkpoint_path would make the library load"):
+        finetune.run(finetune.Recipe.from_yaml(text), tmp_path, out=tmp_path / "run", export_only=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth"]
+
+
+def test_weights_file_through_the_reader_is_recorded(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in timm_state().items()}, str(tmp_path / "w.safetensors"))
+    out = tmp_path / "run"
+    code, stdout, err = cli(capsys, QUICK, "--export-only", "--out", out, "--weights", tmp_path / "w.safetensors",
+                            "--image-size", "32")
+    assert code == 0, err
+    config = se_retrofit.io.read_config(out / "model")
+    assert config["base"]["weights"] == f"file {tmp_path / 'w.safetensors'}"
+
+
+def timm_state():
+    import timm
+
+    return timm.create_model("resnet18").state_dict()
+
+
+class _Double(torch.nn.Module):
+    """An attention type whose init_identity doubles its input."""
+
+    def __init__(self, channels, **_):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((1,), 2.0))
+
+    def init_identity(self):
+        torch.nn.init.constant_(self.weight, 2.0)
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_export_only_refuses_a_model_that_is_not_the_identity(tmp_path, capsys):
+    from se_retrofit.attention import register_attention, unregister_attention
+
+    text = QUICK.read_text().replace("attention: se", "attention: double_ft").replace("  reduction: 16           # r\n", "")
+    register_attention("double_ft")(_Double)
+    try:
+        recipe = _write(tmp_path / "r.yaml", text)
+        code, out, err = cli(capsys, recipe, "--export-only", "--out", tmp_path / "run", "--weights", "none",
+                             "--image-size", "32")
+    finally:
+        unregister_attention("double_ft")
+    print(err)
+    assert code == 2 and err.startswith("se-retrofit: error: identity check failed: max |Δ| = ")
+    assert "on trained-like statistics on a copy (the weights are random)" in err and "nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]

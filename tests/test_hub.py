@@ -83,3 +83,37 @@ def test_pickled_files_need_explicit_permission(tmp_path):
         hub.create(ModelRef("resnet18", "timm"), str(path))
     model, _ = hub.create(ModelRef("resnet18", "timm"), str(path), allow_pickle=True)
     assert isinstance(model, torch.nn.Module)
+
+
+# --- every weight goes through read_state_dict -------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [{"checkpoint_path": "x.pth"}, {"pretrained_cfg_overlay": {"file": "x.pth"}},
+                                    {"pretrained": True}, {"cache_dir": "/tmp"}])
+def test_library_weight_loading_options_are_refused(kwargs, monkeypatch):
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    with pytest.raises(WeightsError, match=f"model option '{next(iter(kwargs))}' would make the library load "
+                                           "weights itself; give the file as the weights instead"):
+        hub.create(ModelRef("resnet18", "timm"), "none", **kwargs)
+
+
+def test_torchvision_weights_option_is_refused():
+    with pytest.raises(WeightsError, match="model option 'weights_backbone'"):
+        hub.create(ModelRef("fasterrcnn_resnet50_fpn", "torchvision"), "none", weights_backbone="DEFAULT")
+
+
+def test_a_directory_as_weights_says_so(tmp_path):
+    (tmp_path / "resnet18.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsError, match=f"weights path {tmp_path} is a directory; pass the weights file inside "
+                                           f"it such as {tmp_path / 'resnet18.safetensors'}"):
+        hub.create(ModelRef("resnet18", "timm"), str(tmp_path))
+    (tmp_path / "retrofit_config.json").write_text("{}")
+    with pytest.raises(WeightsError, match="holding a saved se_retrofit model; it is loaded with se_retrofit.load"):
+        hub.read_state_dict(tmp_path)
+
+
+def test_options_that_turn_loading_off_are_allowed():
+    model, origin = hub.create(ModelRef("resnet18", "timm"), "none", checkpoint_path=None, cache_dir=None)
+    assert origin == "random initialisation (weights: none)"
+    assert hub.loading_kwargs({"weights_backbone": None, "pretrained_backbone": False}) == []
+    assert hub.loading_kwargs({"weights_backbone": "DEFAULT", "pretrained": False}) == ["pretrained",
+                                                                                        "weights_backbone"]

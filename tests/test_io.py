@@ -97,8 +97,8 @@ def test_interrupted_save_leaves_nothing_that_looks_complete(tmp_path, edited, m
 def test_interrupted_overwrite_keeps_the_previous_save(tmp_path, edited, monkeypatch):
     target = se_retrofit.save(edited, tmp_path / "out")
     before = (target / "model.safetensors").read_bytes()
-    monkeypatch.setattr(se_io, "_write", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(se_io, "_write", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(se_io.SaveError, match="No space left on device"):
         se_retrofit.save(edited, target, overwrite=True)
     assert (target / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -138,3 +138,144 @@ def test_round_trip_for_every_type(tmp_path, attention, position):
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
     assert again.se_retrofit.config == model.se_retrofit.config
+
+
+# --- what save refuses, and what it leaves behind ------------------------------------------------------
+
+def test_overwrite_refuses_a_plain_file(tmp_path, edited):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(se_io.SaveError, match="is a file, not a saved model directory; refusing to replace it"):
+        se_retrofit.save(edited, notes, overwrite=True)
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_saved_model(tmp_path, edited):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"jpeg")
+    with pytest.raises(se_io.SaveError, match="not a saved se_retrofit model"):
+        se_retrofit.save(edited, tmp_path / "photos", overwrite=True)
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["cat.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_the_current_directory_is_refused(tmp_path, edited, monkeypatch):
+    (tmp_path / "retrofit_config.json").write_text("{}")  # even one that looks like a saved model
+    monkeypatch.chdir(tmp_path)
+    for target in (".", str(tmp_path), str(tmp_path.parent)):
+        with pytest.raises(se_io.SaveError, match="current directory"):
+            se_retrofit.save(edited, target, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["retrofit_config.json"]  # no hidden .old left
+
+
+def test_a_target_appearing_during_the_save_is_never_replaced(tmp_path, edited, monkeypatch):
+    target = tmp_path / "out"
+    real = se_io._write
+
+    def another_run_finishes_first(model, record, directory):
+        real(model, record, directory)
+        target.mkdir()
+        (target / "retrofit_config.json").write_text("the other run's")
+
+    monkeypatch.setattr(se_io, "_write", another_run_finishes_first)
+    with pytest.raises(se_io.SaveError, match="appeared while this model was being saved"):
+        se_retrofit.save(edited, target)
+    assert (target / "retrofit_config.json").read_text() == "the other run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+
+
+def test_an_empty_directory_appearing_is_not_replaced_either(tmp_path, edited, monkeypatch):
+    target = tmp_path / "out"
+    real = se_io._write
+    monkeypatch.setattr(se_io, "_write", lambda m, r, d: (real(m, r, d), target.mkdir()))
+    with pytest.raises(se_io.SaveError, match="appeared"):
+        se_retrofit.save(edited, target)
+    assert list(target.iterdir()) == []
+
+
+def test_two_saves_at_once_one_wins_the_other_refuses(tmp_path, edited):
+    import threading
+
+    target, outcomes, barrier = tmp_path / "out", [], threading.Barrier(2)
+    real = se_io._replace_dir
+
+    def synchronised(staging, path, overwrite=True):
+        barrier.wait(timeout=60)  # both have written everything; both rename now
+        return real(staging, path, overwrite)
+
+    def save():
+        try:
+            se_retrofit.save(edited, target)
+            outcomes.append("saved")
+        except se_io.SaveError as error:
+            outcomes.append(str(error))
+
+    se_io._replace_dir, restore = synchronised, real
+    try:
+        threads = [threading.Thread(target=save) for _ in range(2)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+    finally:
+        se_io._replace_dir = restore
+    print(outcomes)
+    assert sorted(outcomes)[1] == "saved" and "appeared while this model was being saved" in sorted(outcomes)[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert se_retrofit.load(target) is not None
+
+
+def test_parent_directories_made_for_a_failed_save_are_removed(tmp_path, edited, monkeypatch):
+    monkeypatch.setattr(se_io, "_write", lambda *a: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with pytest.raises(se_io.SaveError, match="Input/output error"):
+        se_retrofit.save(edited, tmp_path / "a" / "b" / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_under_a_file_is_refused(tmp_path, edited):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(se_io.SaveError, match="is a file, not a directory"):
+        se_retrofit.save(edited, tmp_path / "afile" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+KILLED_MID_SAVE = """
+import os, signal, sys, timm, se_retrofit
+from se_retrofit import io
+model = se_retrofit.retrofit(timm.create_model("resnet18"))
+real = io._write
+def write_then_die(model, record, directory):
+    real(model, record, directory)
+    print(directory, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # killed mid-save: no finally runs
+io._write = write_then_die
+se_retrofit.save(model, sys.argv[1])
+"""
+
+
+def test_staging_left_by_a_killed_save_is_removed_by_the_next_save(tmp_path, edited):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(tmp_path / "out")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == -9, result.stderr
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".out.se-retrofit-") and left[0].endswith(".partial")
+    alive = tmp_path / f".other.se-retrofit-{os.getppid()}-abc.partial"  # a running process's: kept
+    alive.mkdir()
+    se_retrofit.save(edited, tmp_path / "other")
+    print(left, "->", sorted(p.name for p in tmp_path.iterdir()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "other"]
+
+
+def test_a_previous_save_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path, edited):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    aside = tmp_path / f".out.se-retrofit-{pid}-x1y2.old"
+    se_retrofit.save(edited, aside / "previous")  # killed between moving the old save aside and the new in
+    se_retrofit.save(edited, tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
+    assert (tmp_path / "out" / "retrofit_config.json").is_file()

@@ -9,7 +9,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
@@ -17,19 +16,10 @@ from typing import Sequence
 
 from rich.console import Console
 
-from ..cli import EXIT_INTERNAL, EXIT_USER_ERROR, USER_ERRORS, UsageError
-from .checkpoint import CheckpointError
-from .data import DataError
-from .distributed import DeviceError, main_process_from_env
-from .recipe import RecipeError, load_recipe
-from .trainer import FinetuneError, Options, plan_run, run
-
-FINETUNE_ERRORS = USER_ERRORS + (RecipeError, DataError, FinetuneError, CheckpointError, DeviceError)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        raise UsageError(f"{message} (see se-retrofit finetune --help)")
+from .._shell import Parser, run_command
+from .distributed import main_process_from_env
+from .recipe import load_recipe
+from .trainer import Options, plan_run, run
 
 
 def _int_at_least(low: int):
@@ -59,7 +49,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="se-retrofit finetune",
         description="Fine-tune a retrofitted model from a YAML recipe on an ImageFolder dataset: DIR/train and "
                     "DIR/val, or one DIR of class folders split per class (a fixed hash of each path picks "
@@ -98,26 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``se-retrofit finetune``; returns the exit code (2 for a user error, one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    err = Console(stderr=True, soft_wrap=True, highlight=False)
-    speak = main_process_from_env()  # under torchrun only rank 0 reports errors
-    try:
-        args = build_parser().parse_args(argv)
-        return _run(args)
-    except (UsageError,) + FINETUNE_ERRORS as error:
-        if speak:
-            err.print(f"se-retrofit: error: {error}", markup=False)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        if speak:
-            err.print("se-retrofit: interrupted; finished epochs are in the run's checkpoint.pt "
-                      "(continue with --resume)", markup=False)
-        return 130
-    except Exception as error:  # a bug: one line, traceback only on request
-        if os.environ.get("SE_RETROFIT_DEBUG"):
-            raise
-        err.print(f"se-retrofit: internal error: {type(error).__name__}: {error} "
-                  "(set SE_RETROFIT_DEBUG=1 for the traceback)", markup=False)
-        return EXIT_INTERNAL
+    return run_command("se-retrofit", lambda: _run(build_parser().parse_args(argv)),
+                       interrupted="interrupted; finished epochs are in the run's checkpoint.pt (continue with "
+                                   "--resume)", speak=main_process_from_env())  # under torchrun rank 0 speaks
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -137,8 +137,28 @@ class ImageList(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
-        image = default_loader(path)
+        try:
+            image = default_loader(path)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL: unidentified, truncated or broken files
+            raise DataError(f"cannot read image {path}: {type(error).__name__}: {_first_line(error)}; remove or "
+                            "replace the file") from None
         return (self.transform(image) if self.transform else image), target
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def worker_error_message(error: BaseException) -> str:
+    """The message a dataset raised in a DataLoader worker (torch re-raises it with the worker's
+    traceback inside the message: its last line is ``module.Class: message``)."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name = f"{type(error).__name__}: "
+    return last.split(name, 1)[1] if name in last else last
 
 
 def data_config(model: nn.Module, image_size: int | None) -> dict[str, Any]:

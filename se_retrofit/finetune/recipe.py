@@ -34,7 +34,7 @@ import yaml
 from ..errors import RetrofitError
 from ..attention import UnknownAttentionError
 from ..config import ConfigError, RetrofitConfig
-from ..hub import UnknownModelError, resolve
+from ..hub import UnknownModelError, loading_kwargs, resolve
 
 TASKS = ("classification", "detection")
 TRAINABLE = ("new", "all")
@@ -222,6 +222,16 @@ def _model(value: Any, where: str) -> str:
     return value
 
 
+def _model_kwargs(value: Any, where: str) -> dict[str, Any]:
+    value = _mapping(value, where)
+    loading = loading_kwargs(value)
+    if loading:
+        raise RecipeError(f"{_join(where, loading[0])} would make the library load weights itself, past "
+                          "se_retrofit's weights reader; give the file as the recipe's weights: PATH (or --weights "
+                          "PATH): .safetensors, or a pickled .pth/.pt with --allow-pickle")
+    return value
+
+
 def _phases(value: Any, where: str) -> tuple[Phase, ...]:
     if not isinstance(value, list) or not value:
         raise _fail(where, "a non-empty list of phases (name, trainable, epochs, lr, …)", value)
@@ -252,7 +262,7 @@ class Recipe:
     description: str = _check(_string, default="")
     task: str = _check(_choice(TASKS), default="classification")
     weights: str = _check(_text, default="pretrained")
-    model_kwargs: dict[str, Any] = _check(_mapping, default_factory=dict)
+    model_kwargs: dict[str, Any] = _check(_model_kwargs, default_factory=dict)
     data: DataSpec = _check(_section(DataSpec), default_factory=DataSpec)
     train: TrainSpec = _check(_section(TrainSpec), default_factory=TrainSpec)
 
@@ -365,6 +375,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         True
     """
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe path {path} is a directory; pass a recipe file in it, such as "
+                          f"{path / 'NAME.yaml'} (see recipes/)")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist" + ("" if path.suffix else
                                                                      " (recipes are .yaml files; see recipes/)"))

@@ -97,13 +97,13 @@ class Reporter:
             self.print(f"saved the fine-tuned model to {files['model']} (se_retrofit.load reads it)")
         self.print(f"checkpoint {files['checkpoint']}; metrics {files['metrics']}; curves {files['curves']}")
 
-    def exported(self, plan, origin: str, model: nn.Module, identity: float, final) -> None:
+    def exported(self, plan, origin: str, model: nn.Module, identity: float, final, statistics: str = "") -> None:
         if not self.enabled:
             return
         self.print(f"{plan.recipe.name}: {describe_model(plan, model)}")
         self.print(f"weights: {origin}")
         self.print(f"identity check{' (backbone features)' if plan.recipe.task == 'detection' else ''}: "
-                   f"max |Δ| = {identity:.3g}")
+                   f"max |Δ| = {identity:.3g}" + (f" on {statistics}" if statistics else ""))
         self.print(f"saved the retrofitted model to {final} (se_retrofit.load reads it); train it with the "
                    f"recipe's phases: " + ", ".join(f"{p.name} ({p.trainable}, lr {p.lr:g})" for p in plan.recipe.phases))
 

@@ -35,16 +35,17 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import RetrofitError
-from ..outputs import output_difference
-from ..core import RECORD_ATTR, retrofit_with
-from ..hub import ModelRef, OfflineWarning, WeightsError, create, resolve
+from ..identity_check import check_identity
+from ..core import RECORD_ATTR, record_of, retrofit_with
+from ..hub import ModelRef, OfflineWarning, check_weights_path, create, resolve
 from ..io import save
 from ..tracing import training_mode
 from ..training import freeze_backbone, head_module_names, param_groups, unfreeze
 from . import distributed
 from .checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, make_state, rng_state, save_checkpoint, \
     set_rng_state
-from .data import Splits, build_loaders, build_transforms, channels_last_input, data_config, find_splits
+from .data import (DataError, Splits, build_loaders, build_transforms, channels_last_input, data_config, find_splits,
+                   worker_error_message)
 from .plot import plot_curves, write_csv
 from .recipe import Recipe, load_recipe
 from .report import Reporter
@@ -112,8 +113,8 @@ class Result:
 def plan_run(recipe: Recipe, options: Options) -> Plan:
     """Check the job and decide its data, classes, output directory and starting epoch."""
     ref = resolve(recipe.model)
-    if recipe.weights not in ("pretrained", "none") and not Path(recipe.weights).is_file():
-        raise WeightsError(f"weights file {recipe.weights} does not exist (use pretrained, none or a file path)")
+    if recipe.weights not in ("pretrained", "none"):
+        check_weights_path(Path(recipe.weights), allow_pickle=options.allow_pickle)
     out = Path(options.out) if options.out is not None else Path("runs") / recipe.name
     if options.export_only:
         return _plan_export(recipe, ref, out, options)
@@ -319,9 +320,12 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, context: distribute
 
 def _batches(loader, context: distributed.Context, channels_last: bool) -> Iterator[tuple[torch.Tensor, ...]]:
     """The loader's (images, targets) on this process's device, images channels-last where asked."""
-    for images, targets in loader:
-        yield (channels_last_input(images.to(context.device, non_blocking=True), channels_last),
-               targets.to(context.device, non_blocking=True))
+    try:
+        for images, targets in loader:
+            yield (channels_last_input(images.to(context.device, non_blocking=True), channels_last),
+                   targets.to(context.device, non_blocking=True))
+    except DataError as error:  # a broken image, raised in a worker: its own one-line message
+        raise DataError(worker_error_message(error)) from None
 
 
 def _autocast(enabled: bool):
@@ -385,13 +389,17 @@ def export(plan: Plan, options: Options, reporter: Reporter) -> Result:
     train in your own script."""
     base, model, origin, config, shown = build_model(plan, options)
     reporter.warnings(shown)
-    target = (lambda m: m.backbone) if plan.recipe.task == "detection" else (lambda m: m)
+    prefix = "backbone." if plan.recipe.task == "detection" else ""  # a detector's backbone gives features
     example = torch.randn(1, *config["input_size"], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        identity = output_difference(target(base).eval()(example), target(model).eval()(example))[0]
-    plan.out.mkdir(parents=True, exist_ok=True)
-    final = save(model, plan.out / "model", overwrite=options.overwrite)
-    reporter.exported(plan, origin, model, identity, final)
+    paths = tuple(site.module_path.removeprefix(prefix) for site in record_of(model).sites)
+    check = check_identity(base.get_submodule(prefix[:-1]), model.get_submodule(prefix[:-1]), example,
+                           random_weights=origin.startswith("random"), attention_paths=paths)
+    if plan.recipe.retrofit.init == "identity" and not check.passed:
+        raise FinetuneError(f"identity check failed: max |Δ| = {check.max_abs_diff:.3g} (relative "
+                            f"{check.max_rel_diff:.3g}) on {check.statistics}: {plan.recipe.retrofit.attention!r} at "
+                            f"{plan.recipe.retrofit.position!r} does not start at identity; nothing was written")
+    final = save(model, plan.out / "model", overwrite=options.overwrite)  # makes plan.out; removes it on failure
+    reporter.exported(plan, origin, model, check.max_abs_diff, final, statistics=check.statistics)
     return Result(model.eval(), [], plan.out, final, files={"model": final})
 
 
@@ -437,6 +445,42 @@ def _start_session(plan: Plan, options: Options, context: distributed.Context, r
 
 
 def _train(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> Result:
+    """:func:`_epochs`; a run that fails before its first checkpoint (nothing to resume) leaves no files:
+    a ``recipe.yaml`` alone would make every retry refuse the directory."""
+    existing = _nearest_existing(plan.out)
+    try:
+        return _epochs(plan, options, context, reporter)
+    except BaseException:
+        if context.is_main and plan.checkpoint is None and not (plan.out / CHECKPOINT_FILE).exists():
+            _remove_run(plan.out, existing)
+        raise
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _remove_run(out: Path, existing: Path) -> None:
+    """Remove the run files in ``out``, and the directories down to ``existing`` the run created."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+    directory = out.absolute()
+    while directory != existing and existing in directory.parents:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        directory = directory.parent
+
+
+def _epochs(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> Result:
     """The epochs from the plan's start to the end (or ``stop_after_epoch``), then the final save."""
     recipe, resumed = plan.recipe, plan.checkpoint
     session = _start_session(plan, options, context, reporter)

@@ -1,0 +1,86 @@
+"""The one shell of both commands (``se-retrofit`` and ``se-retrofit finetune``).
+
+It owns the argument parser class and the mapping from what went wrong to what the user sees:
+
+* a :class:`~se_retrofit.errors.RetrofitError` (bad model, option, file, recipe; :class:`UsageError`
+  for bad arguments) or running out of memory: one line on stderr, exit code 2;
+* Ctrl-C: one line, exit code 130;
+* anything else is a bug: one line naming it, exit code 1; ``SE_RETROFIT_DEBUG=1`` shows the traceback.
+
+Example:
+    >>> from se_retrofit.errors import RetrofitError
+    >>> def body():
+    ...     raise RetrofitError("no such thing")
+    >>> run_command("se-retrofit", body)  # and "se-retrofit: error: no such thing" on stderr
+    2
+    >>> one_line(ValueError("first line\\n  second line"))
+    'first line / second line'
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable
+
+from .errors import RetrofitError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEBUG_VARIABLE = "SE_RETROFIT_DEBUG"
+
+
+class UsageError(RetrofitError):
+    """Bad command-line arguments (reported in one line, exit code 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block) and a :class:`UsageError`."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: its lines joined with ' / ' (a message never spreads over lines)."""
+    return " / ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (Python's, or torch's CPU or CUDA allocator)."""
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def run_command(prog: str, body: Callable[[], int], *, interrupted: str = "interrupted; nothing was written",
+                speak: bool = True) -> int:
+    """Run ``body`` and turn what it raises into one line on stderr and an exit code.
+
+    ``speak`` False (torchrun ranks other than 0) keeps the exit codes but prints nothing for user
+    errors and interrupts.
+    """
+    try:
+        return body()
+    except RetrofitError as error:
+        _say(speak, f"{prog}: error: {one_line(error)}")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _say(speak, f"{prog}: {interrupted}")
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - a bug, or memory: one line, traceback only on request
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        if is_out_of_memory(error):
+            _say(speak, f"{prog}: error: out of memory ({one_line(error)[:160]}); use a smaller --input-size, "
+                        "model or batch")
+            return EXIT_USER_ERROR
+        _say(True, f"{prog}: internal error: {type(error).__name__}: {one_line(error)} "
+                   f"(set {DEBUG_VARIABLE}=1 for the traceback)")
+        return EXIT_INTERNAL
+
+
+def _say(speak: bool, line: str) -> None:
+    if speak:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True, highlight=False).print(line, markup=False)
