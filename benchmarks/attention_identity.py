@@ -6,7 +6,8 @@ make an identity check vacuous) and reports
 
 - identity: max |Δ| between the edited and the original output, in train mode (same seed) and in
   eval mode — the figure the closing note quotes; ``torch.equal`` is required;
-- liveness: max |Δ| after adding N(0, 0.1²) noise to the new parameters only (eval): must be > 0.
+- liveness: max |Δ| after adding N(0, 0.001²) noise to the new parameters only (eval): must be > 0
+  and finite (larger noise overflows Non-local's unnormalised ``dot`` mode through 16 random blocks).
 
 Models: timm ``resnet50`` (64×64; 224×224 for ``timm:bat``, whose blocks need multiples of 7) for
 every type; torchvision ``deeplabv3_resnet50`` (64×64) for danet/pam/cam; torchvision ``r3d_18``
@@ -79,7 +80,7 @@ def check(base, x, name, options, position) -> dict:
     with torch.no_grad():
         for n, p in edited.named_parameters():
             if any(n.startswith(prefix) for prefix in new):
-                p.add_(torch.randn_like(p) * 0.1)
+                p.add_(torch.randn_like(p) * 1e-3)
     moved = (output(edited, x, False) - output(base, x, False)).abs().max().item()
     base.eval()
     return {"sites": len(sites), "train": diffs[0], "eval": diffs[1], "equal": equal, "moved": moved}
@@ -100,7 +101,7 @@ def main() -> None:
                 except se_retrofit.RetrofitError as error:
                     lines.append(f"| {model_name} | {label} | {position} | – | not applicable: {error} | | | |")
                     continue
-                ok = r["equal"] and r["moved"] > 0
+                ok = r["equal"] and 0 < r["moved"] < float("inf")
                 failures += not ok
                 lines.append(f"| {model_name} | {label} | {position} | {r['sites']} | {r['train']:.3g} | "
                              f"{r['eval']:.3g} | {r['equal']} | {r['moved']:.3g} |")

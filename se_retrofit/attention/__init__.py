@@ -72,7 +72,7 @@ class AttentionSpec:
     @property
     def builtin(self) -> bool:
         """Shipped with se_retrofit (nothing to import when a saved model is loaded)."""
-        return self.cls.__module__.startswith("se_retrofit.")
+        return self.cls.__module__ in {f"{__name__}.{module}" for module in _BUILTIN_MODULES}
 
     @property
     def spatial_dims(self) -> tuple[int, ...]:

@@ -99,7 +99,16 @@ class ChannelAttentionMap(nn.Module):
 
 @register_attention("danet", attr_name="da", default_position="post", default_blocks="last")
 class DualAttention(nn.Module):
-    """DANet (Fu et al. 2019): position and channel attention in parallel, ``x + γ·PAM(x) + β·CAM(x)``."""
+    """DANet (Fu et al. 2019): position and channel attention in parallel, ``x + γ·PAM(x) + β·CAM(x)``.
+
+    Example:
+        >>> import torch
+        >>> from se_retrofit.attention import create_attention
+        >>> da = create_attention("danet", 64)
+        >>> x = torch.randn(2, 64, 7, 7)
+        >>> bool(torch.equal(da(x), x)), float(da.pam.gamma), float(da.cam.gamma)
+        (True, 0.0, 0.0)
+    """
 
     check_options = classmethod(check_by_building)
 

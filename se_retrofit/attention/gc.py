@@ -31,7 +31,16 @@ FUSIONS = ("add", "mul")
 
 @register_attention("gc", attr_name="gc")
 class GlobalContextBlock(nn.Module):
-    """GCNet context block (Cao et al. 2019): attention pooling, C → C/r → C transform, added to x."""
+    """GCNet context block (Cao et al. 2019): attention pooling, C → C/r → C transform, added to x.
+
+    Example:
+        >>> import torch
+        >>> from se_retrofit.attention import create_attention
+        >>> gc = create_attention("gc", 64, reduction=4, fusion="mul")
+        >>> x = torch.randn(2, 64, 7, 7)
+        >>> bool(torch.equal(gc(x), x)), gc.channel_mul_conv[0].out_channels
+        (True, 16)
+    """
 
     check_options = classmethod(check_by_building)
 

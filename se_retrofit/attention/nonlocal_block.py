@@ -42,7 +42,18 @@ POOLS = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 
 @register_attention("nonlocal", attr_name="nl", default_position="post")
 class NonLocalBlock(nn.Module):
-    """Non-local block (Wang et al. 2018): every position attends to all, ``z = x + BN(W·y)``."""
+    """Non-local block (Wang et al. 2018): every position attends to all, ``z = x + BN(W·y)``.
+
+    Example:
+        >>> import torch
+        >>> from se_retrofit.attention import create_attention
+        >>> block = create_attention("nonlocal", 64, spatial_dims=3)  # video: (N, C, T, H, W)
+        >>> x = torch.randn(2, 64, 4, 8, 8)
+        >>> bool(torch.equal(block(x), x)), block.inter_channels
+        (True, 32)
+        >>> NonLocalBlock.attention_bytes(64, (4, 8, 8))  # 256 positions × 64 after sub-sampling × 4 bytes
+        65536
+    """
 
     check_options = classmethod(check_by_building)
 

@@ -135,7 +135,16 @@ def _translate(options: dict[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=None)
 def timm_spec(name: str) -> TimmAttentionSpec:
-    """The spec of ``timm:NAME``; an UnknownAttentionError (with the reason) for names that do not insert."""
+    """The spec of ``timm:NAME``; an UnknownAttentionError (with the reason) for names that do not insert.
+
+    Example:
+        >>> import torch
+        >>> from se_retrofit.attention import create_attention
+        >>> gca = create_attention("timm:gca", 64)  # timm's GlobalContext(fuse_add=True), blended from α = 0
+        >>> x = torch.randn(2, 64, 7, 7)
+        >>> bool(torch.equal(gca(x), x)), type(gca.attn).__name__
+        (True, 'GlobalContext')
+    """
     short = name[len("timm:"):]
     if short in REPLACES_A_CONV:
         raise UnknownAttentionError(f"{name}: timm's {short!r} replaces a convolution (it takes a stride and does "
