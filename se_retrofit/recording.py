@@ -209,7 +209,7 @@ class _Recorder(TorchFunctionMode):
         op = self._new_op(K.function_kind(func), name, reads, weights, result, kwargs=tuple(kwargs))
         if name in SHAPE_ONLY:
             op.dynamic = False
-        if name.endswith("_") or name == "__setitem__":  # in place: the changed tensor is a new value
+        if _in_place(name):  # the changed tensor is a new value
             if isinstance(args[0], torch.Tensor):
                 self.bind(args[0], op)
         return result
@@ -242,6 +242,15 @@ class _Recorder(TorchFunctionMode):
         self.bind(tensor, op)
         if op.weights and not op.dynamic:
             self.param_views[id(tensor)] = tensor
+
+
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                               "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
+                               "__ilshift__", "__irshift__", "__imatmul__"})
+
+
+def _in_place(name: str) -> bool:
+    return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
