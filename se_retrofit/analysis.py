@@ -30,7 +30,9 @@ What is kept out, and by which clause:
 * normalisation-internal adds with no learned layer in ``f`` (ConvNeXt-V2's GRN
   ``γ·(x·N(x)) + β + x``);
 * multi-branch layers whose operands are both projections of ``x`` (RepVGG's ``conv_kxk(x) +
-  conv_1x1(x)``): a one-layer branch counts only against the identity shortcut.
+  conv_1x1(x)``): a one-layer branch counts only against the identity shortcut;
+* a branch computed from the shortcut's projection itself (``p + g(p)`` with ``p = conv(x)``) is
+  judged against ``p``: its input is ``p``, not ``x``.
 
 The block is reported at the module whose own forward performs the addition (``path``, with
 ``add_index`` counting the additions of that forward as surgery's trace of it sees them), with the
@@ -262,6 +264,12 @@ def _shape_of(example: Any) -> tuple[int, ...]:
 # --- probing ---------------------------------------------------------------------------------
 
 def _probe(model: nn.Module, example: Any) -> Recording:
+    """Record one forward pass: on fake tensors where the model allows (shapes without arithmetic),
+    else on the example itself."""
+    try:
+        return _record_on_fake_tensors(model, example)
+    except Exception:
+        pass
     try:
         return record(model, example)
     except Exception as error:
@@ -269,14 +277,27 @@ def _probe(model: nn.Module, example: Any) -> Recording:
 
 
 def _second_shapes(model: nn.Module, first: Recording, example: Any) -> dict[int, tuple[int, ...]]:
-    """Shapes of the first run's operations at the larger input, where the run executes the same ops."""
+    """Shapes of the first run's operations at the larger input, where the run executes the same ops.
+    Only shapes are needed, so the run is on fake tensors where the model allows (no arithmetic)."""
     try:
-        ops = record(model, example).ops
+        ops = _record_on_fake_tensors(model, example).ops
     except Exception:
-        return {}
+        try:
+            ops = record(model, example).ops
+        except Exception:
+            return {}
     if len(ops) != len(first.ops) or any(a.name != b.name for a, b in zip(ops, first.ops)):
         return {}
     return {op.index: op.shape for op in ops if op.shape is not None}
+
+
+def _record_on_fake_tensors(model: nn.Module, example: Any) -> Recording:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not isinstance(example, torch.Tensor) or example.device.type == "meta":
+        raise TypeError("fake tensors are made from one real tensor")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        return record(model, mode.from_tensor(example))
 
 
 def _probe_error(example: Any, error: BaseException) -> "ProbeError":
@@ -318,7 +339,7 @@ def _match_residual(add: Op) -> _Residual | None:
             if block_input is branch:
                 continue
             cone = _dominated_ops(branch, block_input)
-            if cone and _is_branch(cone, projected=depth > 0):
+            if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, projected=depth > 0):
                 return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone)
     return None
 

@@ -237,7 +237,7 @@ def own_tensor_adds(module: nn.Module, args: tuple, kwargs: dict) -> list[int]:
             else:
                 tensorish[node] = any(tensorish.get(n, False) for n in node.all_input_nodes)
         if K.node_kind(node, modules) == K.ADD:
-            if tensorish.get(node, False):
+            if tensorish.get(node, False) and not any(isinstance(a, (tuple, list)) for a in node.args):
                 positions.append(count)
             count += 1
     return positions
