@@ -8,10 +8,10 @@ The model is run once on a probe input while every tensor operation is recorded
 ``x + γ·f(x)``, where
 
 * ``x'``, the *shortcut*, is the block input ``x`` or a short projection of it (at most
-  ``MAX_PROJECTION_OPS`` convs, norms, poolings, paddings, reshapes, no-ops);
+  ``MAX_PROJECTION_OPS`` convs, norms, poolings, paddings, scales, linear maps; reshapes are free);
 * ``f(x)``, the *branch*, depends on ``x`` through at least one learned layer (a conv, linear map or
   matrix product with parameters, or a norm with parameters), however short (``x + bn(conv(x))``
-  is a residual block);
+  is a residual block), or is a pooling token mixer with a learned scale (``x + γ·(pool(x) − x)``);
 * ``f`` depends on no other *activation* of the network: every path from the model input to the
   branch passes through ``x``. Side inputs that do not depend on the input's values (RoPE tables,
   relative-position indices, masks made from sizes, parameters, constants) are free;
@@ -31,7 +31,7 @@ What is kept out, and by which clause:
   ``γ·(x·N(x)) + β + x``);
 * multi-branch layers whose operands are both projections of ``x`` (RepVGG's ``conv_kxk(x) +
   conv_1x1(x)``): a one-layer branch counts only against the identity shortcut;
-* a branch computed from the shortcut's projection itself (``p + g(p)`` with ``p = conv(x)``) is
+* a branch computed from the shortcut operand itself (``p + g(p)`` with ``p = conv(x)``) is
   judged against ``p``: its input is ``p``, not ``x``.
 
 The block is reported at the module whose own forward performs the addition (``path``, with
@@ -339,18 +339,25 @@ def _match_residual(add: Op) -> _Residual | None:
             if block_input is branch:
                 continue
             cone = _dominated_ops(branch, block_input)
-            if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, projected=depth > 0):
+            if cone and shortcut not in cone and _is_branch(cone, projected=depth > 0):
                 return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone)
     return None
 
 
+#: a shortcut may also scale (MetaFormer's res_scale: x · s) or apply a linear map (MViTv2's token projection)
+_SHORTCUT_KINDS = K.PROJECTION_KINDS | {K.MUL, K.LINEAR}
+_FREE_KINDS = frozenset({K.RESHAPE, K.IDENTITY, K.DROPOUT})
+
+
 def _projection_chain(op: Op) -> list[Op]:
-    """``op`` and the ops it projects from, back through at most a few projection ops."""
-    chain = [op]
-    while len(chain) <= MAX_PROJECTION_OPS and chain[-1].kind in K.PROJECTION_KINDS:
+    """``op`` and the ops it projects from, back through at most ``MAX_PROJECTION_OPS`` projection
+    ops (reshapes and no-ops are free)."""
+    chain, cost = [op], 0
+    while cost < MAX_PROJECTION_OPS and len(chain) < 4 * MAX_PROJECTION_OPS and chain[-1].kind in _SHORTCUT_KINDS:
         inputs = chain[-1].inputs
         if len(inputs) != 1:
             break
+        cost += chain[-1].kind not in _FREE_KINDS
         chain.append(inputs[0])
     return chain
 
@@ -377,11 +384,19 @@ def _is_branch(cone: set[Op], projected: bool) -> bool:
     """The branch applies a learned layer and does not come back up from a lower resolution; next
     to a projected shortcut it must be more than a projection itself (else: a multi-branch layer)."""
     kinds = [op.kind for op in cone]
-    if K.UPSAMPLE in kinds or not any(op.kind in K.LAYER_KINDS and op.weights for op in cone):
+    if K.UPSAMPLE in kinds or not _learns(cone, kinds):
         return False
-    if projected and all(kind in K.PROJECTION_KINDS for kind in kinds):
-        return kinds.count(K.CONV) >= 2
+    if projected and all(kind in _SHORTCUT_KINDS for kind in kinds):
+        return kinds.count(K.CONV) + kinds.count(K.LINEAR) >= 2
     return True
+
+
+def _learns(cone: set[Op], kinds: list[str]) -> bool:
+    """A learned layer on the branch; or a pooling token mixer scaled by learned parameters
+    (PoolFormer / EfficientFormer: ``x + γ·(pool(x) − x)``)."""
+    if any(op.kind in K.LAYER_KINDS and op.weights for op in cone):
+        return True
+    return K.POOL in kinds and any(op.weights for op in cone)
 
 
 # --- where surgery will find the additions -----------------------------------------------------
