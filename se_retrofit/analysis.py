@@ -31,8 +31,8 @@ What is kept out, and by which clause:
   ``γ·(x·N(x)) + β + x``);
 * multi-branch layers whose operands are both projections of ``x`` (RepVGG's ``conv_kxk(x) +
   conv_1x1(x)``): a one-layer branch counts only against the identity shortcut;
-* a branch computed from the shortcut operand itself (``p + g(p)`` with ``p = conv(x)``) is
-  judged against ``p``: its input is ``p``, not ``x``.
+* the block input is where the shortcut and the branch fork: a branch that runs through the
+  shortcut's projection (``p + g(p)`` with ``p = conv(x)``) is judged against ``p``, not ``x``.
 
 The block is reported at the module whose own forward performs the addition (``path``, with
 ``add_index`` counting the additions of that forward as surgery's trace of it sees them), with the
@@ -339,7 +339,7 @@ def _match_residual(add: Op) -> _Residual | None:
             if block_input is branch:
                 continue
             cone = _dominated_ops(branch, block_input)
-            if cone and shortcut not in cone and _is_branch(cone, projected=depth > 0):
+            if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, projected=depth > 0):
                 return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone)
     return None
 
