@@ -23,7 +23,7 @@ from .analysis import add_operands, dominated_cone, dynamic_inputs, mark_dynamic
 from .attention import create_attention
 from .config import RetrofitConfig, Site
 from .hub import first_sentence
-from .edited import EditSpec, Variant, base_class, install, takes_var_keyword, without_var_keyword
+from .edited import EditSpec, Variant, base_class, install, takes_var_keyword
 from .tracing import restore_training, snapshot_training, trace
 
 
@@ -127,15 +127,13 @@ def _current_forward_function(block: nn.Module) -> Callable:
 
 @contextlib.contextmanager
 def _instance_forward_as_class(block: nn.Module, variant: Variant | None = None) -> Iterator[None]:
-    """fx traces ``type(root).forward``: make that the function to trace. For a block edited before
-    whose forward dispatches between variants, that is the variant asked for; a forward taking
-    ``**kwargs`` (Hugging Face layers) is traced as called without them (a proxy cannot be unpacked)."""
+    """fx traces ``type(root).forward``: for a block edited before whose forward dispatches between
+    variants, make that the variant asked for (:func:`.tracing.trace` handles ``**kwargs``)."""
     cls = type(block)
     function = cls.forward
     variants = getattr(function, "variants", None)
     if variants is not None:
         function = variants.get(variant) or variants[(block.training, next(iter(variants))[1])]
-    function = without_var_keyword(function)
     if function is cls.forward:
         yield
         return

@@ -19,6 +19,8 @@ from typing import Iterator
 
 from torch import fx, nn
 
+from .edited import without_var_keyword
+
 MODULE_PATH = "module_path"
 
 
@@ -66,11 +68,18 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
 
     Side-effect free: a forward that caches on first call (torchvision's MultiScaleRoIAlign sets
     ``self.scales``) would otherwise keep Proxy objects, so every module's attributes are restored.
+    A forward taking ``**kwargs`` (every Hugging Face layer) is traced as called without them: fx
+    cannot unpack a proxy.
     """
     saved = {m: dict(vars(m)) for m in module.modules()}
+    cls = type(module)
+    traced = without_var_keyword(cls.forward)
+    if traced is not cls.forward:
+        module.__class__ = type(cls.__name__, (cls,), {"forward": traced, "__module__": cls.__module__})
     try:
         return RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
     finally:
+        module.__class__ = cls
         for m, attributes in saved.items():  # by identity: values may be tensors or proxies
             kept = {k: v for k, v in vars(m).items() if k.startswith("_tensor_constant")}  # the graph's
             vars(m).clear()
