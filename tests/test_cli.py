@@ -186,7 +186,7 @@ print(type(model.layer1[0].se).__module__, type(model.layer1[0].se).__name__, to
 
 def test_user_attention_from_outside_the_package(tmp_path):
     (tmp_path / "my_attn.py").write_text(USER_ATTENTION)
-    env = {**_offline_env(), "PYTHONPATH": str(tmp_path)}
+    env = {**_offline_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     script = str(Path(sys.executable).with_name("se-retrofit"))
     listed = subprocess.run([script, "--import", "my_attn", "--list-attentions"], capture_output=True,
                             text=True, env=env)
