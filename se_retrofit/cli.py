@@ -276,9 +276,10 @@ def _site_rows(site_plan: Plan, config: RetrofitConfig) -> list[dict[str, Any]]:
 
 
 def _hidden_width(module: nn.Module, channels: int) -> int | None:
-    """Width of the first layer that reduces the channels (SE's fc1, CBAM's and BAM's MLPs)."""
+    """Width of the first layer that reduces the channels (SE's fc1, CBAM's and BAM's MLPs); a layer
+    down to one channel is an attention map (GCNet's, Non-local's pooling), not the reduction."""
     for layer in module.modules():
-        if getattr(layer, "in_channels", None) == channels and layer.out_channels < channels:
+        if getattr(layer, "in_channels", None) == channels and 1 < layer.out_channels < channels:
             return layer.out_channels
     return None
 

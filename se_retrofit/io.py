@@ -364,10 +364,18 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
     if weights == "full":
         state = load_file(str(Path(path) / MODEL_FILE))
         check_state_dict(model, state, str(Path(path) / MODEL_FILE))
+        _match_saved_dtype(model, state)
         model.load_state_dict(state, strict=True)
     else:
         _load_attention(model, Path(path) / ATTENTION_FILE)
     return model
+
+
+def _match_saved_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A model saved in one floating dtype (half, bfloat16) comes back in it, not in the default one."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtype=dtypes.pop())
 
 
 def _set_gates(model: nn.Module, gates: dict[str, Any], file: Path) -> None:

@@ -102,3 +102,12 @@ def test_plain_constructor_keywords_still_load(tmp_path):
     model = se_retrofit.retrofit(timm.create_model("resnet18", num_classes=7), example_input=small_input())
     again = se_retrofit.load(se_retrofit.save(model, tmp_path / "seven"))
     assert again.num_classes == 7 and again.fc.out_features == 7
+
+
+def test_a_half_precision_model_loads_in_its_own_dtype(tmp_path):
+    base = timm.create_model("resnet18").eval().to(torch.bfloat16)
+    model = se_retrofit.retrofit(base, example_input=small_input().to(torch.bfloat16))
+    again = se_retrofit.load(se_retrofit.save(model, tmp_path / "bf16")).eval()
+    assert {p.dtype for p in again.parameters()} == {torch.bfloat16}
+    x = small_input().to(torch.bfloat16)
+    assert torch.equal(again(x), model.eval()(x))
