@@ -78,7 +78,22 @@ def hf_architectures() -> dict[str, str]:
 
 
 # Architectures a default config cannot build or run, with the precise reason (found by running them).
-HF_SKIPS: dict[str, str] = {}
+HF_SKIPS: dict[str, str] = {
+    "DinatForImageClassification": "needs the natten library (compiled neighbourhood-attention kernels), "
+                                   "not installed",
+    "DinatBackbone": "needs the natten library (compiled neighbourhood-attention kernels), not installed",
+    "PerceiverForImageClassificationFourier": "the default config does not build: qk_channels (261) must be "
+                                              "divisible by num_heads (8)",
+    "PerceiverForImageClassificationConvProcessing": "the default config does not build: qk_channels (322) must "
+                                                     "be divisible by num_heads (8)",
+    "TimmBackbone": "the default config names no timm model (backbone=None): it wraps one, see the timm sweep",
+    "ShieldGemma2ForImageClassification": "a vision-language classifier: it classifies a text prompt "
+                                          "(input_ids with image tokens, from its processor), not pixel_values alone",
+}
+# Defaults transformers 5.24 ships that its own classes reject; fixed (and recorded in config_changes).
+HF_CONFIG_FIXES: dict[str, dict[str, str]] = {
+    name: {"hidden_sizes": "list"} for name in ("ConvNextBackbone", "ConvNextV2Backbone", "FocalNetBackbone")
+}
 
 
 def _build_hf(name: str, **changes):
@@ -88,6 +103,8 @@ def _build_hf(name: str, **changes):
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(hf_architectures()[name])
+    for key in HF_CONFIG_FIXES.get(name, {}):  # the default is a tuple; the class does `[h0] + hidden_sizes`
+        setattr(config, key, list(getattr(config, key)))
     for key, value in changes.items():
         if not hasattr(config, key):
             raise TypeError(f"{type(config).__name__} has no {key}")
@@ -205,6 +222,12 @@ def _hf_inputs(model, device: str, side: int | None):
     import torch
 
     config = model.config
+    if type(model).__name__.startswith("Siglip2"):  # patchified pixels, a patch mask and the patch grid
+        vision = config.vision_config
+        grid = (side or int(vision.num_patches ** 0.5) * vision.patch_size) // vision.patch_size
+        return (torch.randn(1, grid * grid, vision.num_channels * vision.patch_size ** 2, device=device),
+                torch.ones(1, grid * grid, dtype=torch.long, device=device),
+                torch.tensor([[grid, grid]], device=device))
     if getattr(model, "main_input_name", "pixel_values") == "input_ids":
         length = min(getattr(config, "n_positions", 64) or 64, 64)
         return torch.zeros(1, length, dtype=torch.long, device=device)
@@ -293,6 +316,9 @@ def _check(source, name, max_params, torch, se_retrofit) -> dict:
             identity, out["identity_scope"] = _block_identity(source, name, model, plans)
         else:
             base, example, reference, out["config_changes"] = _identity_model(source, name, model)
+            if source == "transformers" and name in HF_CONFIG_FIXES:
+                out["config_changes"] = " ".join([f"{k} as a {v}" for k, v in HF_CONFIG_FIXES[name].items()]
+                                                 + [out["config_changes"]])
             identity, out["identity_scope"] = _identity(base, example, plans, reference), "model"
         out.update({f"identity_{position}": value for position, value in identity.items()})
         worst = max(out["identity_standard"], out["identity_post"])
@@ -473,7 +499,7 @@ NO_RESIDUAL_FAMILIES = {  # module of the builder: its source has no residual ad
     "torchvision.models.densenet", "torchvision.models.googlenet", "torchvision.models.inception",
     "torchvision.models.shufflenetv2", "torchvision.models.video.s3d", "torchvision.models.quantization.googlenet",
     "torchvision.models.quantization.inception", "torchvision.models.quantization.shufflenetv2",
-    "timm.models.vgg", "timm.models.densenet",
+    "timm.models.vgg", "timm.models.densenet", "transformers:mobilenet_v1", "transformers:pp_lcnet",
 }
 
 
@@ -499,12 +525,15 @@ def _residual_rule(module) -> tuple[int, str] | None:
     for flag in ("use_res_connect", "apply_residual", "use_residual", "has_skip"):
         if getattr(module, flag, None) is True:
             return 1, f"blocks with {flag}"
-    if kind in ("ResNetBasicLayer", "ResNetBottleNeckLayer", "RegNetXLayer", "RegNetYLayer"):
+    if kind.endswith(("ResNetBasicLayer", "ResNetBottleNeckLayer")) or kind in ("RegNetXLayer", "RegNetYLayer"):
         return 1, "ResNet/RegNet layers"
+    if kind in ("LevitResidualLayer", "UVDocResidualBlock"):
+        return 1, f"{kind}s"
     if kind == "EfficientNetFinalBlockLayer" and getattr(module, "apply_dropout", False):
         return 1, "EfficientNet blocks with a skip"
     norms = {n for n, _ in module.named_children()}
-    if {"layernorm_before", "layernorm_after"} <= norms or {"layer_norm1", "layer_norm2"} <= norms:
+    if ({"layernorm_before", "layernorm_after"} <= norms or {"layer_norm1", "layer_norm2"} <= norms
+            or {"ln_1", "ln_2"} <= norms):
         return 2, "pre-norm transformer layers x2"
     return None
 
