@@ -514,6 +514,9 @@ def _residual_rule(module) -> tuple[int, str] | None:
     """(residual adds per call, rule) for a block class whose source adds exactly that many residuals,
     for the families that have no drop-path module at their default settings."""
     kind, where = type(module).__name__, type(module).__module__
+    if (where, kind) in (("timm.models.res2net", "Bottle2neck"), ("timm.models.ghostnet", "GhostBottleneck"),
+                         ("timm.models.ghostnet", "GhostBottleneckV3")):
+        return 1, f"{kind}s"
     if where.startswith(("timm.models.resnet", "torchvision.models.resnet", "torchvision.models.video.resnet",
                          "torchvision.models.quantization.resnet")) and kind.endswith(("BasicBlock", "Bottleneck")):
         return 1, "ResNet blocks"
@@ -522,7 +525,7 @@ def _residual_rule(module) -> tuple[int, str] | None:
         return 1, f"{kind}s"
     if where == "torchvision.models.vision_transformer" and kind == "EncoderBlock":
         return 2, "ViT encoder blocks x2"
-    for flag in ("use_res_connect", "apply_residual", "use_residual", "has_skip"):
+    for flag in ("use_res_connect", "apply_residual", "use_residual", "has_skip", "use_shortcut"):
         if getattr(module, flag, None) is True:
             return 1, f"blocks with {flag}"
     if kind.endswith(("ResNetBasicLayer", "ResNetBottleNeckLayer")) or kind in ("RegNetXLayer", "RegNetYLayer"):
