@@ -1,12 +1,42 @@
-"""Analysis: find the residual blocks of a model. Pure: the model is not changed.
+"""Analysis: find the residual blocks of a model from what it executes. Pure: the model is not changed.
 
-A residual block is an addition ``y = branch + shortcut`` where ``shortcut`` is the block's
-input ``x`` (or ``x`` through a short projection: conv, norm, pooling, padding) and ``branch``
-is a transformed function of ``x`` alone: every path from the model's inputs to ``branch``
-passes through ``x``, and the branch applies learned weights and is more than a projection.
-This rejects position-embedding adds (the embedding does not depend on ``x``), res2net's
-hierarchical in-block adds (the shortcut is a slice, not a projection), HRNet fusion adds and
-DPN's dual paths (the operands come from different inputs).
+The model is run once on a probe input while every tensor operation is recorded
+(:mod:`se_retrofit.recording`), so nothing needs to be traceable. In the executed graph:
+
+**A residual block** is an addition ``y = x' + f(x)`` (or ``f(x) + x'``), written any way: ``+``,
+``+=``, ``add_``, ``torch.add`` with or without ``alpha``, a scaled or layer-scaled branch
+``x + γ·f(x)``, where
+
+* ``x'``, the *shortcut*, is the block input ``x`` or a short projection of it (at most
+  ``MAX_PROJECTION_OPS`` convs, norms, poolings, paddings, scales, linear maps; reshapes are free);
+* ``f(x)``, the *branch*, depends on ``x`` through at least one learned layer (a conv, linear map or
+  matrix product with parameters, or a norm with parameters), however short (``x + bn(conv(x))``
+  is a residual block), or is a pooling token mixer with a learned scale (``x + γ·(pool(x) − x)``);
+* ``f`` depends on no other *activation* of the network: every path from the model input to the
+  branch passes through ``x``. Side inputs that do not depend on the input's values (RoPE tables,
+  relative-position indices, masks made from sizes, parameters, constants) are free;
+* both operands and the sum have one shape (no broadcasting), and the sum is not written into a
+  slice of another tensor (rexnet's ``x[:, :c] += y`` is a partial residual).
+
+What is kept out, and by which clause:
+
+* position embeddings: the embedding does not depend on the input;
+* HRNet fusion, DPN's dual paths, res2net's hierarchical in-block adds: the operands come from
+  different activations (the branch is not dominated by the shortcut's source);
+* FPN top-down adds, encoder-decoder additive skips (``up(x) + skip``), hourglass modules: the
+  branch goes down through the rest of the network and comes back *up* (an interpolation,
+  upsampling or transposed conv in ``f``): a fusion of resolutions, not a block. This is what
+  tells an FPN from HF EfficientNet, whose branch is computed in modules beside the one that adds;
+* normalisation-internal adds with no learned layer in ``f`` (ConvNeXt-V2's GRN
+  ``γ·(x·N(x)) + β + x``);
+* multi-branch layers whose operands are both projections of ``x`` (RepVGG's ``conv_kxk(x) +
+  conv_1x1(x)``): a one-layer branch counts only against the identity shortcut;
+* the block input is where the shortcut and the branch fork: a branch that runs through the
+  shortcut's projection (``p + g(p)`` with ``p = conv(x)``) is judged against ``p``, not ``x``.
+
+The block is reported at the module whose own forward performs the addition (``path``, with
+``add_index`` counting the additions of that forward as surgery's trace of it sees them), with the
+smallest module holding the addition and the whole branch as ``container``.
 
 Layout is told by probing with two input sizes: the dimensions that change are spatial, the one
 non-batch dimension that does not is the channel dimension.
@@ -22,9 +52,8 @@ from torch import fx, nn
 
 from .errors import RetrofitError
 from . import op_kinds as K
-from .shapes import record_shapes
-from .tracing import (MODULE_PATH, TracedRegion, TraceResult, restore_training, snapshot_training, split_region,
-                      trace_regions)
+from .recording import Op, Recording, record
+from .tracing import own_tensor_adds, restore_training, snapshot_training
 
 MAX_PROJECTION_OPS = 6
 CHANNELS_FIRST, CHANNELS_LAST, TOKENS, UNKNOWN = "channels_first", "channels_last", "tokens", "unknown"
@@ -53,6 +82,13 @@ class Block:
         inner_module, inner_anchor, inner_channels: where the ``inner`` position goes: the module
             whose forward calls the branch's spatial conv (or that conv's norm), the child's name
             within it, and its channel count; None where the branch has no spatial conv.
+        container: the smallest module holding the addition, the whole branch and the shortcut
+            (``path`` itself, or a parent where the branch runs in modules beside the adding one).
+        branch_module: the outermost child call inside ``path``'s forward that returns the branch
+            operand (a hook there edits the branch without rewriting ``path``); None where the
+            branch comes from ``path``'s own operations or from outside it.
+        rewrite_error: why the forward of ``path`` cannot be rewritten (fx cannot trace it, or
+            its additions could not be matched to the traced graph); None where it can.
     """
 
     path: str
@@ -71,6 +107,9 @@ class Block:
     inner_module: str | None = None
     inner_anchor: str | None = None
     inner_channels: int = 0
+    container: str | None = None
+    branch_module: str | None = None
+    rewrite_error: str | None = None
 
     @property
     def name(self) -> str:
@@ -85,11 +124,15 @@ class Block:
 
 @dataclass
 class Analysis:
-    """Everything :func:`analyze` learned about a model."""
+    """Everything :func:`analyze` learned about a model.
+
+    ``untraceable`` maps the blocks whose forward cannot be rewritten to the reason (they are
+    found all the same: the analysis runs the model rather than tracing it).
+    """
 
     blocks: list[Block]
     additions: int
-    traced_whole: bool
+    traced_whole: bool = True
     untraceable: dict[str, str] = field(default_factory=dict)
     probe_shape: tuple[int, ...] = ()
 
@@ -99,11 +142,15 @@ class Analysis:
 
     def describe(self) -> str:
         """One line saying what was found, for messages."""
-        how = "the model traced as a whole" if self.traced_whole else \
-            f"traced in parts, untraceable: {', '.join(self.untraceable) or 'none'}"
         if not self.additions:
-            return f"the model has no additions at all, it chains or concatenates features ({how})"
-        return f"{len(self.blocks)} of its {self.additions} additions are residual connections ({how})"
+            return "the model has no additions at all, it chains or concatenates features " \
+                   f"(one forward pass on an input of shape {self.probe_shape} analysed)"
+        text = f"{len(self.blocks)} of its {self.additions} additions are residual connections"
+        if self.untraceable:
+            parts = "; ".join(f"{k}: {v}" for k, v in list(self.untraceable.items())[:3])
+            more = f" and {len(self.untraceable) - 3} more" if len(self.untraceable) > 3 else ""
+            text += f" ({len(self.untraceable)} in forwards that cannot be rewritten: {parts}{more})"
+        return text
 
 
 def find_blocks(model: nn.Module, example_input: Any = None) -> list[Block]:
@@ -121,7 +168,7 @@ def find_blocks(model: nn.Module, example_input: Any = None) -> list[Block]:
 
 
 def analyze(model: nn.Module, example_input: Any = None) -> Analysis:
-    """Like :func:`find_blocks`, returning also the counts and tracing notes."""
+    """Like :func:`find_blocks`, returning also the counts and notes on what could not be rewritten."""
     example = example_input if example_input is not None else default_example_input(model)
     snapshot = snapshot_training(model)
     try:
@@ -132,8 +179,16 @@ def analyze(model: nn.Module, example_input: Any = None) -> Analysis:
 
 
 def default_example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
-    """A random input of the size the model was made for (timm's ``pretrained_cfg``, else 3×224×224)."""
-    size = _configured_input_size(model) or (3, 224, 224)
+    """A random input of the size the model was made for: timm's ``pretrained_cfg``, else one the
+    first layer it applies takes (a Conv1d/2d/3d: its channels over 4096 samples, 224×224 pixels or
+    16×112×112 frames; a Linear: its features). A :class:`ProbeError` where neither tells.
+
+    Example:
+        >>> import torchvision
+        >>> tuple(default_example_input(torchvision.models.video.r3d_18()).shape)
+        (1, 3, 16, 112, 112)
+    """
+    size = _configured_input_size(model) or _size_from_first_layer(model)
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else "cpu"
@@ -146,7 +201,28 @@ def _configured_input_size(model: nn.Module) -> tuple[int, ...] | None:
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and cfg.get("input_size"):
             return tuple(cfg["input_size"])
+    config = getattr(model, "config", None)  # transformers: image_size and num_channels
+    image_size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(channels, int) and isinstance(image_size, int):
+        return channels, image_size, image_size
+    if isinstance(channels, int) and isinstance(image_size, (list, tuple)) and len(image_size) == 2:
+        return (channels, *map(int, image_size))
     return None
+
+
+_SPATIAL_BY_RANK = {1: (4096,), 2: (224, 224), 3: (16, 112, 112)}
+
+
+def _size_from_first_layer(model: nn.Module) -> tuple[int, ...]:
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+            return (module.in_channels, *_SPATIAL_BY_RANK[len(module.kernel_size)])
+        if isinstance(module, nn.Linear):
+            return (module.in_features,)
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.RNNBase)):
+            break
+    raise ProbeError("cannot tell what input this model takes (its first layer is neither a conv nor a "
+                     "linear layer): pass example_input= (--input-size on the command line)")
 
 
 def second_probe(example: Any) -> Any:
@@ -159,29 +235,26 @@ def second_probe(example: Any) -> Any:
 
 
 def _analyze(model: nn.Module, example: Any) -> Analysis:
-    traced = trace_regions(model)
-    _probe(model, traced, example, _SHAPE_A, required=True)
+    recording = _probe(model, example)
     second = second_probe(example)
-    if second is not None:
-        _probe(model, traced, second, _SHAPE_B, required=False)
-    found: list[tuple[fx.Node, _Residual]] = []
-    additions = 0
-    for region in traced.regions:
-        modules = dict(region.module.named_modules())
-        mark_dynamic(region.graph)
-        adds = [n for n in region.graph.nodes if K.node_kind(n, modules) == K.ADD]
-        additions += len(adds)
-        scope_counts: dict[str, int] = {}
-        for node in adds:
-            scope = node.meta.get(MODULE_PATH, "")
-            index = scope_counts.get(scope, 0)
-            scope_counts[scope] = index + 1
-            residual = _match_residual(node, modules)
-            if residual is not None:
-                residual.add_index = index
-                found.append((node, residual))
-    blocks = _to_blocks(found)
-    return Analysis(blocks, additions, traced.whole, traced.untraceable, tuple(_shape_of(example)))
+    shapes_b = _second_shapes(model, recording, second) if second is not None else {}
+    modules = dict(model.named_modules())
+    adds = [op for op in recording.ops if op.kind == K.ADD]
+    found: list[tuple[Op, _Residual]] = []
+    seen: set[tuple[str, int]] = set()
+    per_call: dict[int, int] = {}
+    for add in adds:
+        index = per_call.get(add.call, 0)
+        per_call[add.call] = index + 1
+        residual = _match_residual(add)
+        if residual is not None and (add.scope, index) not in seen:
+            seen.add((add.scope, index))
+            residual.add_index = index
+            found.append((add, residual))
+    untraceable: dict[str, str] = {}
+    _place_in_traced_forwards(model, recording, found, per_call, untraceable)
+    blocks = _to_blocks(found, shapes_b, modules)
+    return Analysis(blocks, len(adds), True, untraceable, tuple(_shape_of(example)))
 
 
 def _shape_of(example: Any) -> tuple[int, ...]:
@@ -190,92 +263,341 @@ def _shape_of(example: Any) -> tuple[int, ...]:
 
 # --- probing ---------------------------------------------------------------------------------
 
-def _probe(model: nn.Module, traced: TraceResult, example: Any, key: str, required: bool) -> None:
-    """Write each node's shape under ``key`` by running the regions on ``example``'s activations.
-
-    A region whose traced graph fails where the model itself runs (the tracer baked in a branch the
-    real input does not take) is split into its children, which are traced and probed instead.
-    """
-    for _ in range(MAX_SPLITS):
-        try:
-            inputs = _region_inputs(model, traced.regions, example)
-        except Exception as error:
-            if required:
-                raise _probe_error(example, error) from error
-            return
-        failed = [r for r in traced.regions if r.path in inputs and not _record(r, inputs[r.path], key)]
-        if not failed or not required:
-            return
-        for region in failed:
-            split_region(traced, region)
-    raise ProbeError(f"the traced graphs of this model do not run on an input of shape {_shape_of(example)}")
-
-
-MAX_SPLITS = 6
-
-
-def _record(region: TracedRegion, call: tuple, key: str) -> bool:
+def _probe(model: nn.Module, example: Any) -> Recording:
+    """Record one forward pass: on fake tensors where the model allows (shapes without arithmetic),
+    else on the example itself."""
     try:
-        record_shapes(region.module, region.graph, call[0], call[1], key=key)
-        return True
+        return _record_on_fake_tensors(model, example)
     except Exception:
-        return False
+        pass
+    try:
+        return record(model, example)
+    except Exception as error:
+        raise _probe_error(example, error) from error
+
+
+def _second_shapes(model: nn.Module, first: Recording, example: Any) -> dict[int, tuple[int, ...]]:
+    """Shapes of the first run's operations at the larger input, where the run executes the same ops.
+    Only shapes are needed, so the run is on fake tensors where the model allows (no arithmetic)."""
+    try:
+        ops = _record_on_fake_tensors(model, example).ops
+    except Exception:
+        try:
+            ops = record(model, example).ops
+        except Exception:
+            return {}
+    if len(ops) != len(first.ops) or any(a.name != b.name for a, b in zip(ops, first.ops)):
+        return {}
+    return {op.index: op.shape for op in ops if op.shape is not None}
+
+
+def _record_on_fake_tensors(model: nn.Module, example: Any) -> Recording:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not isinstance(example, torch.Tensor) or example.device.type == "meta":
+        raise TypeError("fake tensors are made from one real tensor")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        return record(model, mode.from_tensor(example))
 
 
 def _probe_error(example: Any, error: BaseException) -> "ProbeError":
     return ProbeError(f"running the model on an input of shape {_shape_of(example)} failed: "
                       f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
-                      "Pass example_input= with a shape the model accepts.")
+                      "Pass example_input= with a shape the model accepts (--input-size on the command line).")
 
 
 class ProbeError(RetrofitError):
     """The model could not be run on the example input."""
 
 
-def _region_inputs(model: nn.Module, regions: list[TracedRegion], example: Any) -> dict[str, tuple]:
-    """Capture the arguments each traced region is called with, by one real forward pass."""
-    captured: dict[str, tuple] = {}
-    handles = []
-    for region in regions:
-        if region.path == "":
-            captured[""] = (_as_args(example), {})
-            continue
-
-        def hook(module, args, kwargs, path=region.path):
-            captured.setdefault(path, (args, kwargs))
-        handles.append(region.module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            _call(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def _as_args(example: Any) -> tuple:
-    return example if isinstance(example, tuple) else (example,)
-
-
-def _call(model: nn.Module, example: Any) -> Any:
-    if isinstance(example, dict):
-        return model(**example)
-    return model(*_as_args(example))
-
-
 # --- the residual criterion ------------------------------------------------------------------
 
 @dataclass
 class _Residual:
-    block_input: fx.Node
-    shortcut: fx.Node
-    branch: fx.Node
+    block_input: Op
+    shortcut: Op
+    branch: Op
     shortcut_arg: int
-    projection: list[fx.Node]
-    cone: set[fx.Node]
-    modules: dict[str, nn.Module]
+    projection: list[Op]
+    cone: set[Op]
     add_index: int = 0
+    rewrite_error: str | None = None
 
+
+def _match_residual(add: Op) -> _Residual | None:
+    operands = add.args
+    if len(operands) != 2 or any(a is None or not a.dynamic for a in operands):
+        return None
+    if operands[0].shape is None or operands[0].shape != operands[1].shape or operands[0].shape != add.shape:
+        return None
+    if any(user.name == "__setitem__" for user in add.users):
+        return None  # x[:, :c] += y (rexnet) adds into part of a tensor: not a whole-block residual
+    for shortcut_arg in (1, 0):
+        shortcut, branch = operands[shortcut_arg], operands[1 - shortcut_arg]
+        chain = _projection_chain(shortcut)
+        for depth, block_input in enumerate(chain):
+            if block_input is branch:
+                continue
+            cone = _dominated_ops(branch, block_input)
+            if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, projected=depth > 0):
+                return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone)
+    return None
+
+
+#: a shortcut may also scale (MetaFormer's res_scale: x · s) or apply a linear map (MViTv2's token projection)
+_SHORTCUT_KINDS = K.PROJECTION_KINDS | {K.MUL, K.LINEAR}
+_FREE_KINDS = frozenset({K.RESHAPE, K.IDENTITY, K.DROPOUT})
+
+
+def _projection_chain(op: Op) -> list[Op]:
+    """``op`` and the ops it projects from, back through at most ``MAX_PROJECTION_OPS`` projection
+    ops (reshapes and no-ops are free)."""
+    chain, cost = [op], 0
+    while cost < MAX_PROJECTION_OPS and len(chain) < 4 * MAX_PROJECTION_OPS and chain[-1].kind in _SHORTCUT_KINDS:
+        inputs = chain[-1].inputs
+        if len(inputs) != 1:
+            break
+        cost += chain[-1].kind not in _FREE_KINDS
+        chain.append(inputs[0])
+    return chain
+
+
+def _dominated_ops(branch: Op, block_input: Op) -> set[Op] | None:
+    """Ops between ``block_input`` and ``branch`` if every input path to ``branch`` passes through
+    ``block_input``; None otherwise. Ops run before ``block_input`` cannot lie between."""
+    cone, stack, reached = set(), [branch], False
+    while stack:
+        op = stack.pop()
+        if op is block_input:
+            reached = True
+            continue
+        if op in cone:
+            continue
+        if op.index < block_input.index or not op.args and op.dynamic:
+            return None
+        cone.add(op)
+        stack.extend(op.inputs)
+    return cone if reached else None
+
+
+def _is_branch(cone: set[Op], projected: bool) -> bool:
+    """The branch applies a learned layer and does not come back up from a lower resolution; next
+    to a projected shortcut it must be more than a projection itself (else: a multi-branch layer)."""
+    kinds = [op.kind for op in cone]
+    if K.UPSAMPLE in kinds or not _learns(cone, kinds):
+        return False
+    if projected and all(kind in _SHORTCUT_KINDS for kind in kinds):
+        return kinds.count(K.CONV) + kinds.count(K.LINEAR) >= 2
+    return True
+
+
+def _learns(cone: set[Op], kinds: list[str]) -> bool:
+    """A learned layer on the branch; or a pooling token mixer scaled by learned parameters
+    (PoolFormer / EfficientFormer: ``x + γ·(pool(x) − x)``)."""
+    if any(op.kind in K.LAYER_KINDS and op.weights for op in cone):
+        return True
+    return K.POOL in kinds and any(op.weights for op in cone)
+
+
+# --- where surgery will find the additions -----------------------------------------------------
+
+def _place_in_traced_forwards(model: nn.Module, recording: Recording, found: list[tuple[Op, "_Residual"]],
+                              per_call: dict[int, int], untraceable: dict[str, str]) -> None:
+    """Set each block's ``add_index`` as surgery counts additions: in the graph of the adding module's
+    own forward, where shape arithmetic (``H + pad``) is an addition node too; note the blocks whose
+    forward cannot be traced."""
+    positions: dict[str, list[int] | str] = {}
+    for add, residual in found:
+        path = add.scope
+        if path not in positions:
+            positions[path] = _traced_positions(model, recording, add)
+        places = positions[path]
+        if isinstance(places, str):
+            residual.rewrite_error = places
+        elif len(places) != per_call[add.call]:
+            residual.rewrite_error = (f"its forward runs {per_call[add.call]} tensor additions where its traced "
+                                      f"graph has {len(places)}")
+        else:
+            residual.add_index = places[residual.add_index]
+        if residual.rewrite_error:
+            name = path if residual.add_index == 0 else f"{path}@{residual.add_index}"
+            untraceable[name or "<root>"] = residual.rewrite_error
+
+
+def _traced_positions(model: nn.Module, recording: Recording, add: Op) -> list[int] | str:
+    module = model.get_submodule(add.scope)
+    if "forward" in vars(module):  # edited before: its forward was generated from a trace
+        return list(range(sum(op.kind == K.ADD and op.call == add.call for op in recording.ops)))
+    call = recording.calls.get(add.call)
+    args, kwargs = (call.args, call.kwargs) if call is not None else ((), {})
+    try:
+        return own_tensor_adds(module, args, kwargs)
+    except Exception as error:
+        text = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {text[0] if text else ''}".strip()
+
+
+# --- from matches to blocks --------------------------------------------------------------------
+
+def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: dict[int, tuple], modules: dict[str, nn.Module]) -> list[Block]:
+    drafts = []
+    for add, residual in found:
+        layout, channel_dim = _layout(add, residual, shapes_b.get(add.index), modules)
+        spatial = tuple(s for d, s in enumerate(add.shape) if d not in (0, channel_dim)) if channel_dim else ()
+        drafts.append((add, residual, layout, channel_dim, spatial))
+    sizes = sorted({math.prod(d[4]) for d in drafts if d[2] != UNKNOWN}, reverse=True)
+    blocks = []
+    for add, residual, layout, channel_dim, spatial in drafts:
+        shape = add.shape
+        in_shape = residual.block_input.shape or shape
+        stage = sizes.index(math.prod(spatial)) + 1 if layout != UNKNOWN else 0
+        blocks.append(Block(
+            path=add.scope,
+            add_index=residual.add_index,
+            channels=int(shape[channel_dim]) if channel_dim else 0,
+            in_channels=int(in_shape[channel_dim]) if channel_dim and len(in_shape) > channel_dim else 0,
+            stage=stage,
+            spatial=spatial,
+            layout=layout,
+            channel_dim=channel_dim,
+            branch=_describe(residual.branch),
+            shortcut=_describe(residual.projection[0]) if residual.projection else "identity",
+            shortcut_arg=residual.shortcut_arg,
+            post_activation=_post_activation(add),
+            has_attention=_has_channel_attention(residual.cone, channel_dim),
+            container=_container(add, residual),
+            branch_module=_branch_module(add, residual),
+            rewrite_error=residual.rewrite_error,
+            **_inner_site(residual, modules),
+        ))
+    return blocks
+
+
+def _where(op: Op) -> str:
+    return op.module or op.scope
+
+
+def _container(add: Op, residual: _Residual) -> str:
+    """The smallest module whose call holds the addition, the branch and the shortcut projection."""
+    parts = add.scope.split(".") if add.scope else []
+    for op in [*residual.cone, *residual.projection]:
+        other = _where(op).split(".") if _where(op) else []
+        common = 0
+        while common < min(len(parts), len(other)) and parts[common] == other[common]:
+            common += 1
+        parts = parts[:common]
+    return ".".join(parts)
+
+
+def _branch_module(add: Op, residual: _Residual) -> str | None:
+    """The outermost call of a module inside ``add.scope`` returning the branch operand (skipping
+    stochastic depth and dropout, where a standard site goes before them)."""
+    op = residual.branch
+    while op.kind in K.PASSTHROUGH_KINDS and len(op.inputs) == 1 and len(op.inputs[0].users) == 1:
+        op = op.inputs[0]
+    prefix = f"{add.scope}." if add.scope else ""
+    inside = [p for p in op.returned_by if p.startswith(prefix) and p != add.scope]
+    return inside[-1] if inside else None
+
+
+def _inner_site(residual: _Residual, modules: dict[str, nn.Module]) -> dict[str, Any]:
+    """Where ``inner`` goes: after the branch's first spatial (k > 1) conv, or after the norm that
+    directly follows it, as a call in the forward of the module that makes it."""
+    convs = [op for op in residual.cone if op.kind == K.CONV and op.module
+             and isinstance(modules.get(op.module), nn.modules.conv._ConvNd)
+             and math.prod(modules[op.module].kernel_size) > 1]
+    if not convs:
+        return {}
+    anchor = min(convs, key=lambda op: op.index)
+    users = anchor.users
+    if len(users) == 1 and users[0].module and users[0].kind in (K.NORM, K.NORM_ACT):
+        anchor = users[0]
+    path, caller, shape = anchor.module, anchor.scope, anchor.shape
+    if not shape or len(shape) < 2 or (caller and not path.startswith(f"{caller}.")):
+        return {}
+    child = path[len(caller) + 1:] if caller else path
+    return {"inner_module": caller, "inner_anchor": child, "inner_channels": int(shape[1])}
+
+
+def _describe(op: Op) -> str:
+    if op.module:
+        return op.module
+    return f"{op.scope}:{op.name}" if op.scope else op.name
+
+
+def _layout(add: Op, residual: _Residual, shape_b: tuple | None, modules: dict[str, nn.Module]) -> tuple[str, int]:
+    """(layout, channel dim) from the two probes; 0 as channel dim means unknown.
+
+    Where the second probe did not run, or the model resized it back to its own size (CrossViT
+    interpolates every input to ``img_size``), the layers of the branch decide."""
+    shape_a = add.shape
+    rank = len(shape_a)
+    if rank < 3:
+        return UNKNOWN, 0
+    if shape_b is not None and len(shape_b) == rank and shape_b != shape_a:
+        constant = [d for d in range(1, rank) if shape_a[d] == shape_b[d]]
+        if len(constant) == 1 and len(shape_a) - 2 == sum(shape_a[d] != shape_b[d] for d in range(1, rank)):
+            dim = constant[0]
+            if dim == 1:
+                return CHANNELS_FIRST, 1
+            if dim == rank - 1:
+                return (TOKENS if rank == 3 else CHANNELS_LAST), dim
+        return UNKNOWN, 0
+    if _conv_says_channels_first(residual, shape_a, modules):
+        return CHANNELS_FIRST, 1
+    if _linear_says_channels_last(residual, shape_a, modules):
+        return (TOKENS if rank == 3 else CHANNELS_LAST), rank - 1
+    return UNKNOWN, 0
+
+
+def _linear_says_channels_last(residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> bool:
+    """Without a second probe: the branch ends in a Linear producing the last dimension, and no
+    conv in it produces dimension 1 (tokens in ViTs, NHWC maps in Swin)."""
+    for op in residual.cone:
+        layer = modules.get(op.module) if op.module else None
+        if isinstance(layer, nn.Linear) and layer.out_features == shape[-1] and (op.shape or ())[-1:] == shape[-1:]:
+            return True
+    return False
+
+
+def _conv_says_channels_first(residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> bool:
+    """Without a second probe: a conv in the branch producing this channel count and rank."""
+    for op in residual.cone:
+        conv = modules.get(op.module) if op.module else None
+        if isinstance(conv, nn.modules.conv._ConvNd) and conv.out_channels == shape[1] \
+                and len(shape) == len(conv.kernel_size) + 2:
+            return True
+    return False
+
+
+def _post_activation(add: Op) -> str | None:
+    users = add.users
+    if len(users) == 1 and users[0].kind == K.ACT:
+        return _describe(users[0])
+    return None
+
+
+def _has_channel_attention(cone: set[Op], channel_dim: int) -> bool:
+    """A multiplication of a feature map by a per-channel vector computed from the input."""
+    for op in cone:
+        if op.kind != K.MUL or op.module:
+            continue
+        shapes = [a.shape for a in op.args if a is not None and a.dynamic]
+        if len(shapes) == 2 and all(shapes) and (_is_channel_gate(shapes[0], shapes[1], channel_dim)
+                                                 or _is_channel_gate(shapes[1], shapes[0], channel_dim)):
+            return True
+    return False
+
+
+def _is_channel_gate(gate: tuple, features: tuple, channel_dim: int) -> bool:
+    if len(gate) != len(features) or len(gate) < 3 or not channel_dim:
+        return False
+    spatial = [d for d in range(1, len(gate)) if d != channel_dim]
+    return gate[channel_dim] == features[channel_dim] > 1 and all(gate[d] == 1 for d in spatial) \
+        and any(features[d] > 1 for d in spatial)
+
+
+# --- fx graph helpers (surgery finds the planned addition again in a block's traced forward) -----
 
 def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     args = list(node.args[:2])
@@ -284,32 +606,6 @@ def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
         return None
     return args[0], args[1]
-
-
-def _match_residual(add: fx.Node, modules: dict[str, nn.Module]) -> _Residual | None:
-    operands = add_operands(add)
-    if operands is None or "alpha" in add.kwargs:
-        return None
-    shape_a, shape_b = (op.meta.get(_SHAPE_A) for op in operands)
-    if shape_a is None or shape_a != shape_b or shape_a != add.meta.get(_SHAPE_A):
-        return None
-    if _writes_into_slice(add):
-        return None
-    for shortcut_arg in (1, 0):
-        shortcut, branch = operands[shortcut_arg], operands[1 - shortcut_arg]
-        chain = _projection_chain(shortcut, modules)
-        for depth, block_input in enumerate(chain):
-            if block_input is branch:
-                continue
-            cone = dominated_cone(branch, block_input)
-            if cone and _inside(cone, add.meta.get(MODULE_PATH, "")) and _transforms(cone, block_input, modules):
-                return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone, modules)
-    return None
-
-
-def _writes_into_slice(add: fx.Node) -> bool:
-    """``x[:, :c] += y`` (rexnet) adds into part of a tensor: not a whole-block residual."""
-    return any(user.op == "call_function" and getattr(user.target, "__name__", "") == "setitem" for user in add.users)
 
 
 _DYNAMIC = "depends_on_input"
@@ -337,17 +633,6 @@ def dynamic_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if n.op != "get_attr" and n.meta.get(_DYNAMIC, True)]
 
 
-def _projection_chain(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
-    """``node`` and the nodes it projects from, back through at most a few projection ops."""
-    chain = [node]
-    while len(chain) <= MAX_PROJECTION_OPS and K.node_kind(chain[-1], modules) in K.PROJECTION_KINDS:
-        inputs = dynamic_inputs(chain[-1])
-        if len(inputs) != 1:
-            break
-        chain.append(inputs[0])
-    return chain
-
-
 def dominated_cone(branch: fx.Node, block_input: fx.Node) -> set[fx.Node] | None:
     """Nodes between ``block_input`` and ``branch`` if every input path to ``branch`` passes
     through ``block_input``; None otherwise."""
@@ -364,173 +649,3 @@ def dominated_cone(branch: fx.Node, block_input: fx.Node) -> set[fx.Node] | None
         cone.add(node)
         stack.extend(dynamic_inputs(node))
     return cone if reached else None
-
-
-def _inside(cone: set[fx.Node], scope: str) -> bool:
-    """The branch is computed inside the module that adds it. An FPN's top-down add has a branch that
-    runs back through the backbone: a fusion of scales, not a residual block."""
-    if not scope:
-        return True
-    prefix = f"{scope}."
-    return all((path := n.meta.get(MODULE_PATH, "")) == scope or path.startswith(prefix) for n in cone)
-
-
-def _transforms(cone: set[fx.Node], block_input: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """The branch applies learned weights and is more than one projection of the input.
-
-    A lone conv/norm (``x + bn(conv(x))``: RepVGG's parallel branches, conditional position
-    encodings) is a multi-branch layer, not a residual block; two convs in series are a branch.
-    """
-    if not any(K.has_weights(n, modules) for n in cone):
-        return False
-    kinds = [K.node_kind(n, modules) for n in cone]
-    only_projection = all(kind in K.PROJECTION_KINDS for kind in kinds)
-    return not only_projection or kinds.count(K.CONV) >= 2
-
-
-# --- from matches to blocks --------------------------------------------------------------------
-
-def _to_blocks(found: list[tuple[fx.Node, _Residual]]) -> list[Block]:
-    drafts = []
-    for add, residual in found:
-        layout, channel_dim = _layout(add, residual)
-        shape = add.meta[_SHAPE_A]
-        spatial = tuple(s for d, s in enumerate(shape) if d not in (0, channel_dim)) if channel_dim else ()
-        drafts.append((add, residual, layout, channel_dim, spatial))
-    sizes = sorted({math.prod(d[4]) for d in drafts if d[2] != UNKNOWN}, reverse=True)
-    blocks = []
-    for add, residual, layout, channel_dim, spatial in drafts:
-        shape = add.meta[_SHAPE_A]
-        in_shape = residual.block_input.meta.get(_SHAPE_A) or shape
-        stage = sizes.index(math.prod(spatial)) + 1 if layout != UNKNOWN else 0
-        blocks.append(Block(
-            path=add.meta.get(MODULE_PATH, ""),
-            add_index=residual.add_index,
-            channels=int(shape[channel_dim]) if channel_dim else 0,
-            in_channels=int(in_shape[channel_dim]) if channel_dim and len(in_shape) > channel_dim else 0,
-            stage=stage,
-            spatial=spatial,
-            layout=layout,
-            channel_dim=channel_dim,
-            branch=_describe(residual.branch),
-            shortcut=_describe(residual.projection[0]) if residual.projection else "identity",
-            shortcut_arg=residual.shortcut_arg,
-            post_activation=_post_activation(add, residual.modules),
-            has_attention=_has_channel_attention(residual.cone, channel_dim),
-            **_inner_site(residual),
-        ))
-    return blocks
-
-
-def _inner_site(residual: _Residual) -> dict[str, Any]:
-    """Where ``inner`` goes: after the branch's first spatial (k > 1) conv, or after the norm that
-    directly follows it, as a call in the forward of the module that makes it."""
-    convs = [(n, path) for n in residual.cone for path in [_conv_module_path(n, residual.modules)]
-             if path is not None and math.prod(residual.modules[path].kernel_size) > 1]
-    if not convs:
-        return {}
-    order = {n: i for i, n in enumerate(residual.branch.graph.nodes)}
-    conv, path = min(convs, key=lambda pair: order[pair[0]])
-    caller = conv.meta.get(MODULE_PATH, "") if conv.op == "call_module" else path.rpartition(".")[0]
-    anchor, users = conv, list(conv.users)
-    if len(users) == 1 and users[0].op == "call_module" and \
-            K.node_kind(users[0], residual.modules) in (K.NORM, K.NORM_ACT):
-        anchor, path, caller = users[0], str(users[0].target), users[0].meta.get(MODULE_PATH, "")
-    shape = anchor.meta.get(_SHAPE_A)
-    if not shape or (caller and not path.startswith(f"{caller}.")):
-        return {}
-    child = path[len(caller) + 1:] if caller else path
-    return {"inner_module": caller, "inner_anchor": child, "inner_channels": int(shape[1])}
-
-
-def _conv_module_path(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """The conv module a node applies: a leaf conv call, or ``F.convNd`` inside a conv subclass's
-    own forward (torchvision's Conv3DSimple, timm's Conv2dSame)."""
-    if K.node_kind(node, modules) != K.CONV:
-        return None
-    if node.op == "call_module":
-        return str(node.target)
-    scope = node.meta.get(MODULE_PATH, "")
-    return scope if isinstance(modules.get(scope), nn.modules.conv._ConvNd) else None
-
-
-def _describe(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    target = getattr(node.target, "__name__", str(node.target))
-    scope = node.meta.get(MODULE_PATH, "")
-    return f"{scope}:{target}" if scope else str(target)
-
-
-def _layout(add: fx.Node, residual: _Residual) -> tuple[str, int]:
-    """(layout, channel dim) from the two probes; 0 as channel dim means unknown.
-
-    Where the second probe did not run, or the model resized it back to its own size (CrossViT
-    interpolates every input to ``img_size``), the layers of the branch decide."""
-    shape_a, shape_b = add.meta.get(_SHAPE_A), add.meta.get(_SHAPE_B)
-    rank = len(shape_a)
-    if rank < 3:
-        return UNKNOWN, 0
-    if shape_b is not None and len(shape_b) == rank and shape_b != shape_a:
-        constant = [d for d in range(1, rank) if shape_a[d] == shape_b[d]]
-        if len(constant) == 1 and len(shape_a) - 2 == sum(shape_a[d] != shape_b[d] for d in range(1, rank)):
-            dim = constant[0]
-            if dim == 1:
-                return CHANNELS_FIRST, 1
-            if dim == rank - 1:
-                return (TOKENS if rank == 3 else CHANNELS_LAST), dim
-        return UNKNOWN, 0
-    if _conv_says_channels_first(residual, shape_a):
-        return CHANNELS_FIRST, 1
-    if _linear_says_channels_last(residual, shape_a):
-        return (TOKENS if rank == 3 else CHANNELS_LAST), rank - 1
-    return UNKNOWN, 0
-
-
-def _linear_says_channels_last(residual: _Residual, shape: tuple[int, ...]) -> bool:
-    """Without a second probe: the branch ends in a Linear producing the last dimension, and no
-    conv in it produces dimension 1 (tokens in ViTs, NHWC maps in Swin)."""
-    for node in residual.cone:
-        if node.op == "call_module" and K.node_kind(node, residual.modules) == K.LINEAR \
-                and residual.modules[node.target].out_features == shape[-1] \
-                and node.meta.get(_SHAPE_A, ())[-1:] == shape[-1:]:
-            return True
-    return False
-
-
-def _conv_says_channels_first(residual: _Residual, shape: tuple[int, ...]) -> bool:
-    """Without a second probe: a conv in the branch producing this channel count and rank."""
-    for node in residual.cone:
-        if node.op == "call_module" and K.node_kind(node, residual.modules) == K.CONV:
-            conv = residual.modules[node.target]
-            if conv.out_channels == shape[1] and len(shape) == len(conv.kernel_size) + 2:
-                return True
-    return False
-
-
-def _post_activation(add: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    users = list(add.users)
-    if len(users) == 1 and K.node_kind(users[0], modules) == K.ACT:
-        return _describe(users[0])
-    return None
-
-
-def _has_channel_attention(cone: set[fx.Node], channel_dim: int) -> bool:
-    """A multiplication of a feature map by a per-channel vector computed from the input."""
-    for node in cone:
-        if node.op == "call_module" or K.node_kind(node, {}) != K.MUL:
-            continue
-        operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.meta.get(_DYNAMIC, True)]
-        shapes = [a.meta.get(_SHAPE_A) for a in operands]
-        if len(shapes) == 2 and all(shapes) and (_is_channel_gate(shapes[0], shapes[1], channel_dim)
-                                                 or _is_channel_gate(shapes[1], shapes[0], channel_dim)):
-            return True
-    return False
-
-
-def _is_channel_gate(gate: tuple, features: tuple, channel_dim: int) -> bool:
-    if len(gate) != len(features) or len(gate) < 3 or not channel_dim:
-        return False
-    spatial = [d for d in range(1, len(gate)) if d != channel_dim]
-    return gate[channel_dim] == features[channel_dim] > 1 and all(gate[d] == 1 for d in spatial) \
-        and any(features[d] > 1 for d in spatial)

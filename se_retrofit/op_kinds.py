@@ -17,16 +17,19 @@ from torch.nn.modules.pooling import (
     _MaxPoolNd,
 )
 
-CONV, LINEAR, NORM, NORM_ACT, POOL, IDENTITY, DROPOUT, PAD, ACT, ADD, MUL, OTHER = (
+CONV, LINEAR, NORM, NORM_ACT, POOL, IDENTITY, DROPOUT, PAD, ACT, ADD, MUL, RESHAPE, UPSAMPLE, OTHER = (
     "conv", "linear", "norm", "norm_act", "pool", "identity", "dropout", "pad", "act", "add", "mul",
-    "other",
+    "reshape", "upsample", "other",
 )
-#: kinds a shortcut projection may consist of (downsample conv/BN, pooling, padding, no-ops)
-PROJECTION_KINDS = frozenset({CONV, NORM, POOL, IDENTITY, DROPOUT, PAD})
+#: kinds a shortcut projection may consist of (downsample conv/BN, pooling, padding, reshapes, no-ops)
+PROJECTION_KINDS = frozenset({CONV, NORM, POOL, IDENTITY, DROPOUT, PAD, RESHAPE})
+#: kinds that apply a learned layer when they carry parameters (elementwise scales and shifts do not)
+LAYER_KINDS = frozenset({CONV, LINEAR, NORM, NORM_ACT})
 #: kinds that only regularise or pass through: the standard position sits before them
 PASSTHROUGH_KINDS = frozenset({IDENTITY, DROPOUT})
 
 _MODULE_KINDS: list[tuple[tuple[type, ...], str]] = [
+    ((nn.modules.conv._ConvTransposeNd, nn.Upsample, nn.PixelShuffle), UPSAMPLE),
     ((_ConvNd,), CONV),
     ((nn.Linear,), LINEAR),
     ((_BatchNorm, nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm), NORM),
@@ -98,3 +101,34 @@ def has_weights(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return any(True for _ in modules[node.target].parameters())
     return any(arg.op == "get_attr" for arg in node.all_input_nodes)
+
+
+_NAME_KINDS = {
+    **dict.fromkeys(("add", "add_", "__add__", "__iadd__", "__radd__"), ADD),
+    **dict.fromkeys(("mul", "mul_", "__mul__", "__imul__", "__rmul__"), MUL),
+    **dict.fromkeys(("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_tbc"), CONV),
+    **dict.fromkeys(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "interpolate", "upsample",
+                     "upsample_nearest", "upsample_bilinear", "pixel_shuffle", "repeat_interleave"), UPSAMPLE),
+    **dict.fromkeys(("linear", "matmul", "mm", "bmm", "einsum", "addmm", "baddbmm", "__matmul__",
+                     "bilinear"), LINEAR),
+    **dict.fromkeys(("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
+                     "local_response_norm"), NORM),
+    **dict.fromkeys(("avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+                     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+                     "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool2d"), POOL),
+    **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"),
+                    DROPOUT),
+    "pad": PAD,
+    **dict.fromkeys(("relu", "relu_", "relu6", "silu", "gelu", "hardswish", "hardsigmoid", "sigmoid", "sigmoid_",
+                     "tanh", "tanh_", "leaky_relu", "elu", "mish", "softplus", "hardtanh", "selu", "celu",
+                     "prelu"), ACT),
+    **dict.fromkeys(("contiguous", "clone", "detach", "to", "type_as", "float"), IDENTITY),
+    **dict.fromkeys(("view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
+                     "movedim", "view_as", "reshape_as"), RESHAPE),
+}
+
+
+def function_kind(func) -> str:
+    """The kind of a torch function or Tensor method as a ``TorchFunctionMode`` sees it, by name
+    (``x + y`` arrives as ``Tensor.add``, ``out += y`` as ``Tensor.add_``)."""
+    return _NAME_KINDS.get(getattr(func, "__name__", ""), OTHER)

@@ -109,6 +109,8 @@ def _span(stages: list[int]) -> str:
 def _unplaceable(block: Block, position: str) -> str | None:
     if position == "inner":
         return None if block.inner_module is not None else "its branch has no spatial (k>1) conv for inner"
+    if block.rewrite_error:
+        return f"its forward cannot be rewritten ({block.rewrite_error})"
     if block.layout not in SUPPORTED_LAYOUTS:
         return f"layout {block.layout}: the channel dimension could not be told from the probes"
     return None

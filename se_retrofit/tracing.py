@@ -179,3 +179,65 @@ def training_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
     finally:
         restore_training(snapshot)
 
+
+
+# --- where a module's own additions sit in the graph surgery rewrites ------------------------
+
+_NOT_TENSORS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "size", "dim",
+                          "numel", "item", "tolist", "__len__", "len", "element_size", "nelement", "stride",
+                          "data_ptr", "get_device", "is_contiguous", "is_floating_point"})
+
+
+def own_tensor_adds(module: nn.Module, args: tuple, kwargs: dict) -> list[int]:
+    """For the forward of ``module`` as surgery traces it (children kept as leaves), the positions
+    among its addition nodes of those that add tensors, in graph order. Shape arithmetic such as
+    ``H + pad`` is an addition node too, which a run of the model does not see as a tensor op.
+
+    Raises whatever the tracer raises where the forward cannot be traced.
+    """
+    from . import op_kinds as K
+    import inspect
+    import torch
+    from torch.fx.proxy import TraceError
+
+    forward = type(module).forward
+    params = list(inspect.signature(forward).parameters.values())[1:]
+    try:
+        bound = inspect.signature(forward).bind(module, *args, **kwargs).arguments
+    except TypeError:
+        bound = {}
+    given = {k: v for k, v in bound.items() if k != "self"}
+    concrete = {p.name: None for p in params if p.default is None and given.get(p.name) is None
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    try:
+        graph = trace(module, leaf_children=True, concrete_args=concrete or None)
+    except TraceError:
+        fixed = {p.name: p.default for p in params if isinstance(p.default, (bool, int, float, str))}
+        if not fixed:
+            raise
+        graph = trace(module, leaf_children=True, concrete_args={**fixed, **concrete})
+    modules = dict(module.named_modules())
+    tensorish: dict[fx.Node, bool] = {}
+    positions, count = [], 0
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            value = given.get(node.target.lstrip("*"), None)
+            tensorish[node] = isinstance(value, torch.Tensor) or (value is None and not node.args)
+        elif node.op in ("get_attr", "call_module"):
+            tensorish[node] = True
+        elif node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            if name == "getattr" and len(node.args) > 1 and node.args[1] in _NOT_TENSORS:
+                tensorish[node] = False
+            elif name in _NOT_TENSORS:
+                tensorish[node] = False
+            elif node.op == "call_function" and getattr(node.target, "__module__", "") and \
+                    str(getattr(node.target, "__module__", "")).startswith("torch") and name != "getitem":
+                tensorish[node] = True
+            else:
+                tensorish[node] = any(tensorish.get(n, False) for n in node.all_input_nodes)
+        if K.node_kind(node, modules) == K.ADD:
+            if tensorish.get(node, False) and not any(isinstance(a, (tuple, list)) for a in node.args):
+                positions.append(count)
+            count += 1
+    return positions

@@ -83,7 +83,7 @@ def test_video_resnet_three_dimensional():
     assert len(blocks[0].spatial) == 3 and blocks[0].layout == CHANNELS_FIRST
 
 
-def test_model_that_does_not_trace_as_a_whole_is_traced_in_parts():
+def test_model_that_does_not_trace_as_a_whole_is_analysed_from_what_it_runs():
     class Picky(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -95,8 +95,8 @@ def test_model_that_does_not_trace_as_a_whole_is_traced_in_parts():
             return x
 
     analysis = analyze(Picky(), small_input(1))
-    assert not analysis.traced_whole
     assert len(analysis.blocks) == 8 and analysis.blocks[0].path == "body.layer1.0"
+    assert analysis.untraceable == {} and all(b.rewrite_error is None for b in analysis.blocks)
 
 
 def test_bad_example_input_is_a_clear_error():
@@ -107,7 +107,7 @@ def test_bad_example_input_is_a_clear_error():
 def test_dual_path_network_has_additions_but_no_residual_blocks():
     analysis = analyze(timm.create_model("dpn68"), small_input(1))
     assert analysis.additions == 22 and analysis.blocks == []
-    assert analysis.describe() == "0 of its 22 additions are residual connections (the model traced as a whole)"
+    assert analysis.describe() == "0 of its 22 additions are residual connections"
 
 
 def test_blocks_inside_timm_notrace_modules_are_found():

@@ -9,7 +9,7 @@ import torch
 
 import se_retrofit
 
-# (model, residual blocks, additions in the traced graphs, why the count is what it is)
+# (model, residual blocks, tensor additions one forward pass executes, why the count is what it is)
 TRICKY = [
     ("res2net50_26w_4s", 16, 40, "3+4+6+3 bottlenecks; the 24 hierarchical adds inside the splits are not blocks"),
     ("hrnet_w18_small", 23, 46, "1 + 4 + 6 + 8 branch blocks and 4 head bottlenecks; fusion adds are not"),
@@ -19,7 +19,8 @@ TRICKY = [
     ("nf_resnet26", 8, 8, "scaled add out * alpha + shortcut, inside timm notrace blocks"),
     ("vit_tiny_patch16_224", 24, 25, "attention and MLP residual of 12 blocks; the position embedding is not"),
     ("swin_tiny_patch4_window7_224", 24, 41, "2 residuals in 12 blocks; attention bias and mask adds are not"),
-    ("maxvit_tiny_tf_224", 55, 77, "11 blocks of MBConv (1) + block attention (2) + grid attention (2)"),
+    ("maxvit_tiny_tf_224", 55, 55, "11 blocks of MBConv (1) + block attention (2) + grid attention (2); the "
+                                   "relative-position bias is passed to scaled_dot_product_attention, not added"),
     ("levit_128s", 20, 32, "2 per attention block (9) and the MLP residual of the 2 downsamples"),
     ("repvgg_a0", 17, 39, "identity-BN branch of the 17 non-first blocks; kxk + 1x1 branch sums are not"),
     ("ghostnet_100", 16, 16, "16 ghost bottlenecks, identity or conv shortcut"),

@@ -1,0 +1,292 @@
+"""Record what a model executes: every tensor operation of one forward pass, as a graph.
+
+A :class:`~torch.overrides.TorchFunctionMode` sees each torch function and Tensor method the model
+calls (``x + y``, ``out += identity``, ``add_``, ``torch.add(..., alpha=)``, ``F.conv2d``…), and
+forward hooks on every submodule tell which module's forward is running. Nothing needs to be
+traceable: data-dependent control flow, ``**kwargs`` and untraceable children simply run.
+
+Modules of a known kind (conv, linear, norm, pooling, activation, dropout: see
+:mod:`se_retrofit.op_kinds`) are recorded as one operation each, the way ``torch.fx`` keeps them
+as leaves; inside any other module every operation is recorded, with the module path whose
+forward performs it. Tensors are followed by identity, so an in-place operation makes the
+tensor it changes a new value.
+
+Example:
+    >>> import torch, torchvision
+    >>> model = torchvision.models.resnet18().eval()
+    >>> ops = record(model, torch.randn(1, 3, 64, 64)).ops
+    >>> [(op.name, op.scope) for op in ops if op.kind == "add"][:2]
+    [('add_', 'layer1.0'), ('add_', 'layer1.1')]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from . import op_kinds as K
+
+#: functions whose tensor result depends only on the shape, dtype or device of their inputs
+SHAPE_ONLY = frozenset({
+    "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like",
+    "full_like", "new_tensor", "rand_like", "randn_like", "randint_like",
+})
+
+
+@dataclass(eq=False)
+class Op:
+    """One executed operation (or one call of a leaf module).
+
+    Attributes:
+        index: position in execution order.
+        kind: an :mod:`se_retrofit.op_kinds` constant.
+        name: the function or method name, or the leaf module's path.
+        args: the operation's tensor arguments in order (None where an argument is a parameter or
+            a tensor the recording did not see being made).
+        scope: path of the module whose own forward performs it (``""`` for the root).
+        module: path of the leaf module for a module call, else ``""``.
+        call: which call of the ``scope`` module it ran in (a counter over all module calls).
+        dynamic: it depends on the model input.
+        weights: it applies learned parameters (directly or through views of them).
+        shape: shape of its (first) tensor result.
+        users: operations that take its result.
+        returned_by: modules (innermost first) whose call returned this result.
+    """
+
+    index: int
+    kind: str
+    name: str
+    args: list["Op | None"]
+    scope: str
+    module: str = ""
+    call: int = 0
+    dynamic: bool = False
+    weights: bool = False
+    shape: tuple[int, ...] | None = None
+    users: list["Op"] = field(default_factory=list)
+    returned_by: list[str] = field(default_factory=list)
+    kwargs: tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> list["Op"]:
+        """The dynamic operations it reads (activations, not parameters or constants)."""
+        return [a for a in self.args if a is not None and a.dynamic]
+
+    def __repr__(self) -> str:
+        return f"Op({self.index}, {self.name}, scope={self.scope!r})"
+
+
+@dataclass
+class ModuleCall:
+    """One call of a module: its path, arguments (by reference) and the call counter."""
+
+    path: str
+    number: int
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Recording:
+    """The executed graph of one forward pass."""
+
+    ops: list[Op]
+    inputs: list[Op]
+    calls: dict[int, ModuleCall]
+    first_call: dict[str, ModuleCall]
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+        self.params = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+        self.ops: list[Op] = []
+        self.values: dict[int, tuple[torch.Tensor, Op]] = {}   # id(tensor) -> (tensor kept alive, op)
+        self.param_views: dict[int, torch.Tensor] = {}
+        self.stack: list[tuple[str, int]] = [("", 0)]
+        self.calls: dict[int, ModuleCall] = {}
+        self.first_call: dict[str, ModuleCall] = {}
+        self.leaf: tuple[nn.Module, list[Op | None], bool] | None = None
+        self.leaf_depth = 0
+        self.counter = 0
+
+    # --- tensors -----------------------------------------------------------------------
+    def lookup(self, tensor: torch.Tensor) -> Op | None:
+        entry = self.values.get(id(tensor))
+        return entry[1] if entry is not None and entry[0] is tensor else None
+
+    def is_weight(self, tensor: torch.Tensor) -> bool:
+        return id(tensor) in self.params or self.param_views.get(id(tensor)) is tensor
+
+    def bind(self, tensor: torch.Tensor, op: Op) -> None:
+        self.values[id(tensor)] = (tensor, op)
+
+    def add_input(self, tensor: torch.Tensor) -> Op:
+        op = Op(len(self.ops), K.OTHER, "input", [], "", dynamic=True, shape=tuple(tensor.shape))
+        self.ops.append(op)
+        self.bind(tensor, op)
+        return op
+
+    # --- module hooks ------------------------------------------------------------------
+    def pre_hook(self, module, args, kwargs):
+        path = self.paths.get(id(module))
+        if path is None:
+            return
+        if self.leaf is not None:
+            self.leaf_depth += 1
+            return
+        self.counter += 1
+        if K.module_kind(module) != K.OTHER:
+            self.leaf = (module, [], False)
+            self.leaf_depth = 1
+            self._leaf_args(args, kwargs)
+            return
+        call = ModuleCall(path, self.counter, args, kwargs)
+        self.calls[self.counter] = call
+        self.first_call.setdefault(path, call)
+        self.stack.append((path, self.counter))
+
+    def post_hook(self, module, args, output):
+        path = self.paths.get(id(module))
+        if path is None:
+            return
+        if self.leaf is not None:
+            self.leaf_depth -= 1
+            if self.leaf_depth == 0:
+                self._end_leaf(module, path, output)
+            return
+        if self.stack[-1][0] == path:
+            self.stack.pop()
+        for tensor in _tensors(output):
+            op = self.lookup(tensor)
+            if op is not None:
+                op.returned_by.append(path)
+
+    def _leaf_args(self, args, kwargs) -> None:
+        for tensor in _tensors((args, kwargs)):
+            self._leaf_reads(tensor)
+
+    def _leaf_reads(self, tensor: torch.Tensor) -> None:
+        module, reads, weights = self.leaf
+        op = self.lookup(tensor)
+        if op is not None and op not in reads:
+            reads.append(op)
+        if self.is_weight(tensor) or (op is not None and op.weights and not op.dynamic):
+            weights = True
+        self.leaf = (module, reads, weights)
+
+    def _end_leaf(self, module: nn.Module, path: str, output: Any) -> None:
+        _, reads, weights = self.leaf
+        self.leaf = None
+        weights = weights or any(True for _ in module.parameters())
+        op = self._new_op(K.module_kind(module), path, reads, weights, output, module=path)
+        op.returned_by.append(path)
+
+    # --- functions ---------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.leaf is not None:
+            for tensor in _tensors((args, kwargs)):
+                self._leaf_reads(tensor)
+            return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name == "__get__" and not isinstance(result, torch.Tensor):
+            return result  # x.shape, x.dtype…
+        tensors = _tensors((args, kwargs))
+        if not tensors and not _tensors(result):
+            return result
+        reads, weights = [], False
+        for tensor in tensors:
+            op = self.lookup(tensor)
+            reads.append(op)
+            weights = weights or self.is_weight(tensor) or (op is not None and op.weights and not op.dynamic)
+        op = self._new_op(K.function_kind(func), name, reads, weights, result, kwargs=tuple(kwargs))
+        if name in SHAPE_ONLY:
+            op.dynamic = False
+        if _in_place(name):  # the changed tensor is a new value
+            if isinstance(args[0], torch.Tensor):
+                self.bind(args[0], op)
+        return result
+
+    def _new_op(self, kind: str, name: str, reads: list, weights: bool, result: Any, module: str = "",
+                kwargs: tuple = ()) -> Op:
+        scope, call = self.stack[-1]
+        outputs = _tensors(result)
+        op = Op(len(self.ops), kind, name, reads, scope, module, call,
+                dynamic=any(r is not None and r.dynamic for r in reads), weights=weights,
+                shape=tuple(outputs[0].shape) if outputs else None, kwargs=kwargs)
+        self.ops.append(op)
+        for read in reads:
+            if read is not None and op not in read.users:
+                read.users.append(op)
+        if isinstance(result, torch.Tensor):
+            self._bind_result(result, op)
+        elif len(outputs) > 1:  # split, chunk, unbind: each piece is a value of its own
+            for i, tensor in enumerate(outputs):
+                item = Op(len(self.ops), K.OTHER, f"{name}[{i}]", [op], scope, call=call, dynamic=op.dynamic,
+                          weights=weights, shape=tuple(tensor.shape))
+                op.users.append(item)
+                self.ops.append(item)
+                self._bind_result(tensor, item)
+        elif outputs:
+            self._bind_result(outputs[0], op)
+        return op
+
+    def _bind_result(self, tensor: torch.Tensor, op: Op) -> None:
+        self.bind(tensor, op)
+        if op.weights and not op.dynamic:
+            self.param_views[id(tensor)] = tensor
+
+
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                               "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
+                               "__ilshift__", "__irshift__", "__imatmul__"})
+
+
+def _in_place(name: str) -> bool:
+    return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if value is None or isinstance(value, (int, float, bool, str)):
+        return []
+    return [v for v in tree_leaves(value) if isinstance(v, torch.Tensor)]
+
+
+def record(model: nn.Module, example: Any) -> Recording:
+    """Run ``model`` on ``example`` (no autograd) and return the operations it executed.
+
+    The caller puts the model in the mode wanted; its attributes are restored afterwards, so a
+    forward that caches something on ``self`` leaves nothing behind.
+    """
+    recorder = _Recorder(model)
+    inputs = [recorder.add_input(t) for t in _tensors(example)]
+    handles = []
+    saved = {m: dict(vars(m)) for m in model.modules()}
+    try:
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
+            handles.append(module.register_forward_hook(recorder.post_hook, always_call=True))
+        with torch.no_grad(), recorder:
+            if isinstance(example, dict):
+                model(**example)
+            elif isinstance(example, tuple):
+                model(*example)
+            else:
+                model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, attributes in saved.items():
+            if vars(module).keys() != attributes.keys() or any(vars(module)[k] is not v for k, v in attributes.items()):
+                vars(module).clear()
+                vars(module).update(attributes)
+    return Recording(recorder.ops, inputs, recorder.calls, recorder.first_call)
