@@ -36,7 +36,7 @@ import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
-FIELDS = ["source", "name", "status", "blocks", "expected", "expected_from", "stages", "params_m",
+FIELDS = ["source", "name", "status", "blocks", "expected", "expected_from", "edited", "stages", "params_m",
           "identity_standard", "identity_post", "identity_scope", "config_changes", "seconds"]
 LIBRARIES = ("timm", "torchvision", "transformers")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -310,6 +310,7 @@ def _check(source, name, max_params, torch, se_retrofit) -> dict:
             return {**out, "status": "no-residual-blocks"}
         plans = {position: se_retrofit.planning.plan_sites(model, analysis, se_retrofit.RetrofitConfig(
             position=position)) for position in ("standard", "post")}
+        out["edited"] = len({site.block for site in plans["standard"].sites})
         if not plans["standard"].sites:
             return {**out, "status": f"skipped: {next(iter(plans['standard'].skipped.values()))}"}
         if params > max_params:

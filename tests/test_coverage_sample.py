@@ -28,9 +28,46 @@ def _load_sweep():
 
 #: model -> (status, blocks found, expected blocks or "" where no independent figure exists).
 SAMPLE = {
+    # timm: residual CNNs, mobile nets, hybrids, transformers
+    "resnet18": ("ok", 8, 8),
+    "regnetx_002": ("ok", 13, 13),
+    "efficientnet_b0": ("ok", 9, 9),  # 16 blocks, 9 with a skip: the others never call their drop_path
+    "mobilenetv3_small_050": ("ok", 7, 7),
+    "hgnet_tiny": ("ok", 1, 1),
+    "convnext_atto": ("ok", 12, 12),
+    "poolformer_s12": ("ok", 24, 24),
+    "levit_128s": ("ok", 20, 20),
+    "vit_tiny_patch16_224": ("ok", 24, 24),
+    "pvt_v2_b0": ("ok", 16, 16),  # issue 10: 2 of 16 before the analysis from what the model executes
+    # timm: no residual blocks (DPN's dual paths and SelecSLS's concatenations are not residuals)
+    "vgg11": ("no-residual-blocks", 0, 0),
+    "dpn68": ("no-residual-blocks", 0, ""),
+    "selecsls42b": ("no-residual-blocks", 0, ""),
+    # torchvision: classification, video, quantized, segmentation, detection
+    "torchvision:resnet18": ("ok", 8, 8),
+    "torchvision:mobilenet_v2": ("ok", 10, 10),
+    "torchvision:shufflenet_v2_x0_5": ("no-residual-blocks", 0, 0),
+    "torchvision:squeezenet1_0": ("no-residual-blocks", 0, 0),
+    "torchvision:quantized_resnet18": ("ok", 8, 8),
+    "torchvision:r3d_18": ("ok", 8, 8),
+    "torchvision:lraspp_mobilenet_v3_large": ("ok", 10, 10),
+    "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn": ("ok", 10, 10),
+}
+
+#: the figures issue 10 asks for, where the analysis does not give them yet (strict: a fix makes them pass)
+KNOWN_SHORTFALLS = {
+    "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn":
+        "analysis branch 859fada finds 0 of the backbone's 10 residual blocks (main found 10)",
+    "transformers:ViTForImageClassification":
+        "analysis branch 859fada finds the 24 blocks but planning skips every ViTLayer: its forward cannot "
+        "be rewritten by torch.fx (Proxy iteration)",
 }
 
 HF_SAMPLE = {
+    "transformers:ResNetForImageClassification": ("ok", 16, 16),
+    "transformers:MobileNetV2ForImageClassification": ("ok", 10, 10),  # issue 10: 0 on main
+    "transformers:MobileNetV1ForImageClassification": ("no-residual-blocks", 0, 0),
+    "transformers:ViTForImageClassification": ("ok", 24, 24),
 }
 
 
@@ -46,12 +83,17 @@ def _assert_row(row: dict, pinned: tuple) -> None:
         assert row["identity_standard"] <= 1e-5 and row["identity_post"] <= 1e-5, row
 
 
-@pytest.mark.parametrize("model", sorted(SAMPLE))
+def _params(sample: dict) -> list:
+    return [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SHORTFALLS[m]))
+            if m in KNOWN_SHORTFALLS else m for m in sorted(sample)]
+
+
+@pytest.mark.parametrize("model", _params(SAMPLE))
 def test_sample_model(model):
     _assert_row(_check(model), SAMPLE[model])
 
 
-@pytest.mark.parametrize("model", sorted(HF_SAMPLE))
+@pytest.mark.parametrize("model", _params(HF_SAMPLE))
 def test_sample_transformers_model(model):
     pytest.importorskip("transformers", reason="transformers is not installed (pip install .[coverage])")
     _assert_row(_check(model), HF_SAMPLE[model])
