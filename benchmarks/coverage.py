@@ -505,10 +505,11 @@ NO_RESIDUAL_FAMILIES = {  # module of the builder: its source has no residual ad
 
 
 def _is_drop_path(path: str, module) -> bool:
-    """A stochastic-depth module: timm's ``drop_path*`` (DropPath, or Identity at rate 0), torchvision's
-    StochasticDepth, transformers' ``*DropPath`` and ``drop_path`` attributes."""
+    """A stochastic-depth module on a residual branch: timm's ``drop_path*`` attributes (DropPath, or
+    Identity at rate 0), torchvision's StochasticDepth, transformers' ``drop_path`` attributes. By name,
+    not by class alone: transformers' PoolFormer also uses its ``PoolFormerDropPath`` as the MLP's dropout."""
     leaf, kind = path.rsplit(".", 1)[-1], type(module).__name__
-    return leaf.startswith(("drop_path", "stochastic_depth")) or kind.endswith(("DropPath", "StochasticDepth"))
+    return leaf.startswith(("drop_path", "stochastic_depth")) or kind in ("DropPath", "StochasticDepth")
 
 
 def _residual_rule(module) -> tuple[int, str] | None:
@@ -535,6 +536,8 @@ def _residual_rule(module) -> tuple[int, str] | None:
         return 1, f"{kind}s"
     if kind == "EfficientNetFinalBlockLayer" and getattr(module, "apply_dropout", False):
         return 1, "EfficientNet blocks with a skip"
+    if kind.endswith("MultiheadAttentionPoolingHead"):  # SigLIP's pooling head: probe + mlp(norm(probe))
+        return 1, "attention-pooling heads"
     norms = {n for n, _ in module.named_children()}
     if ({"layernorm_before", "layernorm_after"} <= norms or {"layer_norm1", "layer_norm2"} <= norms
             or {"ln_1", "ln_2"} <= norms):
@@ -546,7 +549,7 @@ def expectation(source: str, name: str, model) -> tuple[int | str, str]:
     """(expected residual blocks, where the figure comes from), or ("", "") where none can be had.
 
     Counted in one forward of ``model`` (meta where the model was analysed there): the calls of
-    its drop-path modules where it has any, else of the block classes of :func:`_residual_rule`;
+    its drop-path modules, or of the block classes of :func:`_residual_rule` where those count more;
     0 for the families listed in :data:`NO_RESIDUAL_FAMILIES`."""
     import torch
 
@@ -564,10 +567,12 @@ def expectation(source: str, name: str, model) -> tuple[int | str, str]:
         finally:
             for hook in hooks:
                 hook.remove()
-    if calls["drop-path calls"]:
-        return calls["drop-path calls"], "drop-path calls"
-    if calls:
-        return sum(calls.values()), " + ".join(sorted(calls))
+    drop_paths = calls.pop("drop-path calls", 0)
+    ruled = sum(calls.values())
+    if drop_paths and drop_paths >= ruled:
+        return drop_paths, "drop-path calls"
+    if ruled:  # also where a family puts drop-path on one branch only (transformers' Swin: attention, not MLP)
+        return ruled, " + ".join(sorted(calls))
     family = _family(source, name)
     if family in NO_RESIDUAL_FAMILIES:
         return 0, f"no residual add in {family}"
