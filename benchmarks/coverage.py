@@ -429,21 +429,31 @@ def _site_key(site) -> tuple:
 
 def _block_inputs(source, name, analysed, paths: set[str]) -> tuple[object, dict[str, tuple]]:
     """The model run and the (args, kwargs) each block in ``paths`` receives in its forward on the meta
-    device, at the smallest input the model takes there (else at its native size)."""
+    device, at the smallest input the model takes there (else at its native size); on the CPU with
+    cheap random weights where the forward does not run on meta (transformers' Perceiver builds a CPU
+    mask mid-forward)."""
+    meta, side = next(((m, side) for m, _, side in _small_inputs(source, name, analysed)), (analysed, None))
+    try:
+        return meta, _recorded_inputs(meta, _inputs(source, name, meta, "meta", side), paths)
+    except Exception:
+        model = _materialise(source, name).eval()
+        return model, _recorded_inputs(model, _inputs(source, name, model, "cpu"), paths)
+
+
+def _recorded_inputs(model, example, paths: set[str]) -> dict[str, tuple]:
     import torch
 
-    meta, side = next(((m, side) for m, _, side in _small_inputs(source, name, analysed)), (analysed, None))
     seen: dict[str, tuple] = {}
-    hooks = [meta.get_submodule(p).register_forward_pre_hook(
+    hooks = [model.get_submodule(p).register_forward_pre_hook(
         lambda module, args, kwargs, path=p: seen.setdefault(path, (args, kwargs)) and None, with_kwargs=True)
         for p in sorted(paths)]
     try:
         with torch.no_grad():
-            _call(meta, _inputs(source, name, meta, "meta", side))
+            _call(model, example)
     finally:
         for hook in hooks:
             hook.remove()
-    return meta, seen
+    return seen
 
 
 def _shapes(value):
@@ -536,8 +546,8 @@ def _residual_rule(module) -> tuple[int, str] | None:
         return 1, f"{kind}s"
     if kind == "EfficientNetFinalBlockLayer" and getattr(module, "apply_dropout", False):
         return 1, "EfficientNet blocks with a skip"
-    if kind.endswith("MultiheadAttentionPoolingHead"):  # SigLIP's pooling head: probe + mlp(norm(probe))
-        return 1, "attention-pooling heads"
+    if kind.endswith("MultiheadAttentionPoolingHead") or kind == "AttentionPoolLatent":
+        return 1, "attention-pooling heads"  # SigLIP's and timm's pooling heads: x + mlp(norm(x))
     norms = {n for n, _ in module.named_children()}
     if ({"layernorm_before", "layernorm_after"} <= norms or {"layer_norm1", "layer_norm2"} <= norms
             or {"ln_1", "ln_2"} <= norms):
@@ -548,18 +558,35 @@ def _residual_rule(module) -> tuple[int, str] | None:
 def expectation(source: str, name: str, model) -> tuple[int | str, str]:
     """(expected residual blocks, where the figure comes from), or ("", "") where none can be had.
 
-    Counted in one forward of ``model`` (meta where the model was analysed there): the calls of
-    its drop-path modules, or of the block classes of :func:`_residual_rule` where those count more;
-    0 for the families listed in :data:`NO_RESIDUAL_FAMILIES`."""
+    Counted in one forward of ``model`` (meta where the model was analysed there): the calls of its
+    drop-path modules, where a call of a block class of :func:`_residual_rule` counts its rule's figure
+    or the drop-path calls inside it, whichever is more (transformers' Swin drops only its attention
+    branch; timm's ViT-ResNet hybrids have drop-paths in the ViT part only); 0 for the families listed
+    in :data:`NO_RESIDUAL_FAMILIES`."""
     import torch
 
-    calls: Counter = Counter()
+    totals: Counter = Counter()
+    stack: list[Counter] = []  # the drop-path calls inside each rule-matched block being run
+
+    def on_drop_path(*_):
+        (stack[-1] if stack else totals).update(["drop-path calls"])
+
+    def enter(*_):
+        stack.append(Counter())
+
+    def leave(module, *_, rule):
+        inner = stack.pop()
+        drop_paths = inner.pop("drop-path calls", 0)
+        inner.update({rule[1] if rule[0] > drop_paths else "drop-path calls": max(rule[0], drop_paths)})
+        (stack[-1] if stack else totals).update(inner)
+
     hooks = []
     for path, module in model.named_modules():
         if path and _is_drop_path(path, module):
-            hooks.append(module.register_forward_hook(lambda *_: calls.update(["drop-path calls"])))
+            hooks.append(module.register_forward_hook(on_drop_path))
         elif (rule := _residual_rule(module)) is not None:
-            hooks.append(module.register_forward_hook(lambda *_, rule=rule: calls.update({rule[1]: rule[0]})))
+            hooks += [module.register_forward_pre_hook(enter),
+                      module.register_forward_hook(lambda *a, rule=rule: leave(*a, rule=rule))]
     if hooks:
         try:
             with torch.no_grad():
@@ -567,12 +594,8 @@ def expectation(source: str, name: str, model) -> tuple[int | str, str]:
         finally:
             for hook in hooks:
                 hook.remove()
-    drop_paths = calls.pop("drop-path calls", 0)
-    ruled = sum(calls.values())
-    if drop_paths and drop_paths >= ruled:
-        return drop_paths, "drop-path calls"
-    if ruled:  # also where a family puts drop-path on one branch only (transformers' Swin: attention, not MLP)
-        return ruled, " + ".join(sorted(calls))
+    if sum(totals.values()):
+        return sum(totals.values()), " + ".join(sorted(k for k, v in totals.items() if v))
     family = _family(source, name)
     if family in NO_RESIDUAL_FAMILIES:
         return 0, f"no residual add in {family}"
