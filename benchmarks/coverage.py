@@ -310,7 +310,7 @@ def _check(source, name, max_params, torch, se_retrofit) -> dict:
             return {**out, "status": "no-residual-blocks"}
         plans = {position: se_retrofit.planning.plan_sites(model, analysis, se_retrofit.RetrofitConfig(
             position=position)) for position in ("standard", "post")}
-        out["edited"] = len({site.block for site in plans["standard"].sites})
+        out["edited"] = len({(site.block, site.add_index) for site in plans["standard"].sites})
         if not plans["standard"].sites:
             return {**out, "status": f"skipped: {next(iter(plans['standard'].skipped.values()))}"}
         if params > max_params:
@@ -699,6 +699,10 @@ def summarise(rows: list[dict], wall: float, path: Path | None = None) -> None:
     for cause, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         console.print(f"[{len(names)}] {cause}: {', '.join(names[:8])}{' …' if len(names) > 8 else ''}",
                       markup=False, highlight=False)
+    partial = [r for r in rows if r["status"] == "ok" and str(r.get("edited", "")) not in ("", str(r["blocks"]))]
+    console.print(f"ok but not every block found is edited: {len(partial)} models (edited/found)")
+    for r in partial:
+        console.print(f"  {r['source']}:{r['name']} {r['edited']}/{r['blocks']}", markup=False, highlight=False)
     differ = disagreements(rows)
     console.print(f"found != expected: {len(differ)} models" + (" (found/expected, from)" if differ else ""))
     for r in differ:
