@@ -36,8 +36,9 @@ import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
-FIELDS = ["source", "name", "status", "blocks", "stages", "params_m", "identity_standard", "identity_post",
-          "identity_scope", "seconds"]
+FIELDS = ["source", "name", "status", "blocks", "expected", "expected_from", "edited", "stages", "params_m",
+          "identity_standard", "identity_post", "identity_scope", "config_changes", "seconds"]
+LIBRARIES = ("timm", "torchvision", "transformers")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -45,11 +46,70 @@ class ModelTimeout(Exception):
     pass
 
 
-def all_models() -> list[tuple[str, str]]:
-    import timm
-    import torchvision
+def all_models(libraries=("timm", "torchvision")) -> list[tuple[str, str]]:
+    """(source, name) of every model of ``libraries``: timm's and torchvision's registries, and for
+    transformers every class of its image-classification and backbone mappings (named by class)."""
+    models = []
+    if "timm" in libraries:
+        import timm
 
-    return [("timm", n) for n in timm.list_models()] + [("torchvision", n) for n in torchvision.models.list_models()]
+        models += [("timm", n) for n in timm.list_models()]
+    if "torchvision" in libraries:
+        import torchvision
+
+        models += [("torchvision", n) for n in torchvision.models.list_models()]
+    if "transformers" in libraries:
+        models += [("transformers", n) for n in hf_architectures()]
+    return models
+
+
+def hf_architectures() -> dict[str, str]:
+    """{class name: model type} for every class in transformers' ``MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES``
+    and ``MODEL_FOR_BACKBONE_MAPPING_NAMES`` (a model type can map to several classes)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_BACKBONE_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+
+    classes: dict[str, str] = {}
+    for mapping in (MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, MODEL_FOR_BACKBONE_MAPPING_NAMES):
+        for model_type, names in mapping.items():
+            for cls in (names,) if isinstance(names, str) else names:
+                classes.setdefault(cls, model_type)
+    return classes
+
+
+# Architectures a default config cannot build or run, with the precise reason (found by running them).
+HF_SKIPS: dict[str, str] = {
+    "DinatForImageClassification": "needs the natten library (compiled neighbourhood-attention kernels), "
+                                   "not installed",
+    "DinatBackbone": "needs the natten library (compiled neighbourhood-attention kernels), not installed",
+    "PerceiverForImageClassificationFourier": "the default config does not build: qk_channels (261) must be "
+                                              "divisible by num_heads (8)",
+    "PerceiverForImageClassificationConvProcessing": "the default config does not build: qk_channels (322) must "
+                                                     "be divisible by num_heads (8)",
+    "TimmBackbone": "the default config names no timm model (backbone=None): it wraps one, see the timm sweep",
+    "ShieldGemma2ForImageClassification": "a vision-language classifier: it classifies a text prompt "
+                                          "(input_ids with image tokens, from its processor), not pixel_values alone",
+}
+# Defaults transformers 5.24 ships that its own classes reject; fixed (and recorded in config_changes).
+HF_CONFIG_FIXES: dict[str, dict[str, str]] = {
+    name: {"hidden_sizes": "list"} for name in ("ConvNextBackbone", "ConvNextV2Backbone", "FocalNetBackbone")
+}
+
+
+def _build_hf(name: str, **changes):
+    """A transformers model of class ``name`` from its model type's default config, random weights;
+    ``changes`` set config attributes the default config has (e.g. ``image_size``)."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(hf_architectures()[name])
+    for key in HF_CONFIG_FIXES.get(name, {}):  # the default is a tuple; the class does `[h0] + hidden_sizes`
+        setattr(config, key, list(getattr(config, key)))
+    for key, value in changes.items():
+        if not hasattr(config, key):
+            raise TypeError(f"{type(config).__name__} has no {key}")
+        setattr(config, key, value)
+    return getattr(transformers, name)(config)
 
 
 def _build(source: str, name: str, device: str, **kwargs):
@@ -60,6 +120,8 @@ def _build(source: str, name: str, device: str, **kwargs):
     with torch.device(device):
         if source == "timm":
             return timm.create_model(name, pretrained=False, **kwargs)
+        if source == "transformers":
+            return _build_hf(name, **kwargs)
         builder = torchvision.models.get_model_builder(name)
         accepted = inspect.signature(builder).parameters
         kwargs.update({k: v for k, v in (("weights", None), ("weights_backbone", None), ("quantize", False))
@@ -134,6 +196,8 @@ def _inputs(source: str, name: str, model, device: str, side: int | None = None)
     import torch
     import torchvision
 
+    if source == "transformers":
+        return _hf_inputs(model, device, side)
     family = torchvision.models.get_model_builder(name).__module__ if source == "torchvision" else "timm"
     if "optical_flow" in family:
         size = (1, 3, 128, 128)
@@ -151,6 +215,25 @@ def _inputs(source: str, name: str, model, device: str, side: int | None = None)
     if "inception" in family or "googlenet" in family:
         size = (3, 299, 299) if not side else (3, 96, 96)
     return torch.randn(1, *size, device=device)
+
+
+def _hf_inputs(model, device: str, side: int | None):
+    """``pixel_values`` of the config's size (``side`` where given), or ``input_ids`` for token models."""
+    import torch
+
+    config = model.config
+    if type(model).__name__.startswith("Siglip2"):  # patchified pixels, a patch mask and the patch grid
+        vision = config.vision_config
+        grid = (side or int(vision.num_patches ** 0.5) * vision.patch_size) // vision.patch_size
+        return (torch.randn(1, grid * grid, vision.num_channels * vision.patch_size ** 2, device=device),
+                torch.ones(1, grid * grid, dtype=torch.long, device=device),
+                torch.tensor([[grid, grid]], device=device))
+    if getattr(model, "main_input_name", "pixel_values") == "input_ids":
+        length = min(getattr(config, "n_positions", 64) or 64, 64)
+        return torch.zeros(1, length, dtype=torch.long, device=device)
+    size = side or getattr(config, "image_size", None) or 224
+    height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    return torch.randn(1, getattr(config, "num_channels", 3) or 3, height, width, device=device)
 
 
 def _identity(base, example, plans: dict, reference: list | None = None) -> dict[str, float]:
@@ -212,21 +295,31 @@ def check(source: str, name: str, max_params: float, seconds: int) -> dict:
 
 
 def _check(source, name, max_params, torch, se_retrofit) -> dict:
+    if source == "transformers" and name in HF_SKIPS:
+        return {"status": f"skipped: {HF_SKIPS[name]}"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, analysis = _analyse(source, name, se_retrofit)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         out = {"params_m": round(params, 1), "blocks": len(analysis.blocks), "stages": len(analysis.stages)}
+        try:
+            out["expected"], out["expected_from"] = expectation(source, name, model)
+        except Exception as error:  # the expectation is a measurement: its failure is recorded, not fatal
+            out["expected"], out["expected_from"] = "", f"unavailable: {type(error).__name__}"
         if not analysis.blocks:
             return {**out, "status": "no-residual-blocks"}
         plans = {position: se_retrofit.planning.plan_sites(model, analysis, se_retrofit.RetrofitConfig(
             position=position)) for position in ("standard", "post")}
+        out["edited"] = len({(site.block, site.add_index) for site in plans["standard"].sites})
         if not plans["standard"].sites:
             return {**out, "status": f"skipped: {next(iter(plans['standard'].skipped.values()))}"}
         if params > max_params:
             identity, out["identity_scope"] = _block_identity(source, name, model, plans)
         else:
-            base, example, reference = _identity_model(source, name, model)
+            base, example, reference, out["config_changes"] = _identity_model(source, name, model)
+            if source == "transformers" and name in HF_CONFIG_FIXES:
+                out["config_changes"] = " ".join([f"{k} as a {v}" for k, v in HF_CONFIG_FIXES[name].items()]
+                                                 + [out["config_changes"]])
             identity, out["identity_scope"] = _identity(base, example, plans, reference), "model"
         out.update({f"identity_{position}": value for position, value in identity.items()})
         worst = max(out["identity_standard"], out["identity_post"])
@@ -266,11 +359,16 @@ def _identity_model(source, name, analysed):
         example = _inputs(source, name, base, "cpu", side)
         try:
             with torch.no_grad():
-                return base, example, output_tensors(_call(base, example))
+                return base, example, output_tensors(_call(base, example)), _changes(kwargs, side)
         except Exception:
             continue
     base = analysed if next(analysed.parameters()).device.type == "cpu" else _build(source, name, "cpu").eval()
-    return base, _inputs(source, name, base, "cpu"), None
+    return base, _inputs(source, name, base, "cpu"), None, "native input"
+
+
+def _changes(kwargs: dict, side: int) -> str:
+    """What the identity run changed from the model's defaults: built with ``kwargs``, run at ``side`` px."""
+    return " ".join([f"{k}={v}" for k, v in kwargs.items()] + [f"input {side}px"])
 
 
 def _small_inputs(source, name, analysed):
@@ -281,7 +379,8 @@ def _small_inputs(source, name, analysed):
 
     if next(analysed.parameters()).device.type != "meta":
         return  # analysed on the CPU: meta tensors do not run this model
-    candidates = [({}, 64), ({"img_size": 64}, 64), ({"img_size": 112}, 112)] if source == "timm" else [({}, 64)]
+    size_key = {"timm": "img_size", "transformers": "image_size"}.get(source)
+    candidates = [({}, 64), ({size_key: 64}, 64), ({size_key: 112}, 112)] if size_key else [({}, 64)]
     for kwargs, side in candidates:
         try:
             meta = analysed if not kwargs else _meta_model(source, name, **kwargs)
@@ -330,21 +429,31 @@ def _site_key(site) -> tuple:
 
 def _block_inputs(source, name, analysed, paths: set[str]) -> tuple[object, dict[str, tuple]]:
     """The model run and the (args, kwargs) each block in ``paths`` receives in its forward on the meta
-    device, at the smallest input the model takes there (else at its native size)."""
+    device, at the smallest input the model takes there (else at its native size); on the CPU with
+    cheap random weights where the forward does not run on meta (transformers' Perceiver builds a CPU
+    mask mid-forward)."""
+    meta, side = next(((m, side) for m, _, side in _small_inputs(source, name, analysed)), (analysed, None))
+    try:
+        return meta, _recorded_inputs(meta, _inputs(source, name, meta, "meta", side), paths)
+    except Exception:
+        model = _materialise(source, name).eval()
+        return model, _recorded_inputs(model, _inputs(source, name, model, "cpu"), paths)
+
+
+def _recorded_inputs(model, example, paths: set[str]) -> dict[str, tuple]:
     import torch
 
-    meta, side = next(((m, side) for m, _, side in _small_inputs(source, name, analysed)), (analysed, None))
     seen: dict[str, tuple] = {}
-    hooks = [meta.get_submodule(p).register_forward_pre_hook(
+    hooks = [model.get_submodule(p).register_forward_pre_hook(
         lambda module, args, kwargs, path=p: seen.setdefault(path, (args, kwargs)) and None, with_kwargs=True)
         for p in sorted(paths)]
     try:
         with torch.no_grad():
-            _call(meta, _inputs(source, name, meta, "meta", side))
+            _call(model, example)
     finally:
         for hook in hooks:
             hook.remove()
-    return meta, seen
+    return seen
 
 
 def _shapes(value):
@@ -390,6 +499,119 @@ def _materialised_block(meta_block):
                 else:
                     buffer.zero_()
     return block
+
+
+# Independent expectations of the number of residual blocks, from what the libraries' own code
+# says, never from the analysis: counted as *calls* during one forward (a module used on two
+# branches counts twice; a block that skips its residual, e.g. efficientnet's first block of a
+# stage, does not call its drop-path at all).
+NO_RESIDUAL_FAMILIES = {  # module of the builder: its source has no residual addition
+    "torchvision.models.alexnet", "torchvision.models.vgg", "torchvision.models.squeezenet",
+    "torchvision.models.densenet", "torchvision.models.googlenet", "torchvision.models.inception",
+    "torchvision.models.shufflenetv2", "torchvision.models.video.s3d", "torchvision.models.quantization.googlenet",
+    "torchvision.models.quantization.inception", "torchvision.models.quantization.shufflenetv2",
+    "timm.models.vgg", "timm.models.densenet", "transformers:mobilenet_v1", "transformers:pp_lcnet",
+}
+
+
+def _is_drop_path(path: str, module) -> bool:
+    """A stochastic-depth module on a residual branch: timm's ``drop_path*`` attributes (DropPath, or
+    Identity at rate 0), torchvision's StochasticDepth, transformers' ``drop_path`` attributes. By name,
+    not by class alone: transformers' PoolFormer also uses its ``PoolFormerDropPath`` as the MLP's dropout."""
+    leaf, kind = path.rsplit(".", 1)[-1], type(module).__name__
+    return leaf.startswith(("drop_path", "stochastic_depth")) or kind in ("DropPath", "StochasticDepth")
+
+
+def _residual_rule(module) -> tuple[int, str] | None:
+    """(residual adds per call, rule) for a block class whose source adds exactly that many residuals,
+    for the families that have no drop-path module at their default settings."""
+    kind, where = type(module).__name__, type(module).__module__
+    if (where, kind) in (("timm.models.res2net", "Bottle2neck"), ("timm.models.ghostnet", "GhostBottleneck"),
+                         ("timm.models.ghostnet", "GhostBottleneckV3")):
+        return 1, f"{kind}s"
+    if where.startswith(("timm.models.resnet", "torchvision.models.resnet", "torchvision.models.video.resnet",
+                         "torchvision.models.quantization.resnet")) and kind.endswith(("BasicBlock", "Bottleneck")):
+        return 1, "ResNet blocks"
+    if kind == "ResBottleneckBlock" or (where.startswith("torchvision.models.optical_flow")
+                                        and kind in ("ResidualBlock", "BottleneckBlock")):
+        return 1, f"{kind}s"
+    if where == "torchvision.models.vision_transformer" and kind == "EncoderBlock":
+        return 2, "ViT encoder blocks x2"
+    for flag in ("use_res_connect", "apply_residual", "use_residual", "has_skip", "use_shortcut"):
+        if getattr(module, flag, None) is True:
+            return 1, f"blocks with {flag}"
+    if kind.endswith(("ResNetBasicLayer", "ResNetBottleNeckLayer")) or kind in ("RegNetXLayer", "RegNetYLayer"):
+        return 1, "ResNet/RegNet layers"
+    if kind in ("LevitResidualLayer", "UVDocResidualBlock"):
+        return 1, f"{kind}s"
+    if kind == "EfficientNetFinalBlockLayer" and getattr(module, "apply_dropout", False):
+        return 1, "EfficientNet blocks with a skip"
+    if kind.endswith("MultiheadAttentionPoolingHead") or kind == "AttentionPoolLatent":
+        return 1, "attention-pooling heads"  # SigLIP's and timm's pooling heads: x + mlp(norm(x))
+    norms = {n for n, _ in module.named_children()}
+    if ({"layernorm_before", "layernorm_after"} <= norms or {"layer_norm1", "layer_norm2"} <= norms
+            or {"ln_1", "ln_2"} <= norms):
+        return 2, "pre-norm transformer layers x2"
+    return None
+
+
+def expectation(source: str, name: str, model) -> tuple[int | str, str]:
+    """(expected residual blocks, where the figure comes from), or ("", "") where none can be had.
+
+    Counted in one forward of ``model`` (meta where the model was analysed there): the calls of its
+    drop-path modules, where a call of a block class of :func:`_residual_rule` counts its rule's figure
+    or the drop-path calls inside it, whichever is more (transformers' Swin drops only its attention
+    branch; timm's ViT-ResNet hybrids have drop-paths in the ViT part only); 0 for the families listed
+    in :data:`NO_RESIDUAL_FAMILIES`."""
+    import torch
+
+    totals: Counter = Counter()
+    stack: list[Counter] = []  # the drop-path calls inside each rule-matched block being run
+
+    def on_drop_path(*_):
+        (stack[-1] if stack else totals).update(["drop-path calls"])
+
+    def enter(*_):
+        stack.append(Counter())
+
+    def leave(module, *_, rule):
+        inner = stack.pop()
+        drop_paths = inner.pop("drop-path calls", 0)
+        inner.update({rule[1] if rule[0] > drop_paths else "drop-path calls": max(rule[0], drop_paths)})
+        (stack[-1] if stack else totals).update(inner)
+
+    hooks = []
+    for path, module in model.named_modules():
+        if path and _is_drop_path(path, module):
+            hooks.append(module.register_forward_hook(on_drop_path))
+        elif (rule := _residual_rule(module)) is not None:
+            hooks += [module.register_forward_pre_hook(enter),
+                      module.register_forward_hook(lambda *a, rule=rule: leave(*a, rule=rule))]
+    if hooks:
+        try:
+            with torch.no_grad():
+                _call(model, _inputs(source, name, model, next(model.parameters()).device.type))
+        finally:
+            for hook in hooks:
+                hook.remove()
+    if sum(totals.values()):
+        return sum(totals.values()), " + ".join(sorted(k for k, v in totals.items() if v))
+    family = _family(source, name)
+    if family in NO_RESIDUAL_FAMILIES:
+        return 0, f"no residual add in {family}"
+    return "", ""
+
+
+def _family(source: str, name: str) -> str:
+    if source == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model_builder(name).__module__
+    if source == "timm":
+        import timm
+
+        return timm.models.model_entrypoint(name).__module__
+    return f"transformers:{hf_architectures()[name]}"
 
 
 def _call(model, example):
@@ -441,19 +663,32 @@ def write_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({k: row.get(k, "") for k in FIELDS})
 
 
-def summarise(rows: list[dict], wall: float) -> None:
+def disagreements(rows: list[dict]) -> list[dict]:
+    """Rows whose blocks found differ from the independent expectation (where there is one)."""
+    return [r for r in rows if str(r.get("expected", "")) != "" and str(r.get("blocks", "")) != ""
+            and int(r["blocks"]) != int(r["expected"])]
+
+
+def summarise(rows: list[dict], wall: float, path: Path | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=150)
+    console = Console(width=150, record=True)
     kinds = ["ok", "no-residual-blocks", "skipped", "error"]
     table = Table(title=f"coverage: {len(rows)} models in {wall / 60:.1f} min")
     table.add_column("source")
     for kind in kinds:
         table.add_column(kind, justify="right")
-    for source in ("timm", "torchvision"):
-        counts = Counter(r["status"].split(":")[0] for r in rows if r["source"] == source)
-        table.add_row(source, *(str(counts.get(k, 0)) for k in kinds))
+    table.add_column("with expectation", justify="right")
+    table.add_column("found != expected", justify="right")
+    for source in LIBRARIES:
+        mine = [r for r in rows if r["source"] == source]
+        if not mine:
+            continue
+        counts = Counter(r["status"].split(":")[0] for r in mine)
+        expected = sum(str(r.get("expected", "")) != "" for r in mine)
+        table.add_row(source, *(str(counts.get(k, 0)) for k in kinds), str(expected),
+                      str(len(disagreements(mine))))
     console.print(table)
     slow = sorted((r for r in rows if r.get("seconds") != ""), key=lambda r: -float(r["seconds"]))[:10]
     console.print("slowest: " + ", ".join(f"{r['name']} {r['seconds']}s" for r in slow))
@@ -464,11 +699,25 @@ def summarise(rows: list[dict], wall: float) -> None:
     for cause, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         console.print(f"[{len(names)}] {cause}: {', '.join(names[:8])}{' …' if len(names) > 8 else ''}",
                       markup=False, highlight=False)
+    partial = [r for r in rows if r["status"] == "ok" and str(r.get("edited", "")) not in ("", str(r["blocks"]))]
+    console.print(f"ok but not every block found is edited: {len(partial)} models (edited/found)")
+    for r in partial:
+        console.print(f"  {r['source']}:{r['name']} {r['edited']}/{r['blocks']}", markup=False, highlight=False)
+    differ = disagreements(rows)
+    console.print(f"found != expected: {len(differ)} models" + (" (found/expected, from)" if differ else ""))
+    for r in differ:
+        console.print(f"  {r['source']}:{r['name']} {r['blocks']}/{r['expected']} ({r['expected_from']}; "
+                      f"{r['status']})", markup=False, highlight=False)
+    if path is not None:
+        path.write_text(console.export_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", help="NAME (timm) or torchvision:NAME; default: all")
+    parser.add_argument("--library", nargs="+", choices=LIBRARIES, default=["timm", "torchvision"],
+                        help="which libraries to sweep (default: timm torchvision)")
+    parser.add_argument("--models", nargs="*",
+                        help="NAME (timm), torchvision:NAME or transformers:CLASS; default: all of --library")
     parser.add_argument("--limit", type=int, help="only this many models")
     parser.add_argument("--sample", action="store_true", help="with --limit: spread the sample over the list")
     parser.add_argument("--workers", type=int, default=2)
@@ -476,9 +725,15 @@ def main() -> None:
     parser.add_argument("--max-params", type=float, default=100.0,
                         help="millions; bigger models are checked block by block (see _block_identity)")
     parser.add_argument("--model-seconds", type=int, default=120)
-    parser.add_argument("--csv", type=Path, default=RESULTS / "coverage.csv")
+    parser.add_argument("--csv", type=Path, help="default: results/coverage.csv for timm and torchvision, "
+                                                   "results/coverage_<libraries>.csv otherwise")
+    parser.add_argument("--summary", type=Path, help="also write the printed summary to this file")
     args = parser.parse_args()
-    models = all_models()
+    if args.csv is None:
+        libraries = sorted(args.library)
+        args.csv = RESULTS / ("coverage.csv" if libraries == ["timm", "torchvision"]
+                              else f"coverage_{'_'.join(libraries)}.csv")
+    models = all_models(args.library)
     if args.models:
         models = [tuple(m.split(":", 1)) if ":" in m else ("timm", m) for m in args.models]
     if args.limit:
@@ -488,7 +743,7 @@ def main() -> None:
     rows = sweep(models, args.workers, args.chunk_size, args.max_params, args.model_seconds)
     wall = time.perf_counter() - start
     write_csv(rows, args.csv)
-    summarise(rows, wall)
+    summarise(rows, wall, args.summary)
     print(f"wrote {args.csv}")
 
 

@@ -1,42 +1,106 @@
 """A fixed sample across families, checked the way benchmarks/coverage.py checks every model.
 
-Each model must retrofit SE at ``standard`` and ``post`` with identity held (max relative |Δ| ≤ 1e-5),
-or be reported as having no residual blocks, or be skipped with a stated reason; never an error.
-The whole-registry sweep is ``python benchmarks/coverage.py``.
+Each model's status and residual-block count are pinned, next to the independent expectation the
+sweep records (drop-path calls, or the library's own block classes: see ``expectation`` in
+benchmarks/coverage.py). A model that falls to ``no-residual-blocks``, finds fewer or more blocks,
+or loses its expectation fails here. Retrofitted models must hold identity at ``standard`` and
+``post`` (max relative |Δ| ≤ 1e-5). The whole-registry sweep is ``python benchmarks/coverage.py``.
 """
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from coverage import check  # noqa: E402
-
-SAMPLE = [
-    # timm, residual CNNs
-    "resnet18", "resnet26d", "seresnet18", "resnext26ts", "res2net50_14w_8s", "regnetx_002", "regnety_002",
-    "dla34", "hrnet_w18_small", "cspresnet50", "selecsls42b", "nf_resnet26", "repvgg_a0", "mobileone_s0",
-    # timm, mobile / efficient
-    "mobilenetv2_050", "mobilenetv3_small_050", "efficientnet_b0", "tf_efficientnet_b0", "mixnet_s",
-    "mnasnet_small", "ghostnet_050", "rexnet_100", "lcnet_050", "tinynet_e", "hgnet_tiny",
-    # timm, conv-transformer hybrids and transformers
-    "convnext_atto", "convnextv2_atto", "edgenext_xx_small", "poolformer_s12", "fastvit_t8", "mobilevit_xxs",
-    "levit_128s", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
-    # timm, no residual blocks
-    "densenet121", "vgg11", "dpn68",
-    # torchvision: classification, video, detection, segmentation, flow, quantizable
-    "torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:shufflenet_v2_x0_5",
-    "torchvision:regnet_x_400mf", "torchvision:squeezenet1_0", "torchvision:r3d_18",
-    "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", "torchvision:lraspp_mobilenet_v3_large",
-    "torchvision:raft_small", "torchvision:quantized_resnet18",
-]
+SWEEP_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "coverage.py"
 
 
-@pytest.mark.parametrize("model", SAMPLE)
-def test_sample_model(model):
+def _load_sweep():
+    """benchmarks/coverage.py under a name of its own (``coverage`` is coverage.py's, used by pytest-cov)."""
+    name = "se_retrofit_coverage_sweep"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SWEEP_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+#: model -> (status, blocks found, expected blocks or "" where no independent figure exists).
+SAMPLE = {
+    # timm: residual CNNs, mobile nets, hybrids, transformers
+    "resnet18": ("ok", 8, 8),
+    "regnetx_002": ("ok", 13, 13),
+    "efficientnet_b0": ("ok", 9, 9),  # 16 blocks, 9 with a skip: the others never call their drop_path
+    "mobilenetv3_small_050": ("ok", 7, 7),
+    "hgnet_tiny": ("ok", 1, 1),
+    "convnext_atto": ("ok", 12, 12),
+    "poolformer_s12": ("ok", 24, 24),
+    "levit_128s": ("ok", 20, 20),
+    "vit_tiny_patch16_224": ("ok", 24, 24),
+    "pvt_v2_b0": ("ok", 16, 16),  # issue 10: 2 of 16 before the analysis from what the model executes
+    # timm: no residual blocks (DPN's dual paths and SelecSLS's concatenations are not residuals)
+    "vgg11": ("no-residual-blocks", 0, 0),
+    "dpn68": ("no-residual-blocks", 0, ""),
+    "selecsls42b": ("no-residual-blocks", 0, ""),
+    # torchvision: classification, video, quantized, segmentation, detection
+    "torchvision:resnet18": ("ok", 8, 8),
+    "torchvision:mobilenet_v2": ("ok", 10, 10),
+    "torchvision:shufflenet_v2_x0_5": ("no-residual-blocks", 0, 0),
+    "torchvision:squeezenet1_0": ("no-residual-blocks", 0, 0),
+    "torchvision:quantized_resnet18": ("ok", 8, 8),
+    "torchvision:r3d_18": ("ok", 8, 8),
+    "torchvision:lraspp_mobilenet_v3_large": ("ok", 10, 10),
+    "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn": ("ok", 10, 10),
+}
+
+#: the figures issue 10 asks for, where the analysis does not give them yet (strict: a fix makes them pass)
+KNOWN_SHORTFALLS = {
+    "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn":
+        "analysis branch 859fada finds 0 of the backbone's 10 residual blocks (main found 10)",
+    "transformers:ViTForImageClassification":
+        "analysis branch 859fada finds the 24 blocks but planning skips every ViTLayer: its forward cannot "
+        "be rewritten by torch.fx (Proxy iteration)",
+}
+
+HF_SAMPLE = {
+    "transformers:ResNetForImageClassification": ("ok", 16, 16),
+    "transformers:MobileNetV2ForImageClassification": ("ok", 10, 10),  # issue 10: 0 on main
+    "transformers:MobileNetV1ForImageClassification": ("no-residual-blocks", 0, 0),
+    "transformers:ViTForImageClassification": ("ok", 24, 24),
+}
+
+
+def _check(model: str) -> dict:
     source, name = model.split(":", 1) if ":" in model else ("timm", model)
-    row = check(source, name, max_params=100.0, seconds=300)
-    assert not row["status"].startswith("error"), row["status"]
-    if row["status"] == "ok":
-        assert row["blocks"] > 0
-        assert row["identity_standard"] <= 1e-5 and row["identity_post"] <= 1e-5
+    return _load_sweep().check(source, name, max_params=100.0, seconds=300)
+
+
+def _assert_row(row: dict, pinned: tuple) -> None:
+    status, blocks, expected = pinned
+    assert (row["status"], row["blocks"], row["expected"]) == (status, blocks, expected), row
+    if status == "ok":
+        assert row["identity_standard"] <= 1e-5 and row["identity_post"] <= 1e-5, row
+
+
+def _params(sample: dict) -> list:
+    return [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SHORTFALLS[m]))
+            if m in KNOWN_SHORTFALLS else m for m in sorted(sample)]
+
+
+@pytest.mark.parametrize("model", _params(SAMPLE))
+def test_sample_model(model):
+    _assert_row(_check(model), SAMPLE[model])
+
+
+@pytest.mark.parametrize("model", _params(HF_SAMPLE))
+def test_sample_transformers_model(model):
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install .[coverage])")
+    _assert_row(_check(model), HF_SAMPLE[model])
+
+
+def test_sweep_module_does_not_shadow_coverage_py():
+    """The sweep is loaded under its own name: ``import coverage`` still means coverage.py (pytest-cov)."""
+    sweep = _load_sweep()
+    assert sweep.__name__ == "se_retrofit_coverage_sweep"
+    assert sys.modules.get("coverage") is not sweep
