@@ -209,10 +209,16 @@ class _Recorder(TorchFunctionMode):
         op = self._new_op(K.function_kind(func), name, reads, weights, result, kwargs=tuple(kwargs))
         if name in SHAPE_ONLY:
             op.dynamic = False
-        if _in_place(name):  # the changed tensor is a new value
-            if isinstance(args[0], torch.Tensor):
-                self.bind(args[0], op)
+        if _in_place(name) and args and isinstance(args[0], torch.Tensor):
+            self._changed_in_place(args[0], op)
         return result
+
+    def _changed_in_place(self, tensor: torch.Tensor, op: Op) -> None:
+        """The changed tensor is a new value, and so is every tensor it is a view of: writing into a slice
+        (``batched[i, :, :h, :w].copy_(image)``, torchvision's detection transform) changes the whole."""
+        while isinstance(tensor, torch.Tensor):
+            self.bind(tensor, op)
+            tensor = tensor._base
 
     def _new_op(self, kind: str, name: str, reads: list, weights: bool, result: Any, module: str = "",
                 kwargs: tuple = ()) -> Op:

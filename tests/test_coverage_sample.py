@@ -56,11 +56,6 @@ SAMPLE = {
 
 #: the figures issue 10 asks for, where the analysis does not give them yet (strict: a fix makes them pass)
 KNOWN_SHORTFALLS = {
-    "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn":
-        "analysis branch 859fada finds 0 of the backbone's 10 residual blocks (main found 10)",
-    "transformers:ViTForImageClassification":
-        "analysis branch 859fada finds the 24 blocks but planning skips every ViTLayer: its forward cannot "
-        "be rewritten by torch.fx (Proxy iteration)",
 }
 
 HF_SAMPLE = {
