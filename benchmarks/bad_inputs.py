@@ -162,9 +162,6 @@ class Double(nn.Module):
             self.weight.fill_(2.0)
 '''
 
-NO_INIT_IDENTITY = NON_IDENTITY.replace("    def init_identity(self):\n        with torch.no_grad():\n"
-                                        "            self.weight.fill_(2.0)\n", "").replace('"double"', '"plain"')
-assert "init_identity(self)" not in NO_INIT_IDENTITY
 
 
 def recipe(text: str, name: str = "r.yaml") -> Setup:
@@ -217,11 +214,10 @@ def cases() -> list[Case]:
         Case("--squeeze median", r18 + ("--squeeze", "median"), contains="invalid choice"),
         Case("--init zeros", r18 + ("--init", "zeros"), contains="invalid choice"),
         Case("--kernel-size 4 (eca)", r18 + ("--attention", "eca", "--kernel-size", "4", "--dry-run"),
-             contains="kernel", pending="attention branch: option checks"),
+             contains="kernel"),
         Case("--kernel-size 4 (cbam)", r18 + ("--attention", "cbam", "--kernel-size", "4", "--dry-run"),
-             contains="kernel", pending="attention branch: option checks"),
-        Case("--act bogus", r18 + ("--act", "bogus", "--dry-run"), contains="bogus",
-             pending="attention branch: option checks"),
+             contains="kernel"),
+        Case("--act bogus", r18 + ("--act", "bogus", "--dry-run"), contains="bogus"),
         Case("--squeeze for eca (option of another type)", r18 + ("--attention", "eca", "--squeeze", "max",
                                                                    "--dry-run"), contains="squeeze"),
         # where to edit
@@ -283,9 +279,12 @@ def cases() -> list[Case]:
         Case("registered type whose init_identity is not an identity", r18 + ("--import", "double_attention",
                                                                               "--attention", "double"),
              setup=write_file("double_attention.py", NON_IDENTITY.encode()), contains="identity check failed"),
-        Case("registered type without init_identity", r18 + ("--import", "plain_attention", "--attention", "plain"),
-             setup=write_file("plain_attention.py", NO_INIT_IDENTITY.encode()), contains="init_identity",
-             pending="attention branch: registration checks"),
+        Case("timm attention that replaces a conv (timm:sk)", r18 + ("--attention", "timm:sk", "--dry-run"),
+             contains="sk"),
+        Case("--every 0", r18 + ("--every", "0", "--dry-run"), contains="positive integer"),
+        Case("--mode bogus (nonlocal)", r18 + ("--attention", "nonlocal", "--mode", "bogus", "--dry-run"),
+             contains="bogus"),
+        Case("--fusion for se (option of another type)", r18 + ("--fusion", "mul", "--dry-run"), contains="fusion"),
         # export formats
         Case("--format onnx2 (unknown)", r18 + ("--format", "onnx2"), contains="invalid choice"),
         Case("--format timm for cbam (no timm equivalent)", r18 + ("--attention", "cbam", "--format", "timm"),

@@ -271,7 +271,7 @@ def _site_rows(site_plan: Plan, config: RetrofitConfig) -> list[dict[str, Any]]:
                                   spatial_dims=site.spatial_dims, **config.attention_options())
         rows.append({"block": site.block, "module": site.module_path, "stage": site.stage,
                      "channels": site.channels, "reduced": _hidden_width(module, site.channels),
-                     "params": _count(module)})
+                     "params": _count(module), "attention_map_bytes": site.attention_bytes})
     return rows
 
 
@@ -305,11 +305,15 @@ def _print_report(report: dict, out: Console) -> None:
     out.print(f"[bold]{report['model']}[/]  weights: {report['weights']}", highlight=False)
     table = Table(title=f"{report['attention']} at '{report['position']}'"
                         + (f", r={report['reduction']}" if report["reduction"] else ""))
-    for column in ("block", "stage", "channels", "reduced", "params added"):
+    maps = any(row.get("attention_map_bytes") for row in report["sites"])
+    for column in ("block", "stage", "channels", "reduced", "params added") + (("attention map",) if maps else ()):
         table.add_column(column, justify="left" if column == "block" else "right")
     for row in report["sites"]:
-        table.add_row(row["block"], str(row["stage"]), str(row["channels"]), str(row["reduced"] or "-"),
-                      f"{row['params']:,}")
+        cells = [row["block"], str(row["stage"]), str(row["channels"]), str(row["reduced"] or "-"), f"{row['params']:,}"]
+        if maps:
+            size = row.get("attention_map_bytes")
+            cells.append(f"{size / 2**20:,.2f} MiB" if size else "-")
+        table.add_row(*cells)
     out.print(table)
     before = report["params_before"]
     out.print(f"blocks found: {report['blocks_found']} (stages {_stage_text(report['stages_found'])}); "
