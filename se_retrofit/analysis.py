@@ -48,10 +48,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .errors import RetrofitError
 from . import op_kinds as K
+from .graph import dominated
 from .recording import Op, Recording, record
 from .tracing import own_tensor_adds, restore_training, snapshot_training
 
@@ -365,19 +366,8 @@ def _projection_chain(op: Op) -> list[Op]:
 def _dominated_ops(branch: Op, block_input: Op) -> set[Op] | None:
     """Ops between ``block_input`` and ``branch`` if every input path to ``branch`` passes through
     ``block_input``; None otherwise. Ops run before ``block_input`` cannot lie between."""
-    cone, stack, reached = set(), [branch], False
-    while stack:
-        op = stack.pop()
-        if op is block_input:
-            reached = True
-            continue
-        if op in cone:
-            continue
-        if op.index < block_input.index or not op.args and op.dynamic:
-            return None
-        cone.add(op)
-        stack.extend(op.inputs)
-    return cone if reached else None
+    return dominated(branch, block_input, inputs=lambda op: op.inputs,
+                     escapes=lambda op: op.index < block_input.index or not op.args and op.dynamic)
 
 
 def _is_branch(cone: set[Op], projected: bool) -> bool:
@@ -595,57 +585,3 @@ def _is_channel_gate(gate: tuple, features: tuple, channel_dim: int) -> bool:
     spatial = [d for d in range(1, len(gate)) if d != channel_dim]
     return gate[channel_dim] == features[channel_dim] > 1 and all(gate[d] == 1 for d in spatial) \
         and any(features[d] > 1 for d in spatial)
-
-
-# --- fx graph helpers (surgery finds the planned addition again in a block's traced forward) -----
-
-def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    args = list(node.args[:2])
-    if len(args) < 2 and "other" in node.kwargs:
-        args.append(node.kwargs["other"])
-    if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
-        return None
-    return args[0], args[1]
-
-
-_DYNAMIC = "depends_on_input"
-
-
-def mark_dynamic(graph: fx.Graph) -> None:
-    """Mark in ``node.meta`` which nodes depend on the graph's inputs (parameters do not)."""
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            node.meta[_DYNAMIC] = _is_data_input(node)
-        else:
-            node.meta[_DYNAMIC] = any(n.op != "get_attr" and n.meta.get(_DYNAMIC, True)
-                                      for n in node.all_input_nodes)
-
-
-def _is_data_input(placeholder: fx.Node) -> bool:
-    """A required argument, or an optional one that was given a tensor when probed. Optional
-    arguments left at their default (``attn_mask=None``) are constants, not a second input."""
-    has_default = bool(placeholder.args)
-    return not has_default or placeholder.meta.get(_SHAPE_A) is not None
-
-
-def dynamic_inputs(node: fx.Node) -> list[fx.Node]:
-    """The inputs of ``node`` that depend on the graph's inputs (see :func:`mark_dynamic`)."""
-    return [n for n in node.all_input_nodes if n.op != "get_attr" and n.meta.get(_DYNAMIC, True)]
-
-
-def dominated_cone(branch: fx.Node, block_input: fx.Node) -> set[fx.Node] | None:
-    """Nodes between ``block_input`` and ``branch`` if every input path to ``branch`` passes
-    through ``block_input``; None otherwise."""
-    cone, stack, reached = set(), [branch], False
-    while stack:
-        node = stack.pop()
-        if node is block_input:
-            reached = True
-            continue
-        if node in cone:
-            continue
-        if node.op == "placeholder" and node.meta.get(_DYNAMIC, True):
-            return None
-        cone.add(node)
-        stack.extend(dynamic_inputs(node))
-    return cone if reached else None

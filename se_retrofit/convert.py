@@ -16,7 +16,6 @@ from torch import fx, nn
 from .attention._layers import Gate
 from .errors import RetrofitError
 from .core import record_of
-from .surgery import _instance_forward_as_class
 from .tracing import trace
 
 
@@ -65,8 +64,7 @@ def _has_scaled_gate(module: nn.Module) -> bool:
 
 def _producer_of(block: nn.Module, module_name: str) -> nn.Module:
     """The affine module (BatchNorm or conv with bias) whose output is the attention's only input."""
-    with _instance_forward_as_class(block):
-        graph = trace(block, leaf_children=True)
+    graph = trace(block, leaf_children=True)
     call = next((n for n in graph.nodes if n.op == "call_module" and n.target == module_name), None)
     source = call.args[0] if call is not None and call.args else None
     if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:

@@ -159,9 +159,6 @@ def _unplaceable(block: Block, position: str) -> str | None:
         return f"its forward cannot be rewritten ({block.rewrite_error})"
     if block.layout not in SUPPORTED_LAYOUTS:
         return f"layout {block.layout}: the channel dimension could not be told from the probes"
-    if position == "pre" and block.container and block.container != block.path:
-        return (f"its branch starts outside {block.path}, in {block.container}: pre would land in the middle "
-                "of the branch")
     return None
 
 

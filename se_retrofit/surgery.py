@@ -8,18 +8,17 @@ new forward dispatches on ``self.training`` so both behaviours are kept.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 from collections import defaultdict
-from typing import Callable, Iterator
+from typing import Callable
 
 from torch import fx, nn
 from torch.fx.proxy import TraceError
 
 from .errors import RetrofitError
 from . import op_kinds as K
-from .analysis import add_operands, dominated_cone, dynamic_inputs, mark_dynamic
+from .graph import add_operands, dominated_cone, dynamic_inputs, mark_dynamic
 from .attention import create_attention
 from .config import RetrofitConfig, Site
 from .hub import first_sentence
@@ -113,8 +112,7 @@ def _trace_block(block: nn.Module, variant: Variant, optional: list[str], fixed:
     snapshot = snapshot_training(block)
     try:
         block.train(training)
-        with _instance_forward_as_class(block, variant):
-            return trace(block, leaf_children=True, concrete_args=concrete or None)
+        return trace(block, leaf_children=True, concrete_args=concrete or None)
     finally:
         restore_training(snapshot)
 
@@ -123,25 +121,6 @@ def _current_forward_function(block: nn.Module) -> Callable:
     """The block's forward as written by its author (an edited block's class keeps it as ``original``)."""
     forward = type(block).forward
     return getattr(forward, "original", forward)
-
-
-@contextlib.contextmanager
-def _instance_forward_as_class(block: nn.Module, variant: Variant | None = None) -> Iterator[None]:
-    """fx traces ``type(root).forward``: for a block edited before whose forward dispatches between
-    variants, make that the variant asked for (:func:`.tracing.trace` handles ``**kwargs``)."""
-    cls = type(block)
-    function = cls.forward
-    variants = getattr(function, "variants", None)
-    if variants is not None:
-        function = variants.get(variant) or variants[(block.training, next(iter(variants))[1])]
-    if function is cls.forward:
-        yield
-        return
-    block.__class__ = type(cls.__name__, (cls,), {"forward": function, "__module__": cls.__module__})
-    try:
-        yield
-    finally:
-        block.__class__ = cls
 
 
 def _attach(block: nn.Module, name: str, module: nn.Module) -> None:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch import fx, nn
 
-from .edited import without_var_keyword
+from .edited import SPEC_ATTR, without_var_keyword
 
 MODULE_PATH = "module_path"
 
@@ -73,7 +73,7 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
     """
     saved = {m: dict(vars(m)) for m in module.modules()}
     cls = type(module)
-    traced = without_var_keyword(cls.forward)
+    traced = without_var_keyword(_variant_to_trace(module, concrete_args or {}))
     if traced is not cls.forward:
         module.__class__ = type(cls.__name__, (cls,), {"forward": traced, "__module__": cls.__module__})
     try:
@@ -85,6 +85,18 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
             vars(m).clear()
             vars(m).update(attributes)
             vars(m).update(kept)
+
+
+def _variant_to_trace(module: nn.Module, concrete_args: dict) -> Callable:
+    """``type(module).forward``; for a block edited before whose forward dispatches between traced
+    variants, the variant for its mode and for the optional arguments ``concrete_args`` sets to None."""
+    forward = type(module).forward
+    variants = getattr(forward, "variants", None)
+    if variants is None:
+        return forward
+    optional = getattr(type(module), SPEC_ATTR).optional
+    key = (module.training, tuple(name in concrete_args and concrete_args[name] is None for name in optional))
+    return variants.get(key) or next(iter(variants.values()))
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torchvision
 
 import se_retrofit
 from se_retrofit import POSITIONS
+from se_retrofit.edited import base_class
 
 from conftest import RESIDUAL_MODELS, ResNet1d, as_if_pretrained, make_model, max_rel_diff, run, small_input
 
@@ -70,7 +71,9 @@ def test_model_keeps_class_attributes_and_keys():
     assert base_keys < edited_keys
     assert {k for k in edited_keys - base_keys if k.startswith("layer1.0.")} == {
         "layer1.0.se.fc1.weight", "layer1.0.se.fc1.bias", "layer1.0.se.fc2.weight", "layer1.0.se.fc2.bias"}
-    assert type(edited.layer1[0]) is type(base.layer1[0])
+    # the block's forward lives on a generated subclass of its own class (so that it pickles)
+    assert isinstance(edited.layer1[0], type(base.layer1[0]))
+    assert base_class(edited.layer1[0]) is type(base.layer1[0]) and repr(edited.layer1[0]).startswith("Bottleneck(")
 
 
 def test_torchvision_model_keeps_its_attributes():
