@@ -53,7 +53,7 @@ def test_json_report(capsys, tmp_path):
     assert report["blocks_found"] == 8 and len(report["sites"]) == 8
     assert report["identity_max_abs_diff"] == 0.0 and report["dry_run"] is False
     assert report["sites"][0] == {"block": "layer1.0", "module": "layer1.0.se", "stage": 1, "channels": 64,
-                                  "reduced": 8, "params": 1096}
+                                  "reduced": 8, "params": 1096, "attention_map_bytes": None}
     assert report["output_dir"] == str(tmp_path / "o") and (tmp_path / "o" / "model.safetensors").is_file()
 
 
