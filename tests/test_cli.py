@@ -211,7 +211,7 @@ def test_missing_user_module_is_a_one_line_error(capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--attention", "nope"], "unknown attention type 'nope'; registered: bam, cbam, eca, se"),
+    (["--attention", "nope"], "unknown attention type 'nope'; registered: bam, cam, cbam, danet, eca, gc, nonlocal, pam, se, and timm:NAME"),
     (["--attention", "eca", "--squeeze", "max"], "option squeeze does not apply to attention 'eca' "
                                                   "(it takes: kernel_size, gate)"),
     (["--attention", "se", "--kernel-size", "3"], "option kernel_size does not apply to attention 'se'"),
