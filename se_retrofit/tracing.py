@@ -1,12 +1,9 @@
 """torch.fx tracing that honours timm's notrace registries and records module paths.
 
-Two tracing granularities are used:
-
-* analysis traces through every container, down to ``torch.nn`` leaves (and timm's
-  registered notrace modules), so the residual structure of every block is visible;
-* surgery traces a single block with all of its children kept as leaves, so only the
-  block's own ``forward`` is regenerated and every child keeps its own code, hooks and
-  train/eval behaviour.
+Analysis finds blocks from what the model executes (:mod:`.recording`); fx is used where a
+block's own forward is rewritten: surgery (and analysis, to count the additions surgery will see)
+traces a single block with all of its children kept as leaves, so only the block's own ``forward``
+is regenerated and every child keeps its own code, hooks and train/eval behaviour.
 
 Every node gets ``node.meta["module_path"]``: the dotted path of the module whose forward
 created it (``""`` for the root), in the spirit of torchvision's ``NodePathTracer``.
@@ -14,7 +11,6 @@ created it (``""`` for the root), in the spirit of torchvision's ``NodePathTrace
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from torch import fx, nn
@@ -97,87 +93,6 @@ def _variant_to_trace(module: nn.Module, concrete_args: dict) -> Callable:
     optional = getattr(type(module), SPEC_ATTR).optional
     key = (module.training, tuple(name in concrete_args and concrete_args[name] is None for name in optional))
     return variants.get(key) or next(iter(variants.values()))
-
-
-@dataclass
-class TracedRegion:
-    """A part of the model that traced as one graph: the whole model, or a submodule of it."""
-
-    path: str
-    module: nn.Module
-    graph: fx.Graph
-
-
-@dataclass
-class TraceResult:
-    """The graphs covering a model, plus the modules that could not be traced and why."""
-
-    regions: list[TracedRegion] = field(default_factory=list)
-    untraceable: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def whole(self) -> bool:
-        """The model's own forward traced (timm notrace blocks inside it are traced on their own)."""
-        return any(region.path == "" for region in self.regions)
-
-
-def trace_regions(model: nn.Module, max_untraceable_depth: int = 12) -> TraceResult:
-    """Trace the whole model, or, where that fails, each child recursively.
-
-    A module whose own forward cannot be traced is split into its children; a leaf module
-    that cannot be traced is recorded in ``untraceable`` with the tracer's message.
-    """
-    result = TraceResult()
-    _trace_into(model, "", result, max_untraceable_depth)
-    return result
-
-
-def _trace_into(module: nn.Module, path: str, result: TraceResult, depth: int) -> None:
-    try:
-        graph = trace(module)
-    except Exception as error:  # any tracer failure means: try the children one by one
-        children = list(module.named_children())
-        if not children or depth == 0:
-            result.untraceable[path or "<root>"] = _one_line(error)
-            return
-        for name, child in children:
-            _trace_into(child, f"{path}.{name}" if path else name, result, depth - 1)
-        return
-    if path:
-        for node in graph.nodes:
-            inner = node.meta.get(MODULE_PATH, "")
-            node.meta[MODULE_PATH] = f"{path}.{inner}" if inner else path
-    result.regions.append(TracedRegion(path, module, graph))
-    for target in _opaque_calls(module, graph):
-        _trace_into(module.get_submodule(target), f"{path}.{target}" if path else target, result, depth - 1)
-
-
-def split_region(result: TraceResult, region: TracedRegion, depth: int = 12) -> None:
-    """Replace ``region`` in ``result`` by its children, each traced on its own."""
-    result.regions.remove(region)
-    children = list(region.module.named_children())
-    if not children:
-        result.untraceable[region.path or "<root>"] = "its traced graph does not run on the probe input"
-    for name, child in children:
-        _trace_into(child, f"{region.path}.{name}" if region.path else name, result, depth)
-
-
-def _opaque_calls(module: nn.Module, graph: fx.Graph) -> list[str]:
-    """Targets of calls to timm notrace modules that have children: kept whole in the parent's
-    graph (as timm asks), but their insides may hold residual blocks, so they are traced too."""
-    leaf_types = tuple(_timm_notrace()[0])
-    targets = []
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target not in targets:
-            sub = module.get_submodule(node.target)
-            if leaf_types and isinstance(sub, leaf_types) and next(sub.children(), None) is not None:
-                targets.append(node.target)
-    return targets
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
 def snapshot_training(module: nn.Module) -> dict[nn.Module, bool]:
