@@ -44,7 +44,7 @@ non-batch dimension that does not is the channel dimension.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -52,11 +52,17 @@ from torch import nn
 
 from .errors import RetrofitError
 from . import op_kinds as K
+from .chains import find_chain_layers
+from .gates import Gate
 from .graph import dominated
+from .joins import find_joins
 from .recording import Op, Recording, record
 from .tracing import own_tensor_adds, restore_training, snapshot_training
 
 MAX_PROJECTION_OPS = 6
+#: the kinds of unit: residual blocks, multi-branch joins (:mod:`.joins`), plain chain layers (:mod:`.chains`)
+RESIDUAL, JOIN, CHAIN = "residual", "join", "chain"
+UNIT_KINDS = (RESIDUAL, JOIN, CHAIN)
 CHANNELS_FIRST, CHANNELS_LAST, TOKENS, UNKNOWN = "channels_first", "channels_last", "tokens", "unknown"
 SUPPORTED_LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, TOKENS)
 _SHAPE_A, _SHAPE_B = "shape", "shape_probe2"
@@ -111,11 +117,20 @@ class Block:
     container: str | None = None
     branch_module: str | None = None
     rewrite_error: str | None = None
+    kind: str = RESIDUAL
+    gates: tuple[tuple[str, tuple[Gate, ...]], ...] = ()
+    label: str | None = None
 
     @property
     def name(self) -> str:
         """Unique name: the path, with ``@i`` where a module's forward holds several residual adds."""
+        if self.label:
+            return self.label
         return self.path if self.add_index == 0 else f"{self.path}@{self.add_index}"
+
+    def gates_for(self, position: str) -> tuple[Gate, ...] | None:
+        """For a join or a chain layer: where ``position`` puts its modules (None: it does not apply)."""
+        return dict(self.gates).get(position)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -136,17 +151,33 @@ class Analysis:
     traced_whole: bool = True
     untraceable: dict[str, str] = field(default_factory=dict)
     probe_shape: tuple[int, ...] = ()
+    units: list[Block] = field(default_factory=list)
 
     @property
     def stages(self) -> list[int]:
         return sorted({b.stage for b in self.blocks})
 
+    def units_of(self, kinds: list[str] | None = None) -> list[Block]:
+        """The units of these kinds, in execution order; by default the first kind the model has,
+        in the order residual, join, chain (a ResNet's stem conv is no chain layer)."""
+        if kinds is None:
+            kinds = next(([k] for k in UNIT_KINDS if any(u.kind == k for u in self.units)), [])
+        return [u for u in self.units if u.kind in kinds]
+
+    def count(self, kind: str) -> int:
+        return sum(u.kind == kind for u in self.units)
+
     def describe(self) -> str:
         """One line saying what was found, for messages."""
+        others = ", ".join(f"{self.count(k)} {k} unit{'s' * (self.count(k) != 1)}" for k in (JOIN, CHAIN)
+                           if self.count(k))
         if not self.additions:
-            return "the model has no additions at all, it chains or concatenates features " \
-                   f"(one forward pass on an input of shape {self.probe_shape} analysed)"
+            found = others or "no concatenation of branches and no conv → activation chain either"
+            return f"the model has no additions at all ({found}; one forward pass on an input of shape " \
+                   f"{self.probe_shape} analysed)"
         text = f"{len(self.blocks)} of its {self.additions} additions are residual connections"
+        if others:
+            text += f"; {others}"
         if self.untraceable:
             parts = "; ".join(f"{k}: {v}" for k, v in list(self.untraceable.items())[:3])
             more = f" and {len(self.untraceable) - 3} more" if len(self.untraceable) > 3 else ""
@@ -255,7 +286,8 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     untraceable: dict[str, str] = {}
     _place_in_traced_forwards(model, recording, found, per_call, untraceable)
     blocks = _to_blocks(found, shapes_b, modules)
-    return Analysis(blocks, len(adds), True, untraceable, tuple(_shape_of(example)))
+    units = blocks + _other_units(recording, found, shapes_b, modules, has_residuals=bool(blocks))
+    return Analysis(blocks, len(adds), True, untraceable, tuple(_shape_of(example)), units)
 
 
 def _shape_of(example: Any) -> tuple[int, ...]:
@@ -585,3 +617,57 @@ def _is_channel_gate(gate: tuple, features: tuple, channel_dim: int) -> bool:
     spatial = [d for d in range(1, len(gate)) if d != channel_dim]
     return gate[channel_dim] == features[channel_dim] > 1 and all(gate[d] == 1 for d in spatial) \
         and any(features[d] > 1 for d in spatial)
+
+
+# --- units that are not residual blocks: joins and plain chain layers --------------------------
+
+def _other_units(recording: Recording, found: list[tuple[Op, _Residual]], shapes_b: dict[int, tuple],
+                 modules: dict[str, nn.Module], has_residuals: bool) -> list[Block]:
+    """The joins (outside residual branches), and where a model has neither residual blocks nor
+    joins, the layers of its plain chain, as blocks of kind ``join`` / ``chain``."""
+    inside = {op for _, r in found for op in (*r.cone, *r.projection)}
+    joins = [_join_block(j) for j in find_joins(recording, modules, shapes_b, inside)]
+    if joins or has_residuals:
+        return _staged(_labelled(joins))
+    return _staged([_chain_block(layer) for layer in find_chain_layers(recording, modules)])
+
+
+def _join_block(join) -> Block:
+    cat, dim = join.cat, join.channel_dim
+    shape = cat.shape
+    in_shape = join.unit_input.shape or shape
+    rank = len(shape)
+    return Block(
+        path=join.post.module, add_index=join.post.index, channels=int(shape[dim]),
+        in_channels=int(in_shape[dim]) if len(in_shape) == rank else 0, stage=0,
+        spatial=tuple(s for d, s in enumerate(shape) if d not in (0, dim)),
+        layout=CHANNELS_FIRST if dim == 1 else TOKENS if rank == 3 else CHANNELS_LAST, channel_dim=dim,
+        branch=", ".join(_describe(cat.args[i]) for i in join.new_branches), shortcut="", shortcut_arg=0,
+        post_activation=_post_activation(cat), container=join.container, kind=JOIN,
+        gates=(("post", (join.post,)), ("standard", tuple(join.standard)), ("stage", (join.post,))))
+
+
+def _chain_block(layer) -> Block:
+    shape = layer.end.shape
+    return Block(
+        path=layer.conv.module, add_index=0, channels=int(shape[1]), in_channels=int(shape[1]), stage=0,
+        spatial=tuple(shape[2:]), layout=CHANNELS_FIRST, channel_dim=1, branch=layer.conv.module, shortcut="",
+        shortcut_arg=0, post_activation=_describe(layer.end), kind=CHAIN,
+        gates=(("post", (layer.gate,)), ("stage", (layer.gate,))))
+
+
+def _labelled(units: list[Block]) -> list[Block]:
+    """Names: the path, ``path@k`` for the k-th unit of a forward holding several."""
+    seen: dict[str, int] = {}
+    labelled = []
+    for unit in units:
+        k = seen.get(unit.path, 0)
+        seen[unit.path] = k + 1
+        labelled.append(replace(unit, label=unit.path if k == 0 else f"{unit.path}@{k}"))
+    return labelled
+
+
+def _staged(units: list[Block]) -> list[Block]:
+    """Stages: 1-based resolution levels among these units, largest maps first."""
+    sizes = sorted({math.prod(u.spatial) for u in units}, reverse=True)
+    return [replace(u, stage=sizes.index(math.prod(u.spatial)) + 1) for u in units]

@@ -1,0 +1,88 @@
+"""Gates: where, in which module's forward, an attention module can be put on one tensor of the
+executed graph. The contract between the analysis of units that are not residual additions
+(multi-branch joins, plain chains) and planning; surgery knows each ``how``.
+
+A gate is found from the operation producing the tensor (:func:`gate_after`), preferring, in order:
+
+* ``output``: the tensor is what a composite module returns (and that module is called once): the
+  module's forward is edited and its return value gated, so every use of the tensor is gated and
+  the new module's keys sit under that module (``features.denseblock1.denselayer1.se.fc1.weight``);
+* ``child``: the tensor is the result of a leaf module (a ``ReLU``, a ``BatchNormAct2d``) called once
+  in its caller's forward: the caller is edited and that call gated (VGG's ``features.1``);
+* ``cat`` / ``cat_operand``: after the ``index``-th concatenation of a module's own forward (and the
+  activation right after it), or on one of its operands only (a branch computed by functions in the
+  joining forward itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import op_kinds as K
+from .recording import Op, Recording
+
+CHILD, OUTPUT, CAT, CAT_OPERAND = "child", "output", "cat", "cat_operand"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One place for an attention module on ``channels`` channels (at ``channel_dim``).
+
+    Attributes:
+        module: dotted path of the module whose forward is edited.
+        how: ``output`` | ``child`` | ``cat`` | ``cat_operand`` (see the module docstring).
+        anchor: for ``child``, the child's name within ``module``.
+        index: for ``cat``/``cat_operand``, which concatenation of ``module``'s own forward.
+        operand: for ``cat_operand``, which tensor of that concatenation.
+        channels, channel_dim: the gated tensor's channel count and where it is (1 for NCHW).
+    """
+
+    module: str
+    how: str
+    channels: int
+    anchor: str = ""
+    index: int = 0
+    operand: int = 0
+    channel_dim: int = 1
+
+
+class CallCounts:
+    """How many times each module ran in a recording (composite modules and leaves)."""
+
+    def __init__(self, recording: Recording):
+        self.counts: dict[str, int] = {}
+        for call in recording.calls.values():
+            self.counts[call.path] = self.counts.get(call.path, 0) + 1
+        for op in recording.ops:
+            if op.module:
+                self.counts[op.module] = self.counts.get(op.module, 0) + 1
+
+    def once(self, path: str) -> bool:
+        return self.counts.get(path, 0) == 1
+
+
+def gate_after(op: Op, modules: dict[str, nn.Module], calls: CallCounts, channels: int,
+               within: str | None = None) -> Gate | None:
+    """A gate on the tensor ``op`` produces (every use of it), or None where no module call
+    returns it alone. ``within``: only modules inside this path (a unit's container)."""
+    for path in op.returned_by:  # innermost first
+        module = modules.get(path)
+        if not path or module is None or not calls.once(path) or not _inside(path, within):
+            continue
+        if K.module_kind(module) == K.OTHER:
+            return Gate(path, OUTPUT, channels)
+        caller = op.scope
+        if path == op.module and _inside(caller, within) and (not caller or path.startswith(f"{caller}.")):
+            return Gate(caller, CHILD, channels, anchor=path[len(caller) + 1:] if caller else path)
+    return None
+
+
+def _inside(path: str, within: str | None) -> bool:
+    return within is None or within == "" or path == within or path.startswith(f"{within}.")
+
+
+def own_index(op: Op, ops: list[Op]) -> int:
+    """Which operation of ``op``'s kind it is among those of the same forward call."""
+    return sum(1 for other in ops if other.index < op.index and other.call == op.call
+               and other.scope == op.scope and other.kind == op.kind and not other.module)
