@@ -199,6 +199,22 @@ def find_blocks(model: nn.Module, example_input: Any = None) -> list[Block]:
     return analyze(model, example_input).blocks
 
 
+def find_units(model: nn.Module, example_input: Any = None, kinds: list[str] | None = None) -> list[Block]:
+    """Return every unit attention can go on, in execution order: residual blocks, joins of
+    branches (Inception modules, dense layers, ShuffleNet units: :mod:`.joins`) and, in a model
+    with neither, the layers of its plain conv chain (VGG, MobileNetV1: :mod:`.chains`). Each has
+    a ``kind``; ``kinds`` keeps those kinds only.
+
+    Example:
+        >>> import torchvision, se_retrofit
+        >>> units = se_retrofit.find_units(torchvision.models.googlenet(init_weights=False))
+        >>> len(units), units[0].kind, units[0].name, units[0].channels
+        (9, 'join', 'inception3a', 256)
+    """
+    units = analyze(model, example_input).units
+    return units if kinds is None else [u for u in units if u.kind in kinds]
+
+
 def analyze(model: nn.Module, example_input: Any = None) -> Analysis:
     """Like :func:`find_blocks`, returning also the counts and notes on what could not be rewritten."""
     example = example_input if example_input is not None else default_example_input(model)
@@ -653,7 +669,7 @@ def _chain_block(layer) -> Block:
         path=layer.conv.module, add_index=0, channels=int(shape[1]), in_channels=int(shape[1]), stage=0,
         spatial=tuple(shape[2:]), layout=CHANNELS_FIRST, channel_dim=1, branch=layer.conv.module, shortcut="",
         shortcut_arg=0, post_activation=_describe(layer.end), kind=CHAIN,
-        gates=(("post", (layer.gate,)), ("stage", (layer.gate,))))
+        gates=(("standard", (layer.gate,)), ("post", (layer.gate,)), ("stage", (layer.gate,))))
 
 
 def _labelled(units: list[Block]) -> list[Block]:

@@ -76,6 +76,12 @@ def _follows_depthwise(conv: Op, modules: dict[str, nn.Module]) -> bool:
     for _ in range(6):
         if op.kind == K.CONV:
             return isinstance(modules.get(op.module), _ConvNd) and _is_depthwise(modules[op.module])
+        if op.kind == K.MUL:  # channel attention between the pair (LCNet's SE): follow the feature map
+            maps = [i for i in op.inputs if i.shape == op.shape]
+            if len(maps) != 1:
+                return False
+            op = maps[0]
+            continue
         if op.kind not in _NORMS | _ENDS or len(op.inputs) != 1:
             return False
         op = op.inputs[0]

@@ -10,7 +10,7 @@ from torch import nn
 from . import hf
 from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
-from .planning import NoResidualBlocksError, Plan, plan_sites
+from .planning import NoResidualBlocksError, Plan, nothing_editable, plan_sites
 from .surgery import apply_sites
 
 RECORD_ATTR = "se_retrofit"
@@ -99,8 +99,7 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
         analysis = analyze(model, example_input)
     site_plan = plan_sites(model, analysis, config)
     if not site_plan.sites:
-        reasons = "; ".join(f"{k}: {v}" for k, v in list(site_plan.skipped.items())[:3])
-        raise NoResidualBlocksError(f"no block could be edited ({analysis.describe()}): {reasons}")
+        raise NoResidualBlocksError(nothing_editable(analysis, site_plan))
     if site_plan.stacked:
         warnings.warn(f"{len(site_plan.stacked)} of the blocks edited already apply channel attention "
                       f"(first: {site_plan.stacked[0]}); {config.attention} will be stacked on top of it",

@@ -71,6 +71,17 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
     return plan
 
 
+def nothing_editable(analysis: Analysis, plan: Plan) -> str:
+    """Why a plan has no site: the one reason all units share, or the first few."""
+    reasons = set(plan.skipped.values())
+    if len(reasons) == 1:
+        kinds = {u.kind for u in analysis.units if u.name in plan.skipped}
+        what = _kind_words([u for u in analysis.units if u.name in plan.skipped]) if len(kinds) == 1 else "units"
+        return f"no block could be edited: for all {len(plan.skipped)} {what}, {reasons.pop()}"
+    listed = "; ".join(f"{k}: {v}" for k, v in list(plan.skipped.items())[:3])
+    return f"no block could be edited ({analysis.describe()}): {listed}"
+
+
 def _nothing_found(analysis: Analysis, config: RetrofitConfig) -> str:
     if config.kinds is None:
         return f"no residual blocks found, nor joins of branches or conv chain layers: {analysis.describe()}"

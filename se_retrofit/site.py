@@ -36,6 +36,7 @@ class Site:
     kind: str = "residual"
     gate: str = ""
     operand: int = 0
+    unit: str = ""
 
     def __post_init__(self) -> None:
         if not self.gate and self.position == "inner":  # records written before gates existed

@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from torch import nn
 
 import se_retrofit
 from se_retrofit import POSITIONS
@@ -183,9 +184,11 @@ def test_ambiguous_layouts_are_skipped_with_a_reason():
         se_retrofit.retrofit(_FixedSizeResidual(), example_input=torch.randn(1, 4, 16, 16))
 
 
-def test_no_residual_blocks_is_a_clear_error():
-    with pytest.raises(ValueError, match="no residual blocks found: the model has no additions at all"):
-        se_retrofit.retrofit(timm.create_model("densenet121"))
+def test_a_model_with_no_unit_of_any_kind_is_a_clear_error():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="no residual blocks found, nor joins of branches or conv chain layers: "
+                                         "the model has no additions at all"):
+        se_retrofit.retrofit(mlp, example_input=torch.randn(1, 3, 4, 4))
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -5,9 +5,11 @@ planning) and, for residual blocks, where in the block's traced graph the module
 (:mod:`se_retrofit.gates`), which surgery knows for every position.
 
 Example:
-    >>> from se_retrofit.positions import get_position
-    >>> get_position("post").help
-    'after the addition and the block\\'s final activation (after the join, or after a chain layer\\'s activation)'
+    >>> from se_retrofit.positions import POSITIONS, get_position
+    >>> POSITIONS
+    ('standard', 'pre', 'post', 'identity', 'inner', 'stage')
+    >>> get_position("identity").help
+    'on the shortcut, in parallel to the residual branch'
 """
 from __future__ import annotations
 
@@ -49,12 +51,13 @@ class Position:
             return self._residual_sites(unit)
         gates = unit.gates_for(self.gate_position or self.name)
         if not gates:
-            usable = ", ".join(p for p, _ in unit.gates if p in POSITIONS)
+            usable = ", ".join(p for p in POSITIONS if unit.gates_for(p))
             return f"position {self.name!r} does not apply to a {unit.kind} unit (use {usable})"
         channel_dim = 1 if unit.layout == CHANNELS_FIRST else -1
         return [Site(block=g.module, add_index=g.index, shortcut_arg=0, position=self.name, channels=g.channels,
                      spatial_dims=len(unit.spatial), stage=unit.stage, module_name="", channel_dim=channel_dim,
-                     anchor=g.anchor or None, kind=unit.kind, gate=g.how, operand=g.operand) for g in gates]
+                     anchor=g.anchor or None, kind=unit.kind, gate=g.how, operand=g.operand, unit=unit.name)
+                for g in gates]
 
     def _residual_sites(self, block: Block) -> list[Site] | str:
         if self.residual is None:
@@ -67,7 +70,7 @@ class Position:
         channel_dim = 1 if block.layout == CHANNELS_FIRST else -1
         return [Site(block=block.path, add_index=block.add_index, shortcut_arg=block.shortcut_arg,
                      position=self.name, channels=channels, spatial_dims=len(block.spatial), stage=block.stage,
-                     module_name="", channel_dim=channel_dim)]
+                     module_name="", channel_dim=channel_dim, unit=block.name)]
 
 
 class PositionError(RetrofitError):

@@ -14,7 +14,7 @@ class InnerPosition(Position):
             return "its branch has no spatial (k>1) conv for inner"
         return [Site(block=block.inner_module, add_index=0, shortcut_arg=0, position=self.name,
                      channels=block.inner_channels, spatial_dims=len(block.spatial), stage=block.stage,
-                     module_name="", channel_dim=1, anchor=block.inner_anchor, gate="child")]
+                     module_name="", channel_dim=1, anchor=block.inner_anchor, gate="child", unit=block.name)]
 
 
 INNER = register_position(InnerPosition(

@@ -1,6 +1,7 @@
 """``standard``: on the residual branch after its last layer, before the addition (SE paper, Fig. 3;
 Sec. 6.5 calls it SE); on each newly computed branch of a join before the concatenation (SE-DenseNet,
-SE-ShuffleNet)."""
+SE-ShuffleNet); after a chain layer's activation, where SE-VGG-16 has it (a chain has no branch, so
+``standard`` and ``post`` coincide there)."""
 from __future__ import annotations
 
 from .. import op_kinds as K
@@ -22,4 +23,5 @@ def place(graph, add, branch, shortcut, site, modules) -> None:
 
 STANDARD = register_position(Position(
     "standard", "on the residual branch, after its last layer, before the addition (SE paper default); "
-                "on each new branch of a join, before the concatenation", place=place))
+                "on each new branch of a join, before the concatenation; after a chain layer's activation (SE-VGG)",
+    place=place))
