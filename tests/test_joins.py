@@ -208,3 +208,18 @@ def test_a_model_with_residual_blocks_and_joins_edits_its_residual_blocks_unless
     assert [s.kind for s in default.se_retrofit.sites] == ["residual"]
     both = check_identity_and_liveness(model, x, kinds=["residual", "join"], position="post")
     assert [s.kind for s in both.se_retrofit.sites] == ["residual", "join"]
+
+
+def test_a_saved_join_edit_loads_onto_a_fresh_base(tmp_path):
+    torch.manual_seed(0)
+    base = as_if_pretrained(tv.densenet121()).eval()
+    edited = se_retrofit.retrofit(base, stages=[4], example_input=torch.randn(1, 3, 64, 64)).eval()
+    with torch.no_grad():
+        for name, param in edited.named_parameters():
+            if ".se." in name:
+                param.add_(0.1)  # as if fine-tuned
+    path = se_retrofit.save(edited, tmp_path / "dense")
+    again = se_retrofit.load(path, base_model=tv.densenet121()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert len(again.se_retrofit.sites) == 16 and again.se_retrofit.sites[0].gate == edited.se_retrofit.sites[0].gate
+    assert torch.equal(again(x), edited(x))
