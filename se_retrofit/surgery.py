@@ -71,8 +71,17 @@ def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Modu
         for site in sites:
             _insert(graph, site, modules)
         graph.lint()
+        _free_root_name(graph)
         forwards[key] = graph.python_code(root_module="self")
     _install_forward(block, forwards, optional, fixed)
+
+
+def _free_root_name(graph: fx.Graph) -> None:
+    """Rename the nodes fx named ``self`` after a child called ``self`` (transformers' attention layers
+    have ``self.self``): in the generated forward they would rebind the module itself."""
+    for node in graph.nodes:
+        if node.name == "self" and node.op != "placeholder":
+            node._rename(f"{node.name}_output")
 
 
 MAX_OPTIONAL = 3
