@@ -90,6 +90,10 @@ class Block:
             branch comes from ``path``'s own operations or from outside it.
         rewrite_error: why the forward of ``path`` cannot be rewritten (fx cannot trace it, or
             its additions could not be matched to the traced graph); None where it can.
+        branch_outside: the module where the branch starts when that is outside ``path`` (HF
+            EfficientNet computes the branch in siblings of the adding module, which receives it as an
+            argument: ``pre`` there would sit mid-branch); None where ``path``'s forward starts it
+            (DLA's blocks, given their shortcut as an argument, start their branch themselves).
     """
 
     path: str
@@ -111,6 +115,7 @@ class Block:
     container: str | None = None
     branch_module: str | None = None
     rewrite_error: str | None = None
+    branch_outside: str | None = None
 
     @property
     def name(self) -> str:
@@ -458,6 +463,7 @@ def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: dict[int, tuple], mo
             container=_container(add, residual),
             branch_module=_branch_module(add, residual),
             rewrite_error=residual.rewrite_error,
+            branch_outside=_branch_outside(add, residual),
             **_inner_site(residual, modules),
         ))
     return blocks
@@ -488,6 +494,16 @@ def _branch_module(add: Op, residual: _Residual) -> str | None:
     prefix = f"{add.scope}." if add.scope else ""
     inside = [p for p in op.returned_by if p.startswith(prefix) and p != add.scope]
     return inside[-1] if inside else None
+
+
+def _branch_outside(add: Op, residual: _Residual) -> str | None:
+    """Where the branch starts (its first op reading the block input) when no such op runs inside
+    ``add.scope``; None where one does."""
+    starts = sorted((op for op in residual.cone if residual.block_input in op.inputs), key=lambda op: op.index)
+    if not add.scope or not starts:
+        return None
+    inside = [op for op in starts if _where(op) == add.scope or _where(op).startswith(f"{add.scope}.")]
+    return None if inside else _where(starts[0]) or "<root>"
 
 
 def _inner_site(residual: _Residual, modules: dict[str, nn.Module]) -> dict[str, Any]:

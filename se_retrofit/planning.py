@@ -157,6 +157,9 @@ def _unplaceable(block: Block, position: str) -> str | None:
         return None if block.inner_module is not None else "its branch has no spatial (k>1) conv for inner"
     if block.rewrite_error:
         return f"its forward cannot be rewritten ({block.rewrite_error})"
+    if position == "pre" and block.branch_outside:
+        return (f"its branch starts in {block.branch_outside}, outside {block.path} where the addition is: "
+                "pre would sit mid-branch")
     if block.layout not in SUPPORTED_LAYOUTS:
         return f"layout {block.layout}: the channel dimension could not be told from the probes"
     return None
