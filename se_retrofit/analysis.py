@@ -26,7 +26,11 @@ What is kept out, and by which clause:
 * FPN top-down adds, encoder-decoder additive skips (``up(x) + skip``), hourglass modules: the
   branch goes down through the rest of the network and comes back *up* (an interpolation,
   upsampling or transposed conv in ``f``): a fusion of resolutions, not a block. This is what
-  tells an FPN from HF EfficientNet, whose branch is computed in modules beside the one that adds;
+  tells an FPN from HF EfficientNet, whose branch is computed in modules beside the one that adds.
+  An upsampling is part of a block's branch only inside a layer below the adding module that
+  returns the shape it was given (LowFormer's and CPUBone's strided attention, down by a strided
+  conv and back up by a transposed conv): that layer resamples by itself, where an FPN, a decoder
+  or an hourglass comes back up in the adding module, or in a module given a lower resolution;
 * normalisation-internal adds with no learned layer in ``f`` (ConvNeXt-V2's GRN
   ``γ·(x·N(x)) + β + x``);
 * multi-branch layers whose operands are both projections of ``x`` (RepVGG's ``conv_kxk(x) +
@@ -49,11 +53,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .errors import RetrofitError
 from . import op_kinds as K
 from .graph import dominated
-from .recording import Op, Recording, record
+from .recording import ModuleCall, Op, Recording, record
 from .tracing import own_tensor_adds, restore_training, snapshot_training
 
 MAX_PROJECTION_OPS = 6
@@ -252,7 +257,7 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     for add in adds:
         index = per_call.get(add.call, 0)
         per_call[add.call] = index + 1
-        residual = _match_residual(add)
+        residual = _match_residual(add, recording.calls)
         if residual is not None and (add.scope, index) not in seen:
             seen.add((add.scope, index))
             residual.add_index = index
@@ -330,7 +335,7 @@ class _Residual:
     rewrite_error: str | None = None
 
 
-def _match_residual(add: Op) -> _Residual | None:
+def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None) -> _Residual | None:
     operands = add.args
     if len(operands) != 2 or any(a is None or not a.dynamic for a in operands):
         return None
@@ -345,7 +350,7 @@ def _match_residual(add: Op) -> _Residual | None:
             if block_input is branch:
                 continue
             cone = _dominated_ops(branch, block_input)
-            if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, projected=depth > 0):
+            if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, depth > 0, add, calls or {}):
                 return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone)
     return None
 
@@ -375,15 +380,37 @@ def _dominated_ops(branch: Op, block_input: Op) -> set[Op] | None:
                      escapes=lambda op: op.index < block_input.index or not op.args and op.dynamic)
 
 
-def _is_branch(cone: set[Op], projected: bool) -> bool:
+def _is_branch(cone: set[Op], projected: bool, add: Op, calls: dict[int, ModuleCall]) -> bool:
     """The branch applies a learned layer and does not come back up from a lower resolution; next
     to a projected shortcut it must be more than a projection itself (else: a multi-branch layer)."""
     kinds = [op.kind for op in cone]
-    if K.UPSAMPLE in kinds or not _learns(cone, kinds):
+    if not _learns(cone, kinds) or any(op.kind == K.UPSAMPLE and not _resamples_within_a_layer(op, cone, add, calls)
+                                       for op in cone):
         return False
     if projected and all(kind in _SHORTCUT_KINDS for kind in kinds):
         return kinds.count(K.CONV) + kinds.count(K.LINEAR) >= 2
     return True
+
+
+def _resamples_within_a_layer(upsample: Op, cone: set[Op], add: Op, calls: dict[int, ModuleCall]) -> bool:
+    """The upsampling runs inside a layer of the branch, below the adding module, that returns the
+    shape it was given: the layer went down and came back up by itself (LowFormer's and CPUBone's
+    strided attention ``upsample(attend(conv_s(x)))``), unlike an FPN, a decoder or an hourglass,
+    which come back up in the module that adds, or in one that takes a lower resolution in."""
+    inside = f"{add.scope}." if add.scope else ""
+    call = calls.get(upsample.call)
+    while call is not None and call.path != add.scope and call.path.startswith(inside):
+        given = _tensor_shapes((call.args, call.kwargs))
+        returned = min((op for op in cone if op.index > upsample.index and call.path in op.returned_by),
+                       key=lambda op: op.index, default=None)
+        if returned is not None and returned.shape is not None and given[:1] == [returned.shape]:
+            return True
+        call = calls.get(call.parent)
+    return False
+
+
+def _tensor_shapes(value: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def _learns(cone: set[Op], kinds: list[str]) -> bool:

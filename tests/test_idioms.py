@@ -202,6 +202,32 @@ class RopeNet(nn.Module):
         return x.mean(1)
 
 
+class DownUpLayer(nn.Module):
+    """LowFormer's strided attention: down by a strided conv, mixed, back up by a transposed conv,
+    cropped to the shape it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(C, C, 3, 2, 1, groups=C)
+        self.mix = nn.Conv2d(C, C, 1)
+        self.up = nn.Sequential(nn.ConvTranspose2d(C, C, 4, 2, 1, groups=C))
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        return self.up(self.mix(self.down(x)))[..., :h, :w]
+
+
+class DownUpBlock(nn.Module):
+    """A residual whose branch resamples inside one of its layers: a block, not an encoder-decoder skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = DownUpLayer()
+
+    def forward(self, x):
+        return x + self.attn(x)
+
+
 class KwargsBlock(nn.Module):
     """A forward fx cannot trace (``**kwargs`` and data-dependent control flow): found all the same."""
 
@@ -242,6 +268,7 @@ RESIDUAL_IDIOMS = {
     "nested": (lambda: Net(Nested()), 3),
     "flat_and_spanning": (lambda: Net(Flat()), 3),
     "rope_and_mask": (lambda: RopeNet(), 4),
+    "resampling_inside_a_layer": (lambda: Net(DownUpBlock(), DownUpBlock()), 2),
 }
 
 
