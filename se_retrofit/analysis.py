@@ -584,11 +584,14 @@ def _layout(add: Op, residual: _Residual, shape_b: tuple | None, modules: dict[s
 
 
 def _linear_says_channels_last(residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> bool:
-    """Without a second probe: the branch ends in a Linear producing the last dimension, and no
-    conv in it produces dimension 1 (tokens in ViTs, NHWC maps in Swin)."""
+    """Without a second probe: the branch has a Linear producing the last dimension, or a linear map
+    with parameters doing so (transformers' ``Conv1D``: ``addmm(bias, x, weight)``); the conv check
+    runs first (tokens in ViTs and GPTs, NHWC maps in Swin)."""
     for op in residual.cone:
         layer = modules.get(op.module) if op.module else None
         if isinstance(layer, nn.Linear) and layer.out_features == shape[-1] and (op.shape or ())[-1:] == shape[-1:]:
+            return True
+        if not op.module and op.kind == K.LINEAR and op.weights and (op.shape or ())[-1:] == shape[-1:]:
             return True
     return False
 

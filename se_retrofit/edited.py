@@ -165,8 +165,13 @@ def _dispatcher(variants: dict[Variant, Callable], optional: tuple[str, ...], fi
                 raise ValueError(f"{type(self).__name__} was edited by se_retrofit for {name}={value!r}, "
                                  f"its default; it cannot be called with {name}={bound.arguments[name]!r}")
         nones = tuple(bound.arguments[name] is None for name in optional)
+        variant = variants.get((self.training, nones))
+        if variant is None:
+            given = [name for name, none in zip(optional, nones) if not none]
+            raise ValueError(f"{type(self).__name__} was edited by se_retrofit for the calls its forward accepts; "
+                             f"it refused {', '.join(given)} when traced")
         # positionally: fx renames the parameters it specialised to None (bias -> bias_1)
-        return variants[(self.training, nones)](*bound.args, **bound.kwargs)
+        return variant(*bound.args, **bound.kwargs)
 
     return forward
 

@@ -11,9 +11,12 @@ created it (``""`` for the root), in the spirit of torchvision's ``NodePathTrace
 from __future__ import annotations
 
 import contextlib
+import os
+import traceback
 from typing import Callable, Iterator
 
 from torch import fx, nn
+from torch.fx.proxy import TraceError
 
 from .edited import SPEC_ATTR, VAR_KEYWORD_MARK, with_own_signature
 
@@ -85,6 +88,8 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
         graph = RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
         pass_var_keyword(graph)
         return graph
+    except TraceError as error:
+        raise TraceError(_where_tracing_failed(error)) from error
     finally:
         module.__class__ = cls
         for m, attributes in saved.items():  # by identity: values may be tensors or proxies
@@ -94,16 +99,31 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
             vars(m).update(kept)
 
 
+def _where_tracing_failed(error: BaseException) -> str:
+    """The error's first sentence and the line of the traced code that raised it (outside torch):
+    ``Proxy object cannot be iterated (modeling_swin.py:538: height, width = input_dimensions)``."""
+    text = str(error).strip()
+    head = text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if f"{os.sep}torch{os.sep}" not in f.filename and not f.filename.endswith(__file__.rsplit(os.sep, 1)[-1])]
+    if not frames:
+        return head
+    frame = frames[-1]
+    return f"{head} ({os.path.basename(frame.filename)}:{frame.lineno}: {(frame.line or '').strip()})"
+
+
 def pass_var_keyword(graph: fx.Graph) -> None:
     """Bind the marked keyword of each ``**kwargs`` unpacking to the placeholder itself (the tracer
-    recorded ``kwargs[MARK]``)."""
-    for node in list(graph.nodes):
-        item = node.kwargs.get(VAR_KEYWORD_MARK) if node.op != "placeholder" else None
-        if isinstance(item, fx.Node) and item.op == "call_function" and item.args and \
-                isinstance(item.args[0], fx.Node) and item.args[0].op == "placeholder":
-            node.update_kwarg(VAR_KEYWORD_MARK, item.args[0])
-            if not item.users:
-                graph.erase_node(item)
+    recorded ``kwargs[MARK]``), and drop the lookups left unused (a forward that takes ``**kwargs``
+    and passes them nowhere)."""
+    lookups = [n for n in graph.nodes if n.op == "call_function" and len(n.args) == 2 and n.args[1] == VAR_KEYWORD_MARK
+               and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"]
+    for item in lookups:
+        for user in list(item.users):
+            if user.kwargs.get(VAR_KEYWORD_MARK) is item:
+                user.update_kwarg(VAR_KEYWORD_MARK, item.args[0])
+        if not item.users:
+            graph.erase_node(item)
 
 
 def _variant_to_trace(module: nn.Module, concrete_args: dict) -> Callable:
