@@ -26,7 +26,11 @@ What is kept out, and by which clause:
 * FPN top-down adds, encoder-decoder additive skips (``up(x) + skip``), hourglass modules: the
   branch goes down through the rest of the network and comes back *up* (an interpolation,
   upsampling or transposed conv in ``f``): a fusion of resolutions, not a block. This is what
-  tells an FPN from HF EfficientNet, whose branch is computed in modules beside the one that adds;
+  tells an FPN from HF EfficientNet, whose branch is computed in modules beside the one that adds.
+  An upsampling is part of a block's branch only inside a layer below the adding module that
+  returns the shape it was given (LowFormer's and CPUBone's strided attention, down by a strided
+  conv and back up by a transposed conv): that layer resamples by itself, where an FPN, a decoder
+  or an hourglass comes back up in the adding module, or in a module given a lower resolution;
 * normalisation-internal adds with no learned layer in ``f`` (ConvNeXt-V2's GRN
   ``γ·(x·N(x)) + β + x``);
 * multi-branch layers whose operands are both projections of ``x`` (RepVGG's ``conv_kxk(x) +
@@ -49,6 +53,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .errors import RetrofitError
 from . import op_kinds as K
@@ -56,7 +61,7 @@ from .chains import find_chain_layers
 from .gates import Gate
 from .graph import dominated
 from .joins import find_joins
-from .recording import Op, Recording, record
+from .recording import ModuleCall, Op, Recording, record
 from .tracing import own_tensor_adds, restore_training, snapshot_training
 
 MAX_PROJECTION_OPS = 6
@@ -96,6 +101,10 @@ class Block:
             branch comes from ``path``'s own operations or from outside it.
         rewrite_error: why the forward of ``path`` cannot be rewritten (fx cannot trace it, or
             its additions could not be matched to the traced graph); None where it can.
+        branch_outside: the module where the branch starts when that is outside ``path`` (HF
+            EfficientNet computes the branch in siblings of the adding module, which receives it as an
+            argument: ``pre`` there would sit mid-branch); None where ``path``'s forward starts it
+            (DLA's blocks, given their shortcut as an argument, start their branch themselves).
     """
 
     path: str
@@ -117,6 +126,7 @@ class Block:
     container: str | None = None
     branch_module: str | None = None
     rewrite_error: str | None = None
+    branch_outside: str | None = None
     kind: str = RESIDUAL
     gates: tuple[tuple[str, tuple[Gate, ...]], ...] = ()
     label: str | None = None
@@ -294,7 +304,7 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     for add in adds:
         index = per_call.get(add.call, 0)
         per_call[add.call] = index + 1
-        residual = _match_residual(add)
+        residual = _match_residual(add, recording.calls)
         if residual is not None and (add.scope, index) not in seen:
             seen.add((add.scope, index))
             residual.add_index = index
@@ -373,7 +383,7 @@ class _Residual:
     rewrite_error: str | None = None
 
 
-def _match_residual(add: Op) -> _Residual | None:
+def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None) -> _Residual | None:
     operands = add.args
     if len(operands) != 2 or any(a is None or not a.dynamic for a in operands):
         return None
@@ -388,7 +398,7 @@ def _match_residual(add: Op) -> _Residual | None:
             if block_input is branch:
                 continue
             cone = _dominated_ops(branch, block_input)
-            if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, projected=depth > 0):
+            if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, depth > 0, add, calls or {}):
                 return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone)
     return None
 
@@ -418,15 +428,37 @@ def _dominated_ops(branch: Op, block_input: Op) -> set[Op] | None:
                      escapes=lambda op: op.index < block_input.index or not op.args and op.dynamic)
 
 
-def _is_branch(cone: set[Op], projected: bool) -> bool:
+def _is_branch(cone: set[Op], projected: bool, add: Op, calls: dict[int, ModuleCall]) -> bool:
     """The branch applies a learned layer and does not come back up from a lower resolution; next
     to a projected shortcut it must be more than a projection itself (else: a multi-branch layer)."""
     kinds = [op.kind for op in cone]
-    if K.UPSAMPLE in kinds or not _learns(cone, kinds):
+    if not _learns(cone, kinds) or any(op.kind == K.UPSAMPLE and not _resamples_within_a_layer(op, cone, add, calls)
+                                       for op in cone):
         return False
     if projected and all(kind in _SHORTCUT_KINDS for kind in kinds):
         return kinds.count(K.CONV) + kinds.count(K.LINEAR) >= 2
     return True
+
+
+def _resamples_within_a_layer(upsample: Op, cone: set[Op], add: Op, calls: dict[int, ModuleCall]) -> bool:
+    """The upsampling runs inside a layer of the branch, below the adding module, that returns the
+    shape it was given: the layer went down and came back up by itself (LowFormer's and CPUBone's
+    strided attention ``upsample(attend(conv_s(x)))``), unlike an FPN, a decoder or an hourglass,
+    which come back up in the module that adds, or in one that takes a lower resolution in."""
+    inside = f"{add.scope}." if add.scope else ""
+    call = calls.get(upsample.call)
+    while call is not None and call.path != add.scope and call.path.startswith(inside):
+        given = _tensor_shapes((call.args, call.kwargs))
+        returned = min((op for op in cone if op.index > upsample.index and call.path in op.returned_by),
+                       key=lambda op: op.index, default=None)
+        if returned is not None and returned.shape is not None and given[:1] == [returned.shape]:
+            return True
+        call = calls.get(call.parent)
+    return False
+
+
+def _tensor_shapes(value: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def _learns(cone: set[Op], kinds: list[str]) -> bool:
@@ -506,6 +538,7 @@ def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: dict[int, tuple], mo
             container=_container(add, residual),
             branch_module=_branch_module(add, residual),
             rewrite_error=residual.rewrite_error,
+            branch_outside=_branch_outside(add, residual),
             **_inner_site(residual, modules),
         ))
     return blocks
@@ -536,6 +569,16 @@ def _branch_module(add: Op, residual: _Residual) -> str | None:
     prefix = f"{add.scope}." if add.scope else ""
     inside = [p for p in op.returned_by if p.startswith(prefix) and p != add.scope]
     return inside[-1] if inside else None
+
+
+def _branch_outside(add: Op, residual: _Residual) -> str | None:
+    """Where the branch starts (its first op reading the block input) when no such op runs inside
+    ``add.scope``; None where one does."""
+    starts = sorted((op for op in residual.cone if residual.block_input in op.inputs), key=lambda op: op.index)
+    if not add.scope or not starts:
+        return None
+    inside = [op for op in starts if _where(op) == add.scope or _where(op).startswith(f"{add.scope}.")]
+    return None if inside else _where(starts[0]) or "<root>"
 
 
 def _inner_site(residual: _Residual, modules: dict[str, nn.Module]) -> dict[str, Any]:
@@ -589,11 +632,14 @@ def _layout(add: Op, residual: _Residual, shape_b: tuple | None, modules: dict[s
 
 
 def _linear_says_channels_last(residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> bool:
-    """Without a second probe: the branch ends in a Linear producing the last dimension, and no
-    conv in it produces dimension 1 (tokens in ViTs, NHWC maps in Swin)."""
+    """Without a second probe: the branch has a Linear producing the last dimension, or a linear map
+    with parameters doing so (transformers' ``Conv1D``: ``addmm(bias, x, weight)``); the conv check
+    runs first (tokens in ViTs and GPTs, NHWC maps in Swin)."""
     for op in residual.cone:
         layer = modules.get(op.module) if op.module else None
         if isinstance(layer, nn.Linear) and layer.out_features == shape[-1] and (op.shape or ())[-1:] == shape[-1:]:
+            return True
+        if not op.module and op.kind == K.LINEAR and op.weights and (op.shape or ())[-1:] == shape[-1:]:
             return True
     return False
 

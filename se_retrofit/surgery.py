@@ -69,8 +69,17 @@ def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Modu
         for site in sites:
             _insert(graph, site, modules)
         graph.lint()
+        _free_root_name(graph)
         forwards[key] = graph.python_code(root_module="self")
     _install_forward(block, forwards, optional, fixed)
+
+
+def _free_root_name(graph: fx.Graph) -> None:
+    """Rename the nodes fx named ``self`` after a child called ``self`` (transformers' attention layers
+    have ``self.self``): in the generated forward they would rebind the module itself."""
+    for node in graph.nodes:
+        if node.name == "self" and node.op != "placeholder":
+            node._rename(f"{node.name}_output")
 
 
 MAX_OPTIONAL = 3
@@ -90,13 +99,29 @@ def _trace_variants(block: nn.Module, optional: list[str]) -> tuple[dict[Variant
     """Trace every variant. Where a forward branches on an argument with a constant default
     (``if attn_mask is not None or is_causal``), such arguments are fixed at their defaults."""
     try:
-        return {key: _trace_block(block, key, optional, {}) for key in _variants(optional)}, {}
+        return _traced_variants(block, optional, {}), {}
     except TraceError:
         params = list(inspect.signature(_current_forward_function(block)).parameters.values())[1:]
         fixed = {p.name: p.default for p in params if isinstance(p.default, (bool, int, float, str))}
         if not fixed:
             raise
-        return {key: _trace_block(block, key, optional, fixed) for key in _variants(optional)}, fixed
+        return _traced_variants(block, optional, fixed), fixed
+
+
+def _traced_variants(block: nn.Module, optional: list[str], fixed: dict[str, object]) -> dict[Variant, fx.Graph]:
+    """Every variant the forward accepts: one that raises when traced with an optional argument given
+    (ImageGPT's block refuses ``encoder_hidden_states`` without cross-attention layers) is left out,
+    and calling the edited block so raises; the variant with all of them None must trace."""
+    graphs = {}
+    for key in _variants(optional):
+        try:
+            graphs[key] = _trace_block(block, key, optional, fixed)
+        except TraceError:
+            raise
+        except ValueError:
+            if all(key[1]):
+                raise
+    return graphs
 
 
 def _variants(optional: list[str]) -> list[Variant]:

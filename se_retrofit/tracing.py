@@ -11,11 +11,14 @@ created it (``""`` for the root), in the spirit of torchvision's ``NodePathTrace
 from __future__ import annotations
 
 import contextlib
+import os
+import traceback
 from typing import Callable, Iterator
 
 from torch import fx, nn
+from torch.fx.proxy import TraceError
 
-from .edited import SPEC_ATTR, without_var_keyword
+from .edited import SPEC_ATTR, VAR_KEYWORD_MARK, with_own_signature
 
 MODULE_PATH = "module_path"
 
@@ -50,6 +53,13 @@ class RetrofitTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def keys(self, obj):
+        """``**kwargs`` of the forward's own var-keyword argument unpacks to one marked keyword, which
+        :func:`pass_var_keyword` turns back into ``**kwargs`` (fx cannot unpack a proxy)."""
+        if obj.node.op == "placeholder" and str(obj.node.target).startswith("**"):
+            return iter([VAR_KEYWORD_MARK])
+        return super().keys(obj)
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         paths = [path for path, _ in getattr(self, "module_stack", {}).values()]
@@ -64,16 +74,22 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
 
     Side-effect free: a forward that caches on first call (torchvision's MultiScaleRoIAlign sets
     ``self.scales``) would otherwise keep Proxy objects, so every module's attributes are restored.
-    A forward taking ``**kwargs`` (every Hugging Face layer) is traced as called without them: fx
-    cannot unpack a proxy.
+    A forward taking ``**kwargs`` (every Hugging Face layer) passes them on where it did: each
+    ``f(..., **kwargs)`` is traced as a call with the keyword :data:`~.edited.VAR_KEYWORD_MARK` bound
+    to the ``**kwargs`` placeholder, which the edited forward's code unpacks again.
     """
     saved = {m: dict(vars(m)) for m in module.modules()}
     cls = type(module)
-    traced = without_var_keyword(_variant_to_trace(module, concrete_args or {}))
+    traced = with_own_signature(_variant_to_trace(module, concrete_args or {}))
     if traced is not cls.forward:
-        module.__class__ = type(cls.__name__, (cls,), {"forward": traced, "__module__": cls.__module__})
+        module.__class__ = type(cls.__name__, (cls,), {"__module__": cls.__module__})
+        module.__class__.forward = traced  # after creation: __init_subclass__ hooks (transformers') may wrap it
     try:
-        return RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
+        graph = RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
+        pass_var_keyword(graph)
+        return graph
+    except TraceError as error:
+        raise TraceError(_where_tracing_failed(error)) from error
     finally:
         module.__class__ = cls
         for m, attributes in saved.items():  # by identity: values may be tensors or proxies
@@ -81,6 +97,33 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
             vars(m).clear()
             vars(m).update(attributes)
             vars(m).update(kept)
+
+
+def _where_tracing_failed(error: BaseException) -> str:
+    """The error's first sentence and the line of the traced code that raised it (outside torch):
+    ``Proxy object cannot be iterated (modeling_swin.py:538: height, width = input_dimensions)``."""
+    text = str(error).strip()
+    head = text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if f"{os.sep}torch{os.sep}" not in f.filename and not f.filename.endswith(__file__.rsplit(os.sep, 1)[-1])]
+    if not frames:
+        return head
+    frame = frames[-1]
+    return f"{head} ({os.path.basename(frame.filename)}:{frame.lineno}: {(frame.line or '').strip()})"
+
+
+def pass_var_keyword(graph: fx.Graph) -> None:
+    """Bind the marked keyword of each ``**kwargs`` unpacking to the placeholder itself (the tracer
+    recorded ``kwargs[MARK]``), and drop the lookups left unused (a forward that takes ``**kwargs``
+    and passes them nowhere)."""
+    lookups = [n for n in graph.nodes if n.op == "call_function" and len(n.args) == 2 and n.args[1] == VAR_KEYWORD_MARK
+               and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"]
+    for item in lookups:
+        for user in list(item.users):
+            if user.kwargs.get(VAR_KEYWORD_MARK) is item:
+                user.update_kwarg(VAR_KEYWORD_MARK, item.args[0])
+        if not item.users:
+            graph.erase_node(item)
 
 
 def _variant_to_trace(module: nn.Module, concrete_args: dict) -> Callable:

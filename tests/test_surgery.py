@@ -262,7 +262,7 @@ class _TupleAttention(torch.nn.Module):
         self.proj = torch.nn.Linear(dim, dim)
 
     def forward(self, x, mask=None, **kwargs):
-        return self.proj(x), None
+        return self.proj(x) * kwargs.get("scale", 1.0), None
 
 
 class _KeywordLayer(torch.nn.Module):
@@ -296,7 +296,7 @@ class _KeywordModel(torch.nn.Module):
 
 @pytest.mark.parametrize("position", ["standard", "pre", "post", "identity"])
 def test_layers_taking_var_keyword_arguments_are_edited(position):
-    """A forward with **kwargs (every Hugging Face layer) is traced as called without them."""
+    """A forward with **kwargs (every Hugging Face layer) is edited, and passes them on as it did."""
     base = as_if_pretrained(_KeywordModel()).eval()
     x = small_input(size=32)
     model = se_retrofit.retrofit(base, position=position, example_input=x)
@@ -307,8 +307,11 @@ def test_layers_taking_var_keyword_arguments_are_edited(position):
         for parameter in se_retrofit.attention_parameters(model):
             parameter.add_(0.1)
     assert not torch.equal(run(model, x, False), run(base, x, False))
-    with pytest.raises(TypeError, match="edited by se_retrofit as called without keyword arguments.*output_attentions"):
-        model.layers[0](torch.randn(1, 16, 16), output_attentions=True)
+    hidden, fresh = torch.randn(1, 16, 16), se_retrofit.retrofit(base, position=position, example_input=x)
+    with torch.no_grad():  # the edited layer passes its **kwargs on to the attention, as the original does
+        scaled = base.layers[0](hidden, scale=2.0)
+        assert not torch.equal(scaled, base.layers[0](hidden))
+        assert torch.equal(fresh.layers[0](hidden, scale=2.0), scaled)
 
 
 class _DataDependentBlock(torch.nn.Module):
