@@ -5,6 +5,7 @@ import copy
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import hf
@@ -12,6 +13,7 @@ from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
 from .planning import NoResidualBlocksError, Plan, plan_sites
 from .surgery import apply_sites
+from .tracing import graph_cache
 
 RECORD_ATTR = "se_retrofit"
 
@@ -95,17 +97,25 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
                   inplace: bool = False, analysis: Analysis | None = None) -> nn.Module:
     """:func:`retrofit` driven by a :class:`RetrofitConfig`; pass ``analysis`` (from :func:`plan`
     or :func:`se_retrofit.analyze` of this model) to skip analysing the model again."""
-    if analysis is None:
-        analysis = analyze(model, example_input)
-    site_plan = plan_sites(model, analysis, config)
+    with graph_cache():  # analysis and surgery trace each block structure once
+        if analysis is None:
+            analysis = analyze(model, example_input)
+        site_plan = plan_sites(model, analysis, config)
+        return edit_with_plan(model, config, analysis, site_plan, inplace=inplace)
+
+
+def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis, site_plan: Plan, *,
+                   inplace: bool = False) -> nn.Module:
+    """:func:`retrofit_with` for a plan made already (:func:`plan` of this model and ``config``): the
+    command line shows the plan, then edits by it without planning again."""
     if not site_plan.sites:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(site_plan.skipped.items())[:3])
         raise NoResidualBlocksError(f"no block could be edited ({analysis.describe()}): {reasons}")
     if site_plan.stacked:
         warnings.warn(f"{len(site_plan.stacked)} of the blocks edited already apply channel attention "
                       f"(first: {site_plan.stacked[0]}); {config.attention} will be stacked on top of it",
-                      StackedAttentionWarning, stacklevel=3)
-    target = model if inplace else copy.deepcopy(model)
+                      StackedAttentionWarning, stacklevel=4)
+    target = model if inplace else copy_model(model)
     apply_sites(target, site_plan.sites, config)
     previous = getattr(model, RECORD_ATTR, None)
     record = previous.followed_by(config, site_plan.sites) if isinstance(previous, RetrofitRecord) \
@@ -113,6 +123,17 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
     setattr(target, RECORD_ATTR, record)
     hf.warn_on_save_pretrained(target)
     return target
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` on one thread: copying parameters is bound by memory, and torch's
+    worker threads only add waiting for one another (ten times slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return copy.deepcopy(model)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def describe_base(model: nn.Module) -> dict[str, Any]:
@@ -134,8 +155,9 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
 def apply_record(model: nn.Module, record: RetrofitRecord) -> nn.Module:
     """Re-apply every recorded edit, in order, to a fresh base model, in place (used by
     :func:`se_retrofit.load`)."""
-    for config, sites in record.edits:
-        apply_sites(model, sites, config)
+    with graph_cache():
+        for config, sites in record.edits:
+            apply_sites(model, sites, config)
     setattr(model, RECORD_ATTR, record)
     hf.warn_on_save_pretrained(model)
     return model
