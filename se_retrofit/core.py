@@ -1,9 +1,10 @@
 """The public entry point: analyse, plan and edit in one call."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -97,7 +98,7 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
                   inplace: bool = False, analysis: Analysis | None = None) -> nn.Module:
     """:func:`retrofit` driven by a :class:`RetrofitConfig`; pass ``analysis`` (from :func:`plan`
     or :func:`se_retrofit.analyze` of this model) to skip analysing the model again."""
-    with graph_cache():  # analysis and surgery trace each block structure once
+    with graph_cache(), one_thread():  # analysis and surgery trace each block structure once
         if analysis is None:
             analysis = analyze(model, example_input)
         site_plan = plan_sites(model, analysis, config)
@@ -115,7 +116,7 @@ def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis,
         warnings.warn(f"{len(site_plan.stacked)} of the blocks edited already apply channel attention "
                       f"(first: {site_plan.stacked[0]}); {config.attention} will be stacked on top of it",
                       StackedAttentionWarning, stacklevel=4)
-    target = model if inplace else copy_model(model)
+    target = model if inplace else copy.deepcopy(model)
     apply_sites(target, site_plan.sites, config)
     previous = getattr(model, RECORD_ATTR, None)
     record = previous.followed_by(config, site_plan.sites) if isinstance(previous, RetrofitRecord) \
@@ -125,13 +126,15 @@ def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis,
     return target
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` on one thread: copying parameters is bound by memory, and torch's
-    worker threads only add waiting for one another (ten times slower on a busy machine)."""
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the block. What an edit computes is small (new modules' init) or bound
+    by memory (copying the parameters), and there torch's worker threads only wait for one another:
+    ten times slower on a machine that other work keeps busy."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return copy.deepcopy(model)
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -155,7 +158,7 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
 def apply_record(model: nn.Module, record: RetrofitRecord) -> nn.Module:
     """Re-apply every recorded edit, in order, to a fresh base model, in place (used by
     :func:`se_retrofit.load`)."""
-    with graph_cache():
+    with graph_cache(), one_thread():
         for config, sites in record.edits:
             apply_sites(model, sites, config)
     setattr(model, RECORD_ATTR, record)

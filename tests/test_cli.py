@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 
 from se_retrofit.cli import main
 
+from helpers import user_attention_source
+
 
 def cli(capsys, *args):
     code = main(list(args))
@@ -144,29 +146,7 @@ def test_list_attentions(capsys):
                              for line in out.splitlines())
 
 
-USER_ATTENTION = '''
-"""A user's own attention type, registered from outside se_retrofit."""
-import torch
-from torch import nn
-
-import se_retrofit
-
-
-@se_retrofit.register_attention("channel_scale")
-class ChannelScale(nn.Module):
-    """Learned per-channel scale."""
-
-    def __init__(self, channels, *, spatial_dims=2):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(channels))
-        self.shape = (1, channels) + (1,) * spatial_dims
-
-    def init_identity(self):
-        nn.init.ones_(self.weight)
-
-    def forward(self, x):
-        return x * self.weight.view(self.shape)
-'''
+USER_ATTENTION = user_attention_source("channel_scale")
 
 RELOAD = '''
 import sys, torch, timm
