@@ -14,7 +14,8 @@ import contextlib
 import contextvars
 import copy
 import types
-from typing import Any, Callable, Iterator
+import inspect
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import fx, nn
@@ -23,6 +24,7 @@ from torch.fx.proxy import TraceError
 from .edited import SPEC_ATTR, without_var_keyword
 
 MODULE_PATH = "module_path"
+T = TypeVar("T")
 #: what torch.fx raises on a forward it cannot trace (data-dependent control flow, proxies where
 #: values are needed, unpacking a proxy, an op it cannot represent)
 TRACE_FAILURES = (TraceError, TypeError, AttributeError, NotImplementedError, RuntimeError, ValueError, IndexError,
@@ -283,6 +285,35 @@ def training_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
 
 
 
+# --- the arguments a block's forward is traced with ----------------------------------------------
+
+def forward_function(module: nn.Module) -> Callable:
+    """The module's forward as written by its author (an edited block's class keeps it as ``original``)."""
+    forward = type(module).forward
+    return getattr(forward, "original", forward)
+
+
+def optional_arguments(module: nn.Module) -> list[str]:
+    """Arguments of the forward defaulting to None (``shortcut=None``): the tracer cannot see
+    ``if x is None``, so they are traced as None (concrete) or given (a proxy)."""
+    params = list(inspect.signature(forward_function(module)).parameters.values())[1:]
+    return [p.name for p in params if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def trace_fixing_defaults(module: nn.Module, trace_with: Callable[[dict[str, object]], T]) -> tuple[T, dict[str, object]]:
+    """``trace_with({})``; where fx cannot trace a branch on an argument with a constant default
+    (``if attn_mask is not None or is_causal``), ``trace_with(fixed)`` with such arguments fixed at
+    their defaults. Returns the result and the arguments fixed."""
+    try:
+        return trace_with({}), {}
+    except TraceError:
+        params = list(inspect.signature(forward_function(module)).parameters.values())[1:]
+        fixed = {p.name: p.default for p in params if isinstance(p.default, (bool, int, float, str))}
+        if not fixed:
+            raise
+        return trace_with(fixed), fixed
+
+
 # --- where a module's own additions sit in the graph surgery rewrites ------------------------
 
 _NOT_TENSORS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "size", "dim",
@@ -298,26 +329,15 @@ def own_tensor_adds(module: nn.Module, args: tuple, kwargs: dict) -> list[int]:
     Raises whatever the tracer raises where the forward cannot be traced.
     """
     from . import op_kinds as K
-    import inspect
-    import torch
-    from torch.fx.proxy import TraceError
 
-    forward = type(module).forward
-    params = list(inspect.signature(forward).parameters.values())[1:]
     try:
-        bound = inspect.signature(forward).bind(module, *args, **kwargs).arguments
+        bound = inspect.signature(forward_function(module)).bind(module, *args, **kwargs).arguments
     except TypeError:
         bound = {}
     given = {k: v for k, v in bound.items() if k != "self"}
-    concrete = {p.name: None for p in params if p.default is None and given.get(p.name) is None
-                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    try:
-        graph = trace(module, leaf_children=True, concrete_args=concrete or None)
-    except TraceError:
-        fixed = {p.name: p.default for p in params if isinstance(p.default, (bool, int, float, str))}
-        if not fixed:
-            raise
-        graph = trace(module, leaf_children=True, concrete_args={**fixed, **concrete})
+    nones = {name: None for name in optional_arguments(module) if given.get(name) is None}
+    graph, _ = trace_fixing_defaults(module, lambda fixed: trace(module, leaf_children=True,
+                                                                 concrete_args={**fixed, **nones} or None))
     modules = dict(module.named_modules())
     tensorish: dict[fx.Node, bool] = {}
     positions, count = [], 0

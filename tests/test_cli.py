@@ -347,3 +347,26 @@ def test_import_se_retrofit_does_not_load_the_trainer():
             "run.__module__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["False", "True", "se_retrofit.finetune.trainer"], result.stderr
+
+
+def test_the_cli_plans_once_and_counts_parameters_as_the_edit_adds_them(capsys, tmp_path, monkeypatch):
+    import se_retrofit.core as core
+
+    calls = {"analyze": 0, "plan_sites": 0}
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(core, "analyze", counting("analyze", core.analyze))
+    monkeypatch.setattr(core, "plan_sites", counting("plan_sites", core.plan_sites))
+    code, out, err = cli(capsys, "resnet18", "--attention", "cbam", "--weights", "none", "--input-size", "3,64,64",
+                         "--out", str(tmp_path / "out"), "--json")
+    assert code == 0, err
+    assert calls == {"analyze": 1, "plan_sites": 1}
+    report = json.loads(out)
+    assert report["params_after"] - report["params_before"] == report["params_planned"] == 87840
+    assert [(s["channels"], s["reduced"], s["params"]) for s in report["sites"]][::2] == \
+        [(64, 4, 612), (128, 8, 2148), (256, 16, 8292), (512, 32, 32868)]
