@@ -48,7 +48,7 @@ non-batch dimension that does not is the channel dimension.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -62,7 +62,7 @@ from .gates import Gate
 from .graph import dominated
 from .joins import find_joins
 from .recording import ModuleCall, Op, Recording, record
-from .tracing import own_tensor_adds, restore_training, snapshot_training
+from .tracing import TRACE_FAILURES, graph_cache, own_tensor_adds, restore_training, snapshot_training
 
 MAX_PROJECTION_OPS = 6
 #: the kinds of unit: residual blocks, multi-branch joins (:mod:`.joins`), plain chain layers (:mod:`.chains`)
@@ -142,25 +142,23 @@ class Block:
         """For a join or a chain layer: where ``position`` puts its modules (None: it does not apply)."""
         return dict(self.gates).get(position)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["spatial"] = list(self.spatial)
-        return data
-
 
 @dataclass
 class Analysis:
     """Everything :func:`analyze` learned about a model.
 
     ``untraceable`` maps the blocks whose forward cannot be rewritten to the reason (they are
-    found all the same: the analysis runs the model rather than tracing it).
+    found all the same: the analysis runs the model rather than tracing it). ``probes`` says how
+    each probe ran (``meta``, ``fake`` or ``real`` tensors) or why the second one did not;
+    ``notes`` why a cheaper way of running a probe was given up.
     """
 
     blocks: list[Block]
     additions: int
-    traced_whole: bool = True
     untraceable: dict[str, str] = field(default_factory=dict)
     probe_shape: tuple[int, ...] = ()
+    probes: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     units: list[Block] = field(default_factory=list)
 
     @property
@@ -192,6 +190,9 @@ class Analysis:
             parts = "; ".join(f"{k}: {v}" for k, v in list(self.untraceable.items())[:3])
             more = f" and {len(self.untraceable) - 3} more" if len(self.untraceable) > 3 else ""
             text += f" ({len(self.untraceable)} in forwards that cannot be rewritten: {parts}{more})"
+        second = self.probes.get(_SECOND, "")
+        if second.startswith(NOT_RUN) and any(b.layout == UNKNOWN for b in self.blocks):
+            text += f"; layout told from the layers alone: the second probe {second}"
         return text
 
 
@@ -231,7 +232,8 @@ def analyze(model: nn.Module, example_input: Any = None) -> Analysis:
     snapshot = snapshot_training(model)
     try:
         model.eval()
-        return _analyze(model, example)
+        with graph_cache():
+            return _analyze(model, example)
     finally:
         restore_training(snapshot)
 
@@ -293,9 +295,10 @@ def second_probe(example: Any) -> Any:
 
 
 def _analyze(model: nn.Module, example: Any) -> Analysis:
-    recording = _probe(model, example)
-    second = second_probe(example)
-    shapes_b = _second_shapes(model, recording, second) if second is not None else {}
+    probes: dict[str, str] = {}
+    notes: list[str] = []
+    recording = _probe(model, example, probes, notes)
+    shapes_b = _second_shapes(model, recording, second_probe(example), probes, notes)
     modules = dict(model.named_modules())
     adds = [op for op in recording.ops if op.kind == K.ADD]
     found: list[tuple[Op, _Residual]] = []
@@ -313,7 +316,7 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     _place_in_traced_forwards(model, recording, found, per_call, untraceable)
     blocks = _to_blocks(found, shapes_b, modules)
     units = blocks + _other_units(recording, found, shapes_b, modules, has_residuals=bool(blocks))
-    return Analysis(blocks, len(adds), True, untraceable, tuple(_shape_of(example)), units)
+    return Analysis(blocks, len(adds), untraceable, tuple(_shape_of(example)), probes, notes, units)
 
 
 def _shape_of(example: Any) -> tuple[int, ...]:
@@ -322,41 +325,108 @@ def _shape_of(example: Any) -> tuple[int, ...]:
 
 # --- probing ---------------------------------------------------------------------------------
 
-def _probe(model: nn.Module, example: Any) -> Recording:
-    """Record one forward pass: on fake tensors where the model allows (shapes without arithmetic),
-    else on the example itself."""
+_FIRST, _SECOND = "first", "second"
+NOT_RUN = "not run"
+#: what running a model on meta or fake tensors raises where its forward needs real values
+#: (``.item()``, ``if x.any()``), makes tensors of its own on a real device, or lacks a meta
+#: kernel: any of these means "run on real numbers instead", never a failure of the analysis
+_SYMBOLIC_FAILURES = (RuntimeError, NotImplementedError, TypeError, ValueError, AssertionError, IndexError)
+#: what a model raises when it refuses an input of another size (fixed ``img_size``, asserts)
+_INPUT_REFUSED = (RuntimeError, ValueError, AssertionError, IndexError, TypeError, NotImplementedError)
+
+
+def _probe(model: nn.Module, example: Any, probes: dict[str, str], notes: list[str]) -> Recording:
+    """Record one forward pass: on meta tensors, then fake tensors where the model allows (shapes
+    without arithmetic), else on the example itself. How it ran goes into ``probes``."""
+    recording = _record_symbolically(model, example, _FIRST, probes, notes)
+    if recording is not None:
+        return recording
     try:
-        return _record_on_fake_tensors(model, example)
-    except Exception:
-        pass
-    try:
-        return record(model, example)
-    except Exception as error:
+        recording = record(model, example)
+    except Exception as error:  # the model itself failed on the input: the user's input is wrong
         raise _probe_error(example, error) from error
+    probes[_FIRST] = "real"
+    return recording
 
 
-def _second_shapes(model: nn.Module, first: Recording, example: Any) -> dict[int, tuple[int, ...]]:
+def _second_shapes(model: nn.Module, first: Recording, example: Any, probes: dict[str, str],
+                   notes: list[str]) -> dict[int, tuple[int, ...]]:
     """Shapes of the first run's operations at the larger input, where the run executes the same ops.
-    Only shapes are needed, so the run is on fake tensors where the model allows (no arithmetic)."""
+    Only shapes are needed, so the run is on meta or fake tensors where the model allows."""
+    if example is None:
+        probes[_SECOND] = f"{NOT_RUN}: the input is not a floating-point tensor with spatial dimensions"
+        return {}
     try:
-        ops = _record_on_fake_tensors(model, example).ops
-    except Exception:
+        recording = _record_symbolically(model, example, _SECOND, probes, notes, refusals=(AssertionError,))
+    except AssertionError as error:  # a check of the input's size (ViT's img_size): it does not depend on values
+        probes[_SECOND] = f"{NOT_RUN}: the model refuses an input of shape {_shape_of(example)} ({_reason(error)})"
+        return {}
+    if recording is None:
         try:
-            ops = record(model, example).ops
-        except Exception:
+            recording = record(model, example)
+        except _INPUT_REFUSED as error:
+            probes[_SECOND] = f"{NOT_RUN}: the model refuses an input of shape {_shape_of(example)} " \
+                              f"({_reason(error)})"
             return {}
+        probes[_SECOND] = "real"
+    ops = recording.ops
     if len(ops) != len(first.ops) or any(a.name != b.name for a, b in zip(ops, first.ops)):
+        probes[_SECOND] = f"{NOT_RUN}: at input shape {_shape_of(example)} the model runs other operations"
         return {}
     return {op.index: op.shape for op in ops if op.shape is not None}
 
 
-def _record_on_fake_tensors(model: nn.Module, example: Any) -> Recording:
+def _record_symbolically(model: nn.Module, example: Any, probe: str, probes: dict[str, str],
+                         notes: list[str], refusals: tuple[type[BaseException], ...] = ()) -> Recording | None:
+    """The recording on meta tensors, else on fake tensors; None (and why, in ``notes``) where neither
+    runs. The errors in ``refusals`` are raised: they would come from a real run all the same."""
+    if not isinstance(example, torch.Tensor) or example.device.type == "meta":
+        notes.append(f"{probe} probe on real tensors: meta and fake tensors are made from one real tensor")
+        return None
+    for name, how in (("meta", _record_on_meta_tensors), ("fake", _record_on_fake_tensors)):
+        try:
+            recording = how(model, example)
+        except refusals:
+            raise
+        except _SYMBOLIC_FAILURES as error:
+            notes.append(f"{probe} probe not on {name} tensors: {_reason(error)}")
+            continue
+        probes[probe] = name
+        return recording
+    return None
+
+
+class _Call(nn.Module):
+    """Records ``model`` when called: lets :func:`torch.func.functional_call` swap the parameters
+    and buffers of ``model`` for the duration of the recording."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, example: torch.Tensor) -> Recording:
+        return record(self.model, example)
+
+
+def _record_on_meta_tensors(model: nn.Module, example: torch.Tensor) -> Recording:
+    """Record ``model`` with its parameters and buffers swapped for meta tensors (shape and dtype,
+    no data) for the call: the cheapest run that gives every shape. The model is not changed."""
+    from torch.func import functional_call
+
+    state = {f"model.{name}": tensor.to("meta") for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+    return functional_call(_Call(model), state, (example.to("meta"),), strict=False)
+
+
+def _record_on_fake_tensors(model: nn.Module, example: torch.Tensor) -> Recording:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    if not isinstance(example, torch.Tensor) or example.device.type == "meta":
-        raise TypeError("fake tensors are made from one real tensor")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         return record(model, mode.from_tensor(example))
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
 def _probe_error(example: Any, error: BaseException) -> "ProbeError":
@@ -502,9 +572,8 @@ def _traced_positions(model: nn.Module, recording: Recording, add: Op) -> list[i
     args, kwargs = (call.args, call.kwargs) if call is not None else ((), {})
     try:
         return own_tensor_adds(module, args, kwargs)
-    except Exception as error:
-        text = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {text[0] if text else ''}".strip()
+    except TRACE_FAILURES as error:
+        return _reason(error)
 
 
 # --- from matches to blocks --------------------------------------------------------------------

@@ -28,12 +28,13 @@ from .analysis import default_example_input
 from .attention import create_attention, list_attentions
 from .config import POSITION_HELP, POSITIONS, RetrofitConfig, import_attention_module
 from .errors import RetrofitError
-from .core import RECORD_ATTR, StackedAttentionWarning, plan, retrofit_with
+from .core import RECORD_ATTR, StackedAttentionWarning, edit_with_plan, one_thread, plan
 from .export import FORMATS as EXPORT_FORMATS, save_and_export, timm_usage
 from .hub import OfflineWarning, check_weights_path, create, resolve
 from .identity_check import check_identity
 from .io import SaveError, check_target
 from .planning import Plan
+from .tracing import graph_cache
 
 #: a probe input and the activations of one forward need about this many times the input's bytes
 ACTIVATION_FACTOR = 32
@@ -179,13 +180,15 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     _report_warnings(caught, err)
     model.eval()
     example = _example(model, args.input_size)
-    analysis, site_plan = plan(model, config, example)
-    report = _report(ref, origin, config, analysis, site_plan, model)
+    with graph_cache(), one_thread():  # planning and editing trace each block structure once
+        analysis, site_plan = plan(model, config, example)
+        report = _report(ref, origin, config, analysis, site_plan, model)
+        if not args.dry_run:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                edited = edit_with_plan(model, config, analysis, site_plan)
+            _report_warnings(caught, err)
     if not args.dry_run:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            edited = retrofit_with(model, config, example_input=example, analysis=analysis)
-        _report_warnings(caught, err)
         getattr(edited, RECORD_ATTR).base.update(name=ref.name, source=ref.source, weights=origin)
         check = check_identity(model, edited, example, random_weights=origin.startswith("random"))
         _enforce_identity(check, config, args.allow_nonidentity, err)
@@ -265,14 +268,32 @@ def _count(model: nn.Module) -> int:
 
 
 def _site_rows(site_plan: Plan, config: RetrofitConfig) -> list[dict[str, Any]]:
+    """One row per site, with the parameters its module adds: one module is built per distinct
+    (channels, spatial dims), on the meta device (shapes, no memory, no init)."""
+    sizes: dict[tuple[int, int], tuple[int | None, int]] = {}
     rows = []
     for site in site_plan.sites:
-        module = create_attention(config.attention, site.channels, init=config.init,
-                                  spatial_dims=site.spatial_dims, **config.attention_options())
+        key = (site.channels, site.spatial_dims)
+        if key not in sizes:
+            sizes[key] = _module_size(config, *key)
+        reduced, params = sizes[key]
         rows.append({"block": site.block, "module": site.module_path, "stage": site.stage,
-                     "channels": site.channels, "reduced": _hidden_width(module, site.channels),
-                     "params": _count(module), "attention_map_bytes": site.attention_bytes})
+                     "channels": site.channels, "reduced": reduced,
+                     "params": params, "attention_map_bytes": site.attention_bytes})
     return rows
+
+
+def _module_size(config: RetrofitConfig, channels: int, spatial_dims: int) -> tuple[int | None, int]:
+    """(hidden width, parameter count) of the module ``config`` inserts at ``channels``."""
+    def build() -> nn.Module:
+        return create_attention(config.attention, channels, init=config.init, spatial_dims=spatial_dims,
+                                **config.attention_options())
+    try:
+        with torch.device("meta"):
+            module = build()
+    except (RuntimeError, NotImplementedError):  # an init that needs values (a user's type): build it for real
+        module = build()
+    return _hidden_width(module, channels), _count(module)
 
 
 def _hidden_width(module: nn.Module, channels: int) -> int | None:

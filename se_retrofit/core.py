@@ -1,10 +1,12 @@
 """The public entry point: analyse, plan and edit in one call."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from . import hf
@@ -12,6 +14,7 @@ from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
 from .planning import NoResidualBlocksError, Plan, nothing_editable, plan_sites
 from .surgery import apply_sites
+from .tracing import graph_cache
 
 RECORD_ATTR = "se_retrofit"
 
@@ -95,15 +98,23 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
                   inplace: bool = False, analysis: Analysis | None = None) -> nn.Module:
     """:func:`retrofit` driven by a :class:`RetrofitConfig`; pass ``analysis`` (from :func:`plan`
     or :func:`se_retrofit.analyze` of this model) to skip analysing the model again."""
-    if analysis is None:
-        analysis = analyze(model, example_input)
-    site_plan = plan_sites(model, analysis, config)
+    with graph_cache(), one_thread():  # analysis and surgery trace each block structure once
+        if analysis is None:
+            analysis = analyze(model, example_input)
+        site_plan = plan_sites(model, analysis, config)
+        return edit_with_plan(model, config, analysis, site_plan, inplace=inplace)
+
+
+def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis, site_plan: Plan, *,
+                   inplace: bool = False) -> nn.Module:
+    """:func:`retrofit_with` for a plan made already (:func:`plan` of this model and ``config``): the
+    command line shows the plan, then edits by it without planning again."""
     if not site_plan.sites:
         raise NoResidualBlocksError(nothing_editable(analysis, site_plan))
     if site_plan.stacked:
         warnings.warn(f"{len(site_plan.stacked)} of the blocks edited already apply channel attention "
                       f"(first: {site_plan.stacked[0]}); {config.attention} will be stacked on top of it",
-                      StackedAttentionWarning, stacklevel=3)
+                      StackedAttentionWarning, stacklevel=4)
     target = model if inplace else copy.deepcopy(model)
     apply_sites(target, site_plan.sites, config)
     previous = getattr(model, RECORD_ATTR, None)
@@ -112,6 +123,19 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
     setattr(target, RECORD_ATTR, record)
     hf.warn_on_save_pretrained(target)
     return target
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the block. What an edit computes is small (new modules' init) or bound
+    by memory (copying the parameters), and there torch's worker threads only wait for one another:
+    ten times slower on a machine that other work keeps busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def describe_base(model: nn.Module) -> dict[str, Any]:
@@ -133,8 +157,9 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
 def apply_record(model: nn.Module, record: RetrofitRecord) -> nn.Module:
     """Re-apply every recorded edit, in order, to a fresh base model, in place (used by
     :func:`se_retrofit.load`)."""
-    for config, sites in record.edits:
-        apply_sites(model, sites, config)
+    with graph_cache(), one_thread():
+        for config, sites in record.edits:
+            apply_sites(model, sites, config)
     setattr(model, RECORD_ATTR, record)
     hf.warn_on_save_pretrained(model)
     return model

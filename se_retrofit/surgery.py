@@ -8,7 +8,6 @@ new forward dispatches on ``self.training`` so both behaviours are kept.
 """
 from __future__ import annotations
 
-import inspect
 import itertools
 from collections import defaultdict
 from typing import Callable
@@ -25,7 +24,7 @@ from .positions import get_position
 from .site import Site
 from .hub import first_sentence
 from .edited import EditSpec, Variant, base_class, install, takes_var_keyword
-from .tracing import restore_training, snapshot_training, trace
+from .tracing import forward_function, optional_arguments, trace, trace_fixing_defaults, training_mode
 
 
 def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig) -> None:
@@ -88,24 +87,13 @@ MAX_OPTIONAL = 3
 def _optional_arguments(block: nn.Module) -> list[str]:
     """Arguments defaulting to None (``shortcut=None``): the tracer cannot see ``if x is None``, so
     the forward is traced once for each combination of them being None or given."""
-    forward = _current_forward_function(block)
-    params = list(inspect.signature(forward).parameters.values())[1:]
-    names = [p.name for p in params if p.default is None
-             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return names[:MAX_OPTIONAL]
+    return optional_arguments(block)[:MAX_OPTIONAL]
 
 
 def _trace_variants(block: nn.Module, optional: list[str]) -> tuple[dict[Variant, fx.Graph], dict[str, object]]:
-    """Trace every variant. Where a forward branches on an argument with a constant default
-    (``if attn_mask is not None or is_causal``), such arguments are fixed at their defaults."""
-    try:
-        return _traced_variants(block, optional, {}), {}
-    except TraceError:
-        params = list(inspect.signature(_current_forward_function(block)).parameters.values())[1:]
-        fixed = {p.name: p.default for p in params if isinstance(p.default, (bool, int, float, str))}
-        if not fixed:
-            raise
-        return _traced_variants(block, optional, fixed), fixed
+    """Trace every variant the forward accepts (see :func:`.tracing.trace_fixing_defaults` for the
+    arguments fixed)."""
+    return trace_fixing_defaults(block, lambda fixed: _traced_variants(block, optional, fixed))
 
 
 def _traced_variants(block: nn.Module, optional: list[str], fixed: dict[str, object]) -> dict[Variant, fx.Graph]:
@@ -132,18 +120,8 @@ def _variants(optional: list[str]) -> list[Variant]:
 def _trace_block(block: nn.Module, variant: Variant, optional: list[str], fixed: dict[str, object]) -> fx.Graph:
     training, nones = variant
     concrete = {**fixed, **{name: None for name, none in zip(optional, nones) if none}}
-    snapshot = snapshot_training(block)
-    try:
-        block.train(training)
+    with training_mode(block, training):
         return trace(block, leaf_children=True, concrete_args=concrete or None)
-    finally:
-        restore_training(snapshot)
-
-
-def _current_forward_function(block: nn.Module) -> Callable:
-    """The block's forward as written by its author (an edited block's class keeps it as ``original``)."""
-    forward = type(block).forward
-    return getattr(forward, "original", forward)
 
 
 def _attach(block: nn.Module, name: str, module: nn.Module) -> None:
@@ -185,5 +163,5 @@ def _install_forward(block: nn.Module, code: dict[Variant, fx.graph.PythonCode],
     """Give ``block`` the edited class generated from each variant's code (see :mod:`.edited`)."""
     spec = EditSpec(base=base_class(block), sources={key: c.src for key, c in code.items()},
                     globals={key: c.globals for key, c in code.items()}, optional=tuple(optional),
-                    fixed=tuple(fixed.items()), var_keyword=takes_var_keyword(_current_forward_function(block)))
+                    fixed=tuple(fixed.items()), var_keyword=takes_var_keyword(forward_function(block)))
     install(block, spec)

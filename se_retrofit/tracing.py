@@ -11,16 +11,26 @@ created it (``""`` for the root), in the spirit of torchvision's ``NodePathTrace
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import copy
+import inspect
 import os
 import traceback
-from typing import Callable, Iterator
+import types
+from typing import Any, Callable, Iterator, TypeVar
 
+import torch
 from torch import fx, nn
 from torch.fx.proxy import TraceError
 
 from .edited import SPEC_ATTR, VAR_KEYWORD_MARK, with_own_signature
 
 MODULE_PATH = "module_path"
+T = TypeVar("T")
+#: what torch.fx raises on a forward it cannot trace (data-dependent control flow, proxies where
+#: values are needed, unpacking a proxy, an op it cannot represent)
+TRACE_FAILURES = (TraceError, TypeError, AttributeError, NotImplementedError, RuntimeError, ValueError, IndexError,
+                  KeyError, AssertionError)
 
 
 def _timm_notrace() -> tuple[list[type], list]:
@@ -77,13 +87,43 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
     A forward taking ``**kwargs`` (every Hugging Face layer) passes them on where it did: each
     ``f(..., **kwargs)`` is traced as a call with the keyword :data:`~.edited.VAR_KEYWORD_MARK` bound
     to the ``**kwargs`` placeholder, which the edited forward's code unpacks again.
+
+    Inside :func:`graph_cache`, a block traced with its children as leaves is traced once per
+    structure: a block of the same class, forward, attributes and children gets a copy of the graph
+    of the first, provided the attributes of its children that the trace read (``training``,
+    ``self.attn.num_heads``) are equal too, and the shapes of the parameters where the graph reads
+    any. A forward that does not read ``training`` is thus traced once for both modes, and a
+    ResNet's sixteen bottlenecks twice (with and without a downsampling shortcut).
     """
+    cache = _GRAPHS.get()
+    key = _structure_key(module, concrete_args) if cache is not None and leaf_children else None
+    if key is None:
+        return _trace(module, leaf_children, concrete_args)
+    for conditions, graph in cache.get(key, ()):
+        if all(_current(module, what) == value for what, value in conditions):
+            return copy.deepcopy(graph)
+    reads: dict[tuple[str, str], Any] = {}
+    graph = _trace(module, leaf_children, concrete_args, reads=reads)
+    conditions = _conditions(module, graph, reads)
+    if conditions is not None:
+        cache.setdefault(key, []).append((conditions, graph))
+        return copy.deepcopy(graph)
+    return graph
+
+
+def _trace(module: nn.Module, leaf_children: bool, concrete_args: dict | None,
+           reads: dict[tuple[str, str], Any] | None = None) -> fx.Graph:
     saved = {m: dict(vars(m)) for m in module.modules()}
     cls = type(module)
+    watched = {"": module, **dict(module.named_children())} if reads is not None else {}
+    classes = {name: type(m) for name, m in watched.items()}
+    for name, m in watched.items():  # note which of their attributes the trace reads
+        m.__class__ = _watching(type(m))
     traced = with_own_signature(_variant_to_trace(module, concrete_args or {}))
     if traced is not cls.forward:
-        module.__class__ = type(cls.__name__, (cls,), {"__module__": cls.__module__})
+        module.__class__ = type(cls.__name__, (type(module),), {"__module__": cls.__module__})
         module.__class__.forward = traced  # after creation: __init_subclass__ hooks (transformers') may wrap it
+    token = _READS.set((reads, {id(m): name for name, m in watched.items()})) if reads is not None else None
     try:
         graph = RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
         pass_var_keyword(graph)
@@ -91,7 +131,11 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
     except TraceError as error:
         raise TraceError(_where_tracing_failed(error)) from error
     finally:
+        if token is not None:
+            _READS.reset(token)
         module.__class__ = cls
+        for name, m in watched.items():
+            m.__class__ = classes[name]
         for m, attributes in saved.items():  # by identity: values may be tensors or proxies
             kept = {k: v for k, v in vars(m).items() if k.startswith("_tensor_constant")}  # the graph's
             vars(m).clear()
@@ -124,6 +168,129 @@ def pass_var_keyword(graph: fx.Graph) -> None:
                 user.update_kwarg(VAR_KEYWORD_MARK, item.args[0])
         if not item.users:
             graph.erase_node(item)
+
+
+# --- one trace per block structure ------------------------------------------------------------
+
+_GRAPHS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("se_retrofit_graphs", default=None)
+_READS: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("se_retrofit_reads", default=None)
+
+
+@contextlib.contextmanager
+def graph_cache() -> Iterator[dict]:
+    """Within the block, :func:`trace` reuses the graph of a block traced before with the same
+    structure (see there); an enclosing cache is reused. The cache ends with the outermost block,
+    so a forward edited or a global setting changed later is traced again."""
+    cache = _GRAPHS.get()
+    if cache is not None:
+        yield cache
+        return
+    token = _GRAPHS.set({})
+    try:
+        yield _GRAPHS.get()
+    finally:
+        _GRAPHS.reset(token)
+
+
+_WATCHING: dict[type, type] = {}
+_MODULE_ATTRS = frozenset(vars(nn.Module())) - {"training"}
+
+
+def _watching(cls: type) -> type:
+    """A subclass of ``cls`` that notes each read of an instance attribute (``training``, a plain
+    setting such as ``num_heads``) made while :data:`_READS` is set."""
+    watching = _WATCHING.get(cls)
+    if watching is None:
+        base = cls.__getattribute__
+
+        def getattribute(self, name):
+            value = base(self, name)
+            state = _READS.get()
+            if state is not None and not name.startswith("__") and name not in _MODULE_ATTRS:
+                path = state[1].get(id(self))
+                if path is not None and name in object.__getattribute__(self, "__dict__"):
+                    state[0][path, name] = value
+            return value
+
+        watching = type(cls.__name__, (cls,), {"__getattribute__": getattribute, "__module__": cls.__module__,
+                                               "__qualname__": cls.__qualname__})
+        _WATCHING[cls] = watching
+    return watching
+
+
+def _current(module: nn.Module, what: tuple[str, str]) -> Any:
+    path, name = what
+    if path == _SHAPES:
+        return _shapes(module)
+    owner = module if not path else module._modules.get(path)
+    return _plain(vars(owner).get(name, _NOT_PLAIN)) if owner is not None else _NOT_PLAIN
+
+
+_SHAPES = "<shapes>"
+
+
+def _conditions(module: nn.Module, graph: fx.Graph, reads: dict[tuple[str, str], Any]) -> tuple | None:
+    """What a block of the same structure must also have to share ``graph``: the values the trace
+    read, and the parameter shapes where the graph reads parameters (their shapes are constants in
+    it); None where the graph cannot be shared (a value read is not plain data, or the graph keeps
+    tensor constants on the module traced)."""
+    conditions = []
+    for what, value in reads.items():
+        plain = _plain(value)
+        if plain is _NOT_PLAIN:
+            return None
+        conditions.append((what, plain))
+    get_attrs = [n.target for n in graph.nodes if n.op == "get_attr"]
+    if any(target.startswith("_tensor_constant") for target in get_attrs):
+        return None
+    if get_attrs:
+        conditions.append(((_SHAPES, ""), _shapes(module)))
+    return tuple(conditions)
+
+
+def _shapes(module: nn.Module) -> tuple:
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in
+                 [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
+
+
+def _structure_key(module: nn.Module, concrete_args: dict | None) -> tuple | None:
+    """What the graph of ``module`` traced with its children as leaves depends on besides what its
+    trace reads: its class and forward, its plain attributes, the names of its parameters, buffers
+    and children and the children's classes; None where an attribute is not plain data (a tensor
+    kept outside the buffers, an object): such a block is always traced."""
+    if getattr(type(module).forward, "variants", None) is not None:
+        return None  # edited before: which variant is traced depends on more than the structure
+    try:
+        args = tuple(sorted((concrete_args or {}).items()))
+        hash(args)
+    except TypeError:
+        return None
+    items = [type(module), type(module).forward, args, tuple(module._parameters), tuple(module._buffers),
+             tuple((name, type(child)) for name, child in module._modules.items())]
+    for name, value in vars(module).items():
+        if name in _MODULE_ATTRS or name == "training":
+            continue
+        plain = _plain(value)
+        if plain is _NOT_PLAIN:
+            return None
+        items.append((name, plain))
+    return tuple(items)
+
+
+_NOT_PLAIN = object()
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, type, torch.dtype, torch.device,
+                types.FunctionType, types.BuiltinFunctionType)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a hashable key where it is plain data (numbers, strings, dtypes, functions,
+    tuples and lists of them), else :data:`_NOT_PLAIN`."""
+    if isinstance(value, _PLAIN_TYPES):
+        return (type(value), value)
+    if isinstance(value, (tuple, list, torch.Size)):
+        items = tuple(_plain(v) for v in value)
+        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items) else (type(value), items)
+    return _NOT_PLAIN
 
 
 def _variant_to_trace(module: nn.Module, concrete_args: dict) -> Callable:
@@ -160,6 +327,35 @@ def training_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
 
 
 
+# --- the arguments a block's forward is traced with ----------------------------------------------
+
+def forward_function(module: nn.Module) -> Callable:
+    """The module's forward as written by its author (an edited block's class keeps it as ``original``)."""
+    forward = type(module).forward
+    return getattr(forward, "original", forward)
+
+
+def optional_arguments(module: nn.Module) -> list[str]:
+    """Arguments of the forward defaulting to None (``shortcut=None``): the tracer cannot see
+    ``if x is None``, so they are traced as None (concrete) or given (a proxy)."""
+    params = list(inspect.signature(forward_function(module)).parameters.values())[1:]
+    return [p.name for p in params if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def trace_fixing_defaults(module: nn.Module, trace_with: Callable[[dict[str, object]], T]) -> tuple[T, dict[str, object]]:
+    """``trace_with({})``; where fx cannot trace a branch on an argument with a constant default
+    (``if attn_mask is not None or is_causal``), ``trace_with(fixed)`` with such arguments fixed at
+    their defaults. Returns the result and the arguments fixed."""
+    try:
+        return trace_with({}), {}
+    except TraceError:
+        params = list(inspect.signature(forward_function(module)).parameters.values())[1:]
+        fixed = {p.name: p.default for p in params if isinstance(p.default, (bool, int, float, str))}
+        if not fixed:
+            raise
+        return trace_with(fixed), fixed
+
+
 # --- where a module's own additions sit in the graph surgery rewrites ------------------------
 
 _NOT_TENSORS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "size", "dim",
@@ -175,26 +371,15 @@ def own_tensor_adds(module: nn.Module, args: tuple, kwargs: dict) -> list[int]:
     Raises whatever the tracer raises where the forward cannot be traced.
     """
     from . import op_kinds as K
-    import inspect
-    import torch
-    from torch.fx.proxy import TraceError
 
-    forward = type(module).forward
-    params = list(inspect.signature(forward).parameters.values())[1:]
     try:
-        bound = inspect.signature(forward).bind(module, *args, **kwargs).arguments
+        bound = inspect.signature(forward_function(module)).bind(module, *args, **kwargs).arguments
     except TypeError:
         bound = {}
     given = {k: v for k, v in bound.items() if k != "self"}
-    concrete = {p.name: None for p in params if p.default is None and given.get(p.name) is None
-                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    try:
-        graph = trace(module, leaf_children=True, concrete_args=concrete or None)
-    except TraceError:
-        fixed = {p.name: p.default for p in params if isinstance(p.default, (bool, int, float, str))}
-        if not fixed:
-            raise
-        graph = trace(module, leaf_children=True, concrete_args={**fixed, **concrete})
+    nones = {name: None for name in optional_arguments(module) if given.get(name) is None}
+    graph, _ = trace_fixing_defaults(module, lambda fixed: trace(module, leaf_children=True,
+                                                                 concrete_args={**fixed, **nones} or None))
     modules = dict(module.named_modules())
     tensorish: dict[fx.Node, bool] = {}
     positions, count = [], 0

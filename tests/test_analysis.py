@@ -9,7 +9,7 @@ import torchvision
 import se_retrofit
 from se_retrofit.analysis import CHANNELS_FIRST, TOKENS, analyze
 
-from conftest import EXPECTED_BLOCKS, ResNet1d, make_model, small_input
+from helpers import EXPECTED_BLOCKS, ResNet1d, make_model, small_input
 
 
 @pytest.mark.parametrize("source,name,expected", EXPECTED_BLOCKS, ids=[f"{s}:{n}" for s, n, _ in EXPECTED_BLOCKS])

@@ -13,7 +13,7 @@ from torch import nn
 
 import se_retrofit
 
-from conftest import ResNet1d, as_if_pretrained, run
+from helpers import ResNet1d, as_if_pretrained, run
 from test_idioms import Net, OneLayer, TorchAddAlpha
 
 

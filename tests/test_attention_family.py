@@ -15,7 +15,7 @@ from se_retrofit.attention import create_attention, get_attention
 from se_retrofit.attention.blend import ZeroBlend
 from se_retrofit.attention.timm_attention import TIMM_ATTENTIONS
 
-from conftest import ResNet1d, as_if_pretrained, make_model, run
+from helpers import ResNet1d, as_if_pretrained, make_model, run
 
 OWN = [("nonlocal", {}), ("nonlocal", {"mode": "dot"}), ("nonlocal", {"mode": "gaussian", "sub_sample": False}),
        ("pam", {}), ("cam", {}), ("danet", {}), ("gc", {}), ("gc", {"fusion": "mul", "reduction": 4})]

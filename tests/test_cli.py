@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 
 from se_retrofit.cli import main
 
+from helpers import user_attention_source
+
 
 def cli(capsys, *args):
     code = main(list(args))
@@ -144,29 +146,7 @@ def test_list_attentions(capsys):
                              for line in out.splitlines())
 
 
-USER_ATTENTION = '''
-"""A user's own attention type, registered from outside se_retrofit."""
-import torch
-from torch import nn
-
-import se_retrofit
-
-
-@se_retrofit.register_attention("channel_scale")
-class ChannelScale(nn.Module):
-    """Learned per-channel scale."""
-
-    def __init__(self, channels, *, spatial_dims=2):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(channels))
-        self.shape = (1, channels) + (1,) * spatial_dims
-
-    def init_identity(self):
-        nn.init.ones_(self.weight)
-
-    def forward(self, x):
-        return x * self.weight.view(self.shape)
-'''
+USER_ATTENTION = user_attention_source("channel_scale")
 
 RELOAD = '''
 import sys, torch, timm
@@ -367,3 +347,26 @@ def test_import_se_retrofit_does_not_load_the_trainer():
             "run.__module__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["False", "True", "se_retrofit.finetune.trainer"], result.stderr
+
+
+def test_the_cli_plans_once_and_counts_parameters_as_the_edit_adds_them(capsys, tmp_path, monkeypatch):
+    import se_retrofit.core as core
+
+    calls = {"analyze": 0, "plan_sites": 0}
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(core, "analyze", counting("analyze", core.analyze))
+    monkeypatch.setattr(core, "plan_sites", counting("plan_sites", core.plan_sites))
+    code, out, err = cli(capsys, "resnet18", "--attention", "cbam", "--weights", "none", "--input-size", "3,64,64",
+                         "--out", str(tmp_path / "out"), "--json")
+    assert code == 0, err
+    assert calls == {"analyze": 1, "plan_sites": 1}
+    report = json.loads(out)
+    assert report["params_after"] - report["params_before"] == report["params_planned"] == 87840
+    assert [(s["channels"], s["reduced"], s["params"]) for s in report["sites"]][::2] == \
+        [(64, 4, 612), (128, 8, 2148), (256, 16, 8292), (512, 32, 32868)]

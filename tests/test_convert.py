@@ -6,7 +6,7 @@ import torch
 import se_retrofit
 from se_retrofit.convert import ConversionError, fold_gate_scale, timm_create_kwargs, to_timm_native
 
-from conftest import make_model, small_input
+from helpers import make_model, small_input
 
 PROBE = small_input(1, 32)  # probe input for retrofit(): the models' own 224 px is slow on 2 CPU cores
 

@@ -14,7 +14,7 @@ import torch
 import se_retrofit
 from se_retrofit.edited import base_class, is_edited
 
-from conftest import make_model, run, small_input
+from helpers import make_model, run, small_input
 
 #: (source, model, attention, position): every position, every built-in type, both libraries, tokens
 CASES = [

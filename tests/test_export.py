@@ -16,7 +16,7 @@ import se_retrofit
 from se_retrofit.cli import main
 from se_retrofit.export import FORMATS, ExportCheckError, ExportError, ExportFormat, export, save_and_export
 
-from conftest import make_model, small_input
+from helpers import make_model, small_input
 from test_convert import trained_se
 
 SMALL = small_input(1, 32)  # probe input for retrofit(): the models' own 224 px would be slow on CPU

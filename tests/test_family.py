@@ -10,7 +10,7 @@ import se_retrofit
 from se_retrofit import POSITIONS
 from se_retrofit.attention import list_attentions
 
-from conftest import ResNet1d, as_if_pretrained, make_model, run, small_input
+from helpers import ResNet1d, as_if_pretrained, make_model, run, small_input
 
 TYPES = ["se", "cbam", "bam", "eca"]
 MODELS = [("timm", "resnet50"), ("timm", "convnext_tiny"), ("timm", "efficientnet_b0"),

@@ -12,7 +12,7 @@ from torch import nn
 import se_retrofit
 from se_retrofit.analysis import CHANNELS_FIRST, TOKENS
 
-from conftest import as_if_pretrained, run
+from helpers import as_if_pretrained, run
 
 C = 8
 

@@ -10,7 +10,7 @@ import se_retrofit
 from se_retrofit import io as se_io
 from se_retrofit.hub import WeightsError
 
-from conftest import make_model, small_input
+from helpers import make_model, small_input
 
 
 @pytest.fixture(scope="module")

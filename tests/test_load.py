@@ -12,30 +12,14 @@ import se_retrofit
 from se_retrofit.attention import unregister_attention
 from se_retrofit.io import CONFIG_FILE
 
-from conftest import run, small_input
+from helpers import run, small_input, user_attention_source
 
 EVIL = '''
 import pathlib
 pathlib.Path(__file__).with_name("IMPORTED").write_text("this module ran")
 '''
 
-USER_TYPE = '''
-import pathlib, torch
-from torch import nn
-import se_retrofit
-pathlib.Path(__file__).with_name("IMPORTED").write_text("this module ran")
-
-@se_retrofit.register_attention("load_test_scale")
-class Scale(nn.Module):
-    def __init__(self, channels, *, spatial_dims=2):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(channels))
-        self.shape = (1, channels) + (1,) * spatial_dims
-    def init_identity(self):
-        nn.init.ones_(self.weight)
-    def forward(self, x):
-        return x * self.weight.view(self.shape)
-'''
+USER_TYPE = user_attention_source("load_test_scale", marker=True)
 
 
 @pytest.fixture

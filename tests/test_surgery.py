@@ -12,7 +12,7 @@ import se_retrofit
 from se_retrofit import POSITIONS
 from se_retrofit.edited import base_class
 
-from conftest import RESIDUAL_MODELS, ResNet1d, as_if_pretrained, make_model, max_rel_diff, run, small_input
+from helpers import RESIDUAL_MODELS, ResNet1d, as_if_pretrained, make_model, max_rel_diff, run, small_input
 
 DROP_PATH = {"resnet18", "resnet50", "resnext50_32x4d", "convnext_tiny", "efficientnet_b0", "mobilenetv2_100",
              "regnety_008", "res2net50_26w_4s"}

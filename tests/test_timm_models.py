@@ -2,7 +2,6 @@
 checkpoint_path, num_classes, features_only, and timm-style train/validate scripts run from a launcher."""
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 import textwrap
@@ -15,25 +14,9 @@ from safetensors.torch import save_file
 import se_retrofit
 from se_retrofit.timm_models import TimmRegistrationError, register_timm_model, unregister_timm_model
 
-from conftest import make_model, small_input
+from helpers import as_if_pretrained, make_model, outputs, small_input, trained_attention
 
 PROBE = small_input(1, 64)
-
-
-def trained_attention(model):
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in se_retrofit.attention_parameters(model):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model
-
-
-def outputs(model, x, training=False):
-    """Outputs in eval or train mode; train mode runs a copy, so batch-norm statistics stay as they were."""
-    model = copy.deepcopy(model).train() if training else model.eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return model(x)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +30,6 @@ def resnet18_se():
 def edited_file(resnet18_se, tmp_path_factory):
     """The state dict of a 'fine-tuned' resnet18_se (trained-looking backbone, moved attention)."""
     torch.manual_seed(0)
-    from conftest import as_if_pretrained
-
     model = trained_attention(as_if_pretrained(timm.create_model(resnet18_se))).eval()
     path = tmp_path_factory.mktemp("weights") / "resnet18_se.safetensors"
     save_file(model.state_dict(), str(path))

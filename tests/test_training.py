@@ -7,7 +7,7 @@ import torch
 import se_retrofit
 from se_retrofit import training
 
-from conftest import make_model, small_input
+from helpers import make_model, small_input
 
 MODELS = [("timm", "resnet18", "fc"), ("torchvision", "resnet18", "fc"),
           ("torchvision", "mobilenet_v3_small", "classifier"), ("timm", "convnext_atto", "head.fc")]

@@ -18,7 +18,8 @@ import se_retrofit
 from se_retrofit.hf import SavePretrainedWarning
 from se_retrofit.outputs import output_tensors
 
-from conftest import as_if_pretrained, small_input
+import helpers
+from helpers import as_if_pretrained, small_input, trained_attention
 
 PROBE = small_input(1, 32)
 
@@ -39,20 +40,8 @@ def small_convnext() -> ConvNextModel:
     return model.eval()
 
 
-def trained_attention(model):
-    """Move the new attention weights off their identity start, as fine-tuning would."""
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in se_retrofit.attention_parameters(model):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model
-
-
 def outputs(model, x, training=False):
-    """Outputs in eval or train mode; train mode runs a copy, so batch-norm statistics stay as they were."""
-    model = copy.deepcopy(model).train() if training else model.eval()
-    with torch.no_grad():
-        return output_tensors(model(x))
+    return output_tensors(helpers.outputs(model, x, training))
 
 
 def same(a, b) -> bool:

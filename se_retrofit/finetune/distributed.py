@@ -123,10 +123,6 @@ def wrap(model: nn.Module, context: Context) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 def sum_across(values: torch.Tensor, context: Context) -> torch.Tensor:
     """The element-wise sum of ``values`` over all processes."""
     if context.distributed:

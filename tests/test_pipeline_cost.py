@@ -1,0 +1,134 @@
+"""What retrofit() does to be cheap is safe: probes on meta tensors, one trace per block structure.
+
+Each shortcut is checked where it could go wrong: a forward that needs real values, a block that
+reads ``self.training``, blocks of one class whose forwards read different settings of a child.
+"""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import se_retrofit
+from se_retrofit import tracing
+from se_retrofit.analysis import analyze
+
+from helpers import as_if_pretrained, run, small_input
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """Counts the fx traces actually run (cache hits do not count)."""
+    count = []
+    original = tracing._trace
+
+    def counted(*args, **kwargs):
+        count.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tracing, "_trace", counted)
+    return count
+
+
+def test_a_resnet_is_traced_once_per_block_structure(traces):
+    base = as_if_pretrained(timm.create_model("resnet18")).eval()
+    x = small_input()
+    model = se_retrofit.retrofit(base, example_input=x)
+    # 8 blocks, analysed and edited in 2 modes (32 traces before): a plain block and a downsampling one
+    assert sorted(type(m).__name__ + str(m.downsample is not None) for m in traces) == ["BasicBlockFalse", "BasicBlockTrue"]
+    for training in (False, True):
+        assert torch.equal(run(model, x, training), run(base, x, training))
+    assert analyze(base).probes == {"first": "meta", "second": "meta"} and analyze(base).notes == []
+
+
+class Holder(nn.Module):
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+
+class ModeBlock(nn.Module):
+    """Reads ``self.training`` and a child's setting: its graph differs by mode and by that setting."""
+
+    def __init__(self, channels: int, factor: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.holder = Holder(factor)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x)) * self.holder.factor
+        if self.training:
+            out = out * 0.5
+        return x + out
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(ModeBlock(8, 1), ModeBlock(8, 3))
+
+    def forward(self, x):
+        return self.blocks(self.stem(x)).mean((2, 3))
+
+
+def test_a_graph_is_shared_only_where_the_mode_and_the_settings_read_agree(traces):
+    base = as_if_pretrained(TwoBlocks()).eval()
+    x = small_input()
+    model = se_retrofit.retrofit(base, example_input=x)
+    for training in (False, True):
+        assert torch.equal(run(model, x, training), run(base, x, training))
+    assert len(traces) == 4  # 2 settings of holder.factor x 2 modes: nothing shared that should not be
+    assert not torch.equal(run(base, x, True), run(base, x, False))  # the modes do compute different things
+
+
+class NeedsValues(nn.Module):
+    """A forward that reads a value (``.item()``): meta and fake tensors have none."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        if x.abs().sum().item() >= 0:
+            x = x + self.conv(x)
+        return x
+
+
+def test_a_forward_that_needs_values_is_probed_on_real_tensors_and_says_why():
+    analysis = analyze(NeedsValues(), small_input(1))
+    assert analysis.probes == {"first": "real", "second": "real"} and len(analysis.blocks) == 1
+    assert analysis.notes[0].startswith("first probe not on meta tensors: ")
+    assert any(note.startswith("first probe not on fake tensors: ") for note in analysis.notes)
+
+
+class FixedSize(nn.Module):
+    """Refuses any input but 32x32 (as ViTs with a fixed img_size do); its block's layers do not
+    tell the layout (a matrix product with a parameter on the last dimension)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(32, 32) * 0.1)
+
+    def forward(self, x):
+        assert x.shape[-1] == 32, f"Input width ({x.shape[-1]}) doesn't match model (32)."
+        return x + torch.matmul(x, self.weight)
+
+
+def test_a_second_probe_the_model_refuses_is_recorded_and_described():
+    analysis = analyze(FixedSize(), torch.randn(1, 3, 32, 32))
+    assert analysis.probes["first"] == "meta"
+    assert analysis.probes["second"] == ("not run: the model refuses an input of shape (1, 3, 64, 64) "
+                                         "(AssertionError: Input width (64) doesn't match model (32).)")
+    assert [b.layout for b in analysis.blocks] == ["unknown"]
+    assert analysis.describe().endswith("; layout told from the layers alone: the second probe not run: the model "
+                                        "refuses an input of shape (1, 3, 64, 64) (AssertionError: Input width (64) "
+                                        "doesn't match model (32).)")
+
+
+def test_retrofit_leaves_the_thread_count_as_it_was():
+    threads = torch.get_num_threads()
+    se_retrofit.retrofit(timm.create_model("resnet18"), example_input=small_input(1))
+    assert torch.get_num_threads() == threads
