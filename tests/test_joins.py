@@ -13,7 +13,7 @@ from torch import nn
 import se_retrofit
 from se_retrofit.analysis import analyze
 
-from conftest import as_if_pretrained, run
+from helpers import as_if_pretrained, run
 
 tv = torchvision.models
 
