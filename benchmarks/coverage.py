@@ -669,7 +669,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def disagreements(rows: list[dict]) -> list[dict]:
     """Rows whose blocks found differ from the independent expectation (where there is one)."""
     return [r for r in rows if str(r.get("expected", "")) != "" and str(r.get("blocks", "")) != ""
-            and int(r["blocks"]) != int(r["expected"])]
+            and int(_found(r)) != int(r["expected"])]
 
 
 def _found(row: dict) -> str:
@@ -721,7 +721,7 @@ def summarise(rows: list[dict], wall: float, path: Path | None = None) -> None:
     differ = disagreements(rows)
     console.print(f"found != expected: {len(differ)} models" + (" (found/expected, from)" if differ else ""))
     for r in differ:
-        console.print(f"  {r['source']}:{r['name']} {r['blocks']}/{r['expected']} ({r['expected_from']}; "
+        console.print(f"  {r['source']}:{r['name']} {_found(r)}/{r['expected']} ({r['expected_from']}; "
                       f"{r['status']})", markup=False, highlight=False)
     if path is not None:
         path.write_text(console.export_text())

@@ -86,3 +86,27 @@ def own_index(op: Op, ops: list[Op]) -> int:
     """Which operation of ``op``'s kind it is among those of the same forward call."""
     return sum(1 for other in ops if other.index < op.index and other.call == op.call
                and other.scope == op.scope and other.kind == op.kind and not other.module)
+
+
+def gate_problem(module: nn.Module, gate: Gate) -> str | None:
+    """Why surgery could not find ``gate`` in the forward of ``module`` traced with its children as
+    leaves (the variant with every optional argument None); None where it can."""
+    from torch import fx
+
+    from .tracing import TRACE_FAILURES, optional_arguments, trace
+
+    try:
+        graph = trace(module, leaf_children=True, concrete_args={name: None for name in optional_arguments(module)}
+                      or None)
+    except TRACE_FAILURES as error:
+        text = str(error).strip().splitlines()
+        return f"torch.fx cannot trace it: {type(error).__name__}: {text[0] if text else ''}".strip()
+    modules = dict(module.named_modules())
+    if gate.how == CHILD:
+        calls = sum(n.op == "call_module" and n.target == gate.anchor for n in graph.nodes)
+        return None if calls == 1 else f"its traced forward calls {gate.anchor!r} {calls} times, not once"
+    if gate.how == OUTPUT:
+        value = next(n for n in graph.nodes if n.op == "output").args[0]
+        return None if isinstance(value, fx.Node) else "its forward returns more than one tensor"
+    cats = sum(K.node_kind(n, modules) == K.CAT for n in graph.nodes)
+    return None if gate.index < cats else f"its traced forward has {cats} concatenations, not {gate.index + 1}"

@@ -98,7 +98,7 @@ def _channel_dim(cat: Op, operands: list[Op], shape_b: tuple | None) -> int | No
     if shape_b is not None and len(shape_b) == len(shape) and shape_b != shape:
         constant = [d for d in range(1, len(shape)) if shape[d] == shape_b[d]]
         return dim if constant == [dim] else None
-    return dim if dim == 1 else None  # one probe only: channels-first maps, the common case
+    return dim if dim == 1 and len(shape) >= 4 else None  # one probe only: channels-first maps
 
 
 def _common_input(operands: list[Op]) -> Op | None:

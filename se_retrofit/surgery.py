@@ -24,7 +24,8 @@ from .positions import get_position
 from .site import Site
 from .hub import first_sentence
 from .edited import EditSpec, Variant, base_class, install, takes_var_keyword
-from .tracing import forward_function, optional_arguments, trace, trace_fixing_defaults, training_mode
+from .tracing import (TRACE_FAILURES, forward_function, optional_arguments, trace, trace_fixing_defaults,
+                      training_mode)
 
 
 def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig) -> None:
@@ -55,7 +56,7 @@ def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Modu
     optional = _optional_arguments(block)
     try:
         graphs, fixed = _trace_variants(block, optional)
-    except (TraceError, TypeError, AttributeError, NotImplementedError, RuntimeError) as error:
+    except TRACE_FAILURES as error:
         raise SurgeryError(f"{type(block).__name__} at {sites[0].block!r}: its forward cannot be rewritten "
                            f"(torch.fx: {type(error).__name__}: {first_sentence(error)}); leave it out with exclude=[{sites[0].block!r}] "
                            "(--exclude on the command line)") from None
