@@ -443,12 +443,21 @@ def _block_inputs(source, name, analysed, paths: set[str]) -> tuple[object, dict
         return model, _recorded_inputs(model, _inputs(source, name, model, "cpu"), paths)
 
 
+def _copied(value):
+    """The containers of ``value`` copied (the tensors shared): a list a forward grows after passing it
+    on (DenseNet's features) is recorded as it was at the call."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda leaf: leaf, value)
+
+
 def _recorded_inputs(model, example, paths: set[str]) -> dict[str, tuple]:
     import torch
 
     seen: dict[str, tuple] = {}
     hooks = [model.get_submodule(p).register_forward_pre_hook(
-        lambda module, args, kwargs, path=p: seen.setdefault(path, (args, kwargs)) and None, with_kwargs=True)
+        lambda module, args, kwargs, path=p: seen.setdefault(path, _copied((args, kwargs))) and None,
+        with_kwargs=True)
         for p in sorted(paths)]
     try:
         with torch.no_grad():
@@ -669,7 +678,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def disagreements(rows: list[dict]) -> list[dict]:
     """Rows whose blocks found differ from the independent expectation (where there is one)."""
     return [r for r in rows if str(r.get("expected", "")) != "" and str(r.get("blocks", "")) != ""
-            and int(_found(r)) != int(r["expected"])]
+            and int(r["blocks"]) != int(r["expected"])]
 
 
 def _found(row: dict) -> str:
@@ -721,7 +730,7 @@ def summarise(rows: list[dict], wall: float, path: Path | None = None) -> None:
     differ = disagreements(rows)
     console.print(f"found != expected: {len(differ)} models" + (" (found/expected, from)" if differ else ""))
     for r in differ:
-        console.print(f"  {r['source']}:{r['name']} {_found(r)}/{r['expected']} ({r['expected_from']}; "
+        console.print(f"  {r['source']}:{r['name']} {r['blocks']}/{r['expected']} ({r['expected_from']}; "
                       f"{r['status']})", markup=False, highlight=False)
     if path is not None:
         path.write_text(console.export_text())

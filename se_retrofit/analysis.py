@@ -759,11 +759,12 @@ def _other_units(recording: Recording, found: list[tuple[Op, _Residual]], shapes
     inside = {op for _, r in found for op in (*r.cone, *r.projection)}
     joins = [_join_block(j) for j in find_joins(recording, modules, shapes_b, inside)]
     if joins or has_residuals:
-        return _checked(_staged(_labelled(joins)), modules)
-    return _checked(_staged([_chain_block(layer) for layer in find_chain_layers(recording, modules)]), modules)
+        return _checked(_staged(_labelled(joins)), modules, recording)
+    return _checked(_staged([_chain_block(layer) for layer in find_chain_layers(recording, modules)]), modules,
+                    recording)
 
 
-def _checked(units: list[Block], modules: dict[str, nn.Module]) -> list[Block]:
+def _checked(units: list[Block], modules: dict[str, nn.Module], recording: Recording) -> list[Block]:
     """Each unit with ``rewrite_error`` set where one of its gates cannot be found again in the
     traced forward of the module it edits (that forward cannot be traced, or lacks the place)."""
     problems: dict[Gate, str | None] = {}
@@ -772,7 +773,7 @@ def _checked(units: list[Block], modules: dict[str, nn.Module]) -> list[Block]:
         gates = {g for _, position_gates in unit.gates for g in position_gates}
         for gate in gates:
             if gate not in problems:
-                problems[gate] = gate_problem(modules[gate.module], gate)
+                problems[gate] = gate_problem(modules[gate.module], gate, recording.first_call.get(gate.module))
         error = next((problems[g] for g in gates if problems[g]), None)
         checked.append(replace(unit, rewrite_error=error) if error else unit)
     return checked

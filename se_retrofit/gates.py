@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import op_kinds as K
-from .recording import Op, Recording
+from .recording import ModuleCall, Op, Recording
 
 CHILD, OUTPUT, CAT, CAT_OPERAND = "child", "output", "cat", "cat_operand"
 
@@ -88,19 +88,29 @@ def own_index(op: Op, ops: list[Op]) -> int:
                and other.scope == op.scope and other.kind == op.kind and not other.module)
 
 
-def gate_problem(module: nn.Module, gate: Gate) -> str | None:
+def gate_problem(module: nn.Module, gate: Gate, call: ModuleCall | None) -> str | None:
     """Why surgery could not find ``gate`` in the forward of ``module`` traced with its children as
-    leaves (the variant with every optional argument None); None where it can."""
+    leaves, or why that traced forward would not compute what the module does on the input it
+    received when recorded (``call``: a forward that branches on its input's type); None where it can."""
     from torch import fx
 
     from .tracing import TRACE_FAILURES, optional_arguments, trace
 
+    given = _bound(module, call)
+    concrete = {name: None for name in optional_arguments(module) if given.get(name) is None}
     try:
-        graph = trace(module, leaf_children=True, concrete_args={name: None for name in optional_arguments(module)}
-                      or None)
+        graph = trace(module, leaf_children=True, concrete_args=concrete or None)
     except TRACE_FAILURES as error:
-        text = str(error).strip().splitlines()
-        return f"torch.fx cannot trace it: {type(error).__name__}: {text[0] if text else ''}".strip()
+        return f"torch.fx cannot trace it: {_first_line(error)}"
+    problem = _place_problem(module, graph, gate)
+    if problem is None and call is not None:
+        problem = _replay_problem(module, fx.GraphModule(module, graph), call)
+    return problem
+
+
+def _place_problem(module: nn.Module, graph, gate: Gate) -> str | None:
+    from torch import fx
+
     modules = dict(module.named_modules())
     if gate.how == CHILD:
         calls = sum(n.op == "call_module" and n.target == gate.anchor for n in graph.nodes)
@@ -110,3 +120,40 @@ def gate_problem(module: nn.Module, gate: Gate) -> str | None:
         return None if isinstance(value, fx.Node) else "its forward returns more than one tensor"
     cats = sum(K.node_kind(n, modules) == K.CAT for n in graph.nodes)
     return None if gate.index < cats else f"its traced forward has {cats} concatenations, not {gate.index + 1}"
+
+
+def _replay_problem(module: nn.Module, traced: nn.Module, call: ModuleCall) -> str | None:
+    """The traced forward, run on the recorded input, returns what the module returns (shapes)."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    def shapes(value):
+        return tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else None, value)
+
+    try:
+        with torch.no_grad():
+            expected = shapes(module(*call.args, **call.kwargs))
+    except Exception:  # the recorded input is gone stale (a list grown after the call): nothing to compare
+        return None
+    try:
+        with torch.no_grad():
+            got = shapes(traced(*call.args, **call.kwargs))
+    except Exception as error:  # what fails here is the traced code: any error says it differs
+        return f"its traced forward does not run on the input it receives ({_first_line(error)})"
+    return None if got == expected else "its traced forward returns other shapes than the module on its input"
+
+
+def _bound(module: nn.Module, call: ModuleCall | None) -> dict:
+    import inspect
+
+    if call is None:
+        return {}
+    try:
+        return dict(inspect.signature(type(module).forward).bind(module, *call.args, **call.kwargs).arguments)
+    except TypeError:
+        return {}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".strip()
