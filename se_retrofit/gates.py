@@ -15,12 +15,16 @@ A gate is found from the operation producing the tensor (:func:`gate_after`), pr
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_map
 
 from . import op_kinds as K
 from .recording import ModuleCall, Op, Recording
+from .tracing import TRACE_FAILURES, optional_arguments, trace
 
 CHILD, OUTPUT, CAT, CAT_OPERAND = "child", "output", "cat", "cat_operand"
 
@@ -92,10 +96,6 @@ def gate_problem(module: nn.Module, gate: Gate, call: ModuleCall | None) -> str 
     """Why surgery could not find ``gate`` in the forward of ``module`` traced with its children as
     leaves, or why that traced forward would not compute what the module does on the input it
     received when recorded (``call``: a forward that branches on its input's type); None where it can."""
-    from torch import fx
-
-    from .tracing import TRACE_FAILURES, optional_arguments, trace
-
     given = _bound(module, call)
     concrete = {name: None for name in optional_arguments(module) if given.get(name) is None}
     try:
@@ -108,9 +108,7 @@ def gate_problem(module: nn.Module, gate: Gate, call: ModuleCall | None) -> str 
     return problem
 
 
-def _place_problem(module: nn.Module, graph, gate: Gate) -> str | None:
-    from torch import fx
-
+def _place_problem(module: nn.Module, graph: fx.Graph, gate: Gate) -> str | None:
     modules = dict(module.named_modules())
     if gate.how == CHILD:
         calls = sum(n.op == "call_module" and n.target == gate.anchor for n in graph.nodes)
@@ -124,9 +122,6 @@ def _place_problem(module: nn.Module, graph, gate: Gate) -> str | None:
 
 def _replay_problem(module: nn.Module, traced: nn.Module, call: ModuleCall) -> str | None:
     """The traced forward, run on the recorded input, returns what the module returns (shapes)."""
-    import torch
-    from torch.utils._pytree import tree_map
-
     def shapes(value):
         return tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else None, value)
 
@@ -144,8 +139,6 @@ def _replay_problem(module: nn.Module, traced: nn.Module, call: ModuleCall) -> s
 
 
 def _bound(module: nn.Module, call: ModuleCall | None) -> dict:
-    import inspect
-
     if call is None:
         return {}
     try:

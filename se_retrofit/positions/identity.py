@@ -3,7 +3,7 @@ Residual blocks only: a chain layer or a join has no shortcut."""
 from __future__ import annotations
 
 from ..placement import attend
-from . import Position, register_position
+from .base import Position, register_position
 
 
 def place(graph, add, branch, shortcut, site, modules) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..analysis import Block
 from ..site import Site
-from . import Position, register_position
+from .base import Position, register_position
 
 
 class InnerPosition(Position):

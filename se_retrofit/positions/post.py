@@ -4,7 +4,7 @@ a join's concatenation (SE on the output of each Inception module); after a chai
 from __future__ import annotations
 
 from ..placement import wrap_with_activation
-from . import Position, register_position
+from .base import Position, register_position
 
 
 def place(graph, add, branch, shortcut, site, modules) -> None:

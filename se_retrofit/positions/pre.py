@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..analysis import Block
 from ..placement import attend, block_input
 from ..site import Site
-from . import Position, register_position
+from .base import Position, register_position
 
 
 def place(graph, add, branch, shortcut, site, modules) -> None:

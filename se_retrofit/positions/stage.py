@@ -3,7 +3,7 @@ Park et al. 2018, Fig. 1), placed as ``post`` there."""
 from __future__ import annotations
 
 from ..analysis import Block
-from . import Position, register_position
+from .base import Position, register_position
 from .post import place
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from .. import op_kinds as K
 from ..graph import dynamic_inputs
 from ..placement import wrap_output
-from . import Position, register_position
+from .base import Position, register_position
 
 
 def place(graph, add, branch, shortcut, site, modules) -> None:
