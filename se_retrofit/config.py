@@ -8,6 +8,7 @@ from typing import Any
 from .errors import RetrofitError
 from .attention import INITS, get_attention, is_registered
 from .positions import POSITION_HELP, POSITIONS, UNIT_KINDS
+from .positions.base import registered as registered_positions
 from .site import Site
 
 __all__ = ["ConfigError", "POSITIONS", "POSITION_HELP", "RetrofitConfig", "RetrofitRecord", "Site"]
@@ -55,8 +56,9 @@ class RetrofitConfig:
         spec = get_attention(self.attention)
         self.attention_module = None if spec.builtin else self.attention_module or spec.cls.__module__
         self.position = self.position or spec.default_position
-        if self.position not in POSITIONS:
-            raise ConfigError(f"unknown position {self.position!r}; choose one of {', '.join(POSITIONS)}")
+        if self.position not in registered_positions():
+            raise ConfigError(f"unknown position {self.position!r}; choose one of "
+                              f"{', '.join(registered_positions())}")
         if isinstance(self.kinds, str):
             self.kinds = [k.strip() for k in self.kinds.split(",")]
         if self.kinds is not None:
