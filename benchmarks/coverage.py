@@ -534,6 +534,12 @@ def _is_drop_path(path: str, module) -> bool:
     return leaf.startswith(("drop_path", "stochastic_depth")) or kind in ("DropPath", "StochasticDepth")
 
 
+def _drops_without_residual(block) -> bool:
+    """timm's byobnet blocks call their drop-path whether or not they add a shortcut
+    (``if self.shortcut is not None: x = x + self.shortcut(shortcut)``; RegNetZ's stage-first blocks have none)."""
+    return type(block).__module__ == "timm.models.byobnet" and getattr(block, "shortcut", "") is None
+
+
 def _residual_rule(module) -> tuple[int, str] | None:
     """(residual adds per call, rule) for a block class whose source adds exactly that many residuals,
     for the families that have no drop-path module at their default settings."""
@@ -593,9 +599,11 @@ def expectation(source: str, name: str, model) -> tuple[int | str, str]:
         (stack[-1] if stack else totals).update(inner)
 
     hooks = []
-    for path, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for path, module in modules.items():
         if path and _is_drop_path(path, module):
-            hooks.append(module.register_forward_hook(on_drop_path))
+            if not _drops_without_residual(modules.get(path.rpartition(".")[0])):
+                hooks.append(module.register_forward_hook(on_drop_path))
         elif (rule := _residual_rule(module)) is not None:
             hooks += [module.register_forward_pre_hook(enter),
                       module.register_forward_hook(lambda *a, rule=rule: leave(*a, rule=rule))]

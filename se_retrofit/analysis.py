@@ -478,17 +478,45 @@ _SHORTCUT_KINDS = K.PROJECTION_KINDS | {K.MUL, K.LINEAR}
 _FREE_KINDS = frozenset({K.RESHAPE, K.IDENTITY, K.DROPOUT})
 
 
+#: a pooling written as a reduction over a dimension (Hiera's unrolled max-pool ``x.view(...).amax(1)``);
+#: ``max[0]`` is the values of ``max(dim=...)``
+_REDUCTIONS = frozenset({"max", "amax", "mean"})
+_REDUCTION_VALUES = "max[0]"
+
+
 def _projection_chain(op: Op) -> list[Op]:
     """``op`` and the ops it projects from, back through at most ``MAX_PROJECTION_OPS`` projection
     ops (reshapes and no-ops are free)."""
     chain, cost = [op], 0
-    while cost < MAX_PROJECTION_OPS and len(chain) < 4 * MAX_PROJECTION_OPS and chain[-1].kind in _SHORTCUT_KINDS:
+    while cost < MAX_PROJECTION_OPS and len(chain) < 4 * MAX_PROJECTION_OPS:
+        source = _pooled_source(chain[-1]) if chain[-1].name == "cat" else None
+        if source is not None:  # cat([amax(x), mean(x)]): poolings of one tensor side by side
+            cost += 1
+            chain.append(source)
+            continue
         inputs = chain[-1].inputs
-        if len(inputs) != 1:
+        if not _projects(chain[-1]) or len(inputs) != 1:
             break
-        cost += chain[-1].kind not in _FREE_KINDS
+        cost += chain[-1].kind not in _FREE_KINDS and chain[-1].name != _REDUCTION_VALUES
         chain.append(inputs[0])
     return chain
+
+
+def _projects(op: Op) -> bool:
+    return op.kind in _SHORTCUT_KINDS or (not op.module and op.name in _REDUCTIONS | {_REDUCTION_VALUES})
+
+
+def _pooled_source(cat: Op) -> Op | None:
+    """The one tensor a concatenation pools in each of its parts, each part reshapes and parameter-free
+    reductions of it (Hiera's stage transition without a projection: ``cat([amax(x), mean(x)])``)."""
+    sources = set()
+    for part in cat.inputs:
+        steps = 0
+        while steps < 4 and not part.weights and (part.kind in _FREE_KINDS or part.name in _REDUCTIONS
+                                                  | {_REDUCTION_VALUES}) and len(part.inputs) == 1:
+            part, steps = part.inputs[0], steps + 1
+        sources.add(part if steps else None)
+    return next(iter(sources)) if len(cat.inputs) > 1 and len(sources) == 1 else None
 
 
 def _dominated_ops(branch: Op, block_input: Op) -> set[Op] | None:
@@ -679,7 +707,8 @@ def _layout(add: Op, residual: _Residual, shape_b: tuple | None, modules: dict[s
     """(layout, channel dim) from the two probes; 0 as channel dim means unknown.
 
     Where the second probe did not run, or the model resized it back to its own size (CrossViT
-    interpolates every input to ``img_size``), the layers of the branch decide."""
+    interpolates every input to ``img_size``), or more than one dimension kept its size
+    (MobileViTV2's (N, C, pixels per patch, patches)), the layers of the branch decide."""
     shape_a = add.shape
     rank = len(shape_a)
     if rank < 3:
@@ -692,7 +721,8 @@ def _layout(add: Op, residual: _Residual, shape_b: tuple | None, modules: dict[s
                 return CHANNELS_FIRST, 1
             if dim == rank - 1:
                 return (TOKENS if rank == 3 else CHANNELS_LAST), dim
-        return UNKNOWN, 0
+        if len(constant) != 2:
+            return UNKNOWN, 0
     if _conv_says_channels_first(residual, shape_a, modules):
         return CHANNELS_FIRST, 1
     if _linear_says_channels_last(residual, shape_a, modules):

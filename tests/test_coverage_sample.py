@@ -39,6 +39,9 @@ SAMPLE = {
     "levit_128s": ("ok", 20, 20),
     "vit_tiny_patch16_224": ("ok", 24, 24),
     "pvt_v2_b0": ("ok", 16, 16),  # issue 10: 2 of 16 before the analysis from what the model executes
+    "lowformer_b0": ("ok", 21, 21),  # attention branches that go down and back up inside one layer
+    "hiera_small_abswin_256": ("ok", 32, 32),  # stage transitions: shortcut cat([amax(x), mean(x)])
+    "regnetz_b16_evos": ("ok", 18, 18),  # 22 drop-path calls, 4 in blocks without a shortcut
     # timm: no residual blocks (DPN's dual paths and SelecSLS's concatenations are not residuals)
     "vgg11": ("no-residual-blocks", 0, 0),
     "dpn68": ("no-residual-blocks", 0, ""),
@@ -63,6 +66,8 @@ HF_SAMPLE = {
     "transformers:MobileNetV2ForImageClassification": ("ok", 10, 10),  # issue 10: 0 on main
     "transformers:MobileNetV1ForImageClassification": ("no-residual-blocks", 0, 0),
     "transformers:ViTForImageClassification": ("ok", 24, 24),
+    "transformers:HieraForImageClassification": ("ok", 48, 48),  # 45 before: the unrolled max-pool shortcut
+    "transformers:Dinov2Backbone": ("ok", 24, 24),  # its layers are called with **kwargs, passed on
 }
 
 
