@@ -410,11 +410,39 @@ class _Call(nn.Module):
 
 def _record_on_meta_tensors(model: nn.Module, example: torch.Tensor) -> Recording:
     """Record ``model`` with its parameters and buffers swapped for meta tensors (shape and dtype,
-    no data) for the call: the cheapest run that gives every shape. The model is not changed."""
+    no data) for the call: the cheapest run that gives every shape. The model is not changed.
+
+    Norm layers keep the shape of their input, and torch computes their shape on meta tensors the
+    long way (in Python, op by op): for the call they return an empty tensor like their input. The
+    recording holds each as one operation all the same (it sees layers, not their insides)."""
     from torch.func import functional_call
 
     state = {f"model.{name}": tensor.to("meta") for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
-    return functional_call(_Call(model), state, (example.to("meta"),), strict=False)
+    norms = [m for m in model.modules() if _keeps_shape(m)]
+    for norm in norms:
+        norm.forward = _shape_only
+    try:
+        return functional_call(_Call(model), state, (example.to("meta"),), strict=False)
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+_SHAPE_KEEPING_FORWARDS = frozenset({nn.modules.batchnorm._BatchNorm.forward, nn.LayerNorm.forward,
+                                     nn.GroupNorm.forward})
+
+
+def _keeps_shape(module: nn.Module) -> bool:
+    """A norm layer with torch's own forward (or timm's norm + activation), learned parameters (so the
+    recording marks it as learned either way) and no forward of its own on the instance."""
+    forward = type(module).forward
+    timm_norm_act = type(module).__module__ == "timm.layers.norm_act" and isinstance(module, nn.BatchNorm2d)
+    return (forward in _SHAPE_KEEPING_FORWARDS or timm_norm_act) and "forward" not in vars(module) \
+        and any(True for _ in module.parameters(recurse=False))
+
+
+def _shape_only(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.empty_like(input)
 
 
 def _record_on_fake_tensors(model: nn.Module, example: torch.Tensor) -> Recording:

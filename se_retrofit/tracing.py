@@ -90,8 +90,8 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
 
     Inside :func:`graph_cache`, a block traced with its children as leaves is traced once per
     structure: a block of the same class, forward, attributes and children gets a copy of the graph
-    of the first, provided the attributes of its children that the trace read (``training``,
-    ``self.attn.num_heads``) are equal too, and the shapes of the parameters where the graph reads
+    of the first, provided the attributes of it and its children (not deeper) that the trace read
+    (``training``, ``self.attn.num_heads``) are equal too, and the shapes of the parameters where the graph reads
     any. A forward that does not read ``training`` is thus traced once for both modes, and a
     ResNet's sixteen bottlenecks twice (with and without a downsampling shortcut).
     """
@@ -103,7 +103,10 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
         if all(_current(module, what) == value for what, value in conditions):
             return copy.deepcopy(graph)
     reads: dict[tuple[str, str], Any] = {}
-    graph = _trace(module, leaf_children, concrete_args, reads=reads)
+    try:
+        graph = _trace(module, leaf_children, concrete_args, reads=reads)
+    except _Unwatchable:  # a child whose class cannot be swapped (a compiled module): reads unknown
+        return _trace(module, leaf_children, concrete_args)
     conditions = _conditions(module, graph, reads)
     if conditions is not None:
         cache.setdefault(key, []).append((conditions, graph))
@@ -116,9 +119,14 @@ def _trace(module: nn.Module, leaf_children: bool, concrete_args: dict | None,
     saved = {m: dict(vars(m)) for m in module.modules()}
     cls = type(module)
     watched = {"": module, **dict(module.named_children())} if reads is not None else {}
-    classes = {name: type(m) for name, m in watched.items()}
-    for name, m in watched.items():  # note which of their attributes the trace reads
-        m.__class__ = _watching(type(m))
+    classes = {id(m): (m, type(m)) for m in watched.values()}  # a child under two names is one module
+    try:
+        for m, original in classes.values():  # note which of their attributes the trace reads
+            m.__class__ = _watching(original)
+    except TypeError as error:
+        for m, original in classes.values():
+            m.__class__ = original
+        raise _Unwatchable(str(error)) from None
     traced = with_own_signature(_variant_to_trace(module, concrete_args or {}))
     if traced is not cls.forward:
         module.__class__ = type(cls.__name__, (type(module),), {"__module__": cls.__module__})
@@ -134,8 +142,8 @@ def _trace(module: nn.Module, leaf_children: bool, concrete_args: dict | None,
         if token is not None:
             _READS.reset(token)
         module.__class__ = cls
-        for name, m in watched.items():
-            m.__class__ = classes[name]
+        for m, original in classes.values():
+            m.__class__ = original
         for m, attributes in saved.items():  # by identity: values may be tensors or proxies
             kept = {k: v for k, v in vars(m).items() if k.startswith("_tensor_constant")}  # the graph's
             vars(m).clear()
@@ -193,6 +201,10 @@ def graph_cache() -> Iterator[dict]:
 
 
 _WATCHING: dict[type, type] = {}
+
+
+class _Unwatchable(Exception):
+    """A module's class cannot be swapped for one that notes attribute reads."""
 _MODULE_ATTRS = frozenset(vars(nn.Module())) - {"training"}
 
 
