@@ -29,6 +29,7 @@ from .recording import Op, Recording
 
 _NORMS = frozenset({K.NORM, K.IDENTITY})
 _ENDS = frozenset({K.ACT, K.NORM_ACT})
+_BETWEEN = frozenset({K.PAD, K.DROPOUT})  # between the pair: TF "same" padding (HF MobileNetV1), dropout
 
 
 @dataclass
@@ -82,7 +83,7 @@ def _follows_depthwise(conv: Op, modules: dict[str, nn.Module]) -> bool:
                 return False
             op = maps[0]
             continue
-        if op.kind not in _NORMS | _ENDS or len(op.inputs) != 1:
+        if op.kind not in _NORMS | _ENDS | _BETWEEN or len(op.inputs) != 1:
             return False
         op = op.inputs[0]
     return False
