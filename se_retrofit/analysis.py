@@ -558,12 +558,19 @@ def _is_branch(cone: set[Op], projected: bool, add: Op, calls: dict[int, ModuleC
     """The branch applies a learned layer and does not come back up from a lower resolution; next
     to a projected shortcut it must be more than a projection itself (else: a multi-branch layer)."""
     kinds = [op.kind for op in cone]
-    if not _learns(cone, kinds) or any(op.kind == K.UPSAMPLE and not _resamples_within_a_layer(op, cone, add, calls)
-                                       for op in cone):
+    if not _learns(cone, kinds) or any(op.kind == K.UPSAMPLE and not _only_gates(op)
+                                       and not _resamples_within_a_layer(op, cone, add, calls) for op in cone):
         return False
     if projected and all(kind in _SHORTCUT_KINDS for kind in kinds):
         return kinds.count(K.CONV) + kinds.count(K.LINEAR) >= 2
     return True
+
+
+def _only_gates(op: Op, depth: int = 0) -> bool:
+    """Every use of the upsampled result multiplies a map, directly or through an activation: an
+    attention gate brought back to full resolution (GhostNetV2's DFC attention), not features fused."""
+    return bool(op.users) and depth < 4 and all(
+        user.kind == K.MUL or (user.kind == K.ACT and _only_gates(user, depth + 1)) for user in op.users)
 
 
 def _resamples_within_a_layer(upsample: Op, cone: set[Op], add: Op, calls: dict[int, ModuleCall]) -> bool:
