@@ -1,8 +1,9 @@
 """Coverage sweep: every timm and torchvision model, analysed and retrofitted, with the results in a CSV.
 
-For each model (random weights) it records: residual blocks found, stages, status (``ok``,
-``no-residual-blocks``, ``skipped: <reason>``, ``error: <reason>``), the identity max |Δ| (relative)
-for SE at ``standard`` and at ``post``, parameters, and the time taken.
+For each model (random weights) it records: residual blocks found, the units edited by default (the
+first kind the model has: residual blocks, joins or chain layers, with their count), stages, status
+(``ok``, ``no-units`` where it has none of the three, ``skipped: <reason>``, ``error: <reason>``), the
+identity max |Δ| (relative) for SE at ``standard`` and at ``post``, parameters, and the time taken.
 
 How it fits 2 cores and 24 GiB:
 * models are built on the ``meta`` device first: no memory, no init time, and shapes still
@@ -36,7 +37,7 @@ import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
-FIELDS = ["source", "name", "status", "blocks", "expected", "expected_from", "edited", "stages", "params_m",
+FIELDS = ["source", "name", "status", "blocks", "units", "expected", "expected_from", "edited", "stages", "params_m",
           "identity_standard", "identity_post", "identity_scope", "config_changes", "seconds"]
 LIBRARIES = ("timm", "torchvision", "transformers")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -301,16 +302,18 @@ def _check(source, name, max_params, torch, se_retrofit) -> dict:
         warnings.simplefilter("ignore")
         model, analysis = _analyse(source, name, se_retrofit)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        out = {"params_m": round(params, 1), "blocks": len(analysis.blocks), "stages": len(analysis.stages)}
+        units = analysis.units_of()
+        out = {"params_m": round(params, 1), "blocks": len(analysis.blocks), "stages": len(analysis.stages),
+               "units": f"{units[0].kind} {len(units)}" if units else ""}
         try:
             out["expected"], out["expected_from"] = expectation(source, name, model)
         except Exception as error:  # the expectation is a measurement: its failure is recorded, not fatal
             out["expected"], out["expected_from"] = "", f"unavailable: {type(error).__name__}"
-        if not analysis.blocks:
-            return {**out, "status": "no-residual-blocks"}
+        if not units:
+            return {**out, "status": "no-units"}
         plans = {position: se_retrofit.planning.plan_sites(model, analysis, se_retrofit.RetrofitConfig(
             position=position)) for position in ("standard", "post")}
-        out["edited"] = len({(site.block, site.add_index) for site in plans["standard"].sites})
+        out["edited"] = len({site.unit or (site.block, site.add_index) for site in plans["standard"].sites})
         if not plans["standard"].sites:
             return {**out, "status": f"skipped: {next(iter(plans['standard'].skipped.values()))}"}
         if params > max_params:
@@ -440,12 +443,21 @@ def _block_inputs(source, name, analysed, paths: set[str]) -> tuple[object, dict
         return model, _recorded_inputs(model, _inputs(source, name, model, "cpu"), paths)
 
 
+def _copied(value):
+    """The containers of ``value`` copied (the tensors shared): a list a forward grows after passing it
+    on (DenseNet's features) is recorded as it was at the call."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda leaf: leaf, value)
+
+
 def _recorded_inputs(model, example, paths: set[str]) -> dict[str, tuple]:
     import torch
 
     seen: dict[str, tuple] = {}
     hooks = [model.get_submodule(p).register_forward_pre_hook(
-        lambda module, args, kwargs, path=p: seen.setdefault(path, (args, kwargs)) and None, with_kwargs=True)
+        lambda module, args, kwargs, path=p: seen.setdefault(path, _copied((args, kwargs))) and None,
+        with_kwargs=True)
         for p in sorted(paths)]
     try:
         with torch.no_grad():
@@ -522,6 +534,12 @@ def _is_drop_path(path: str, module) -> bool:
     return leaf.startswith(("drop_path", "stochastic_depth")) or kind in ("DropPath", "StochasticDepth")
 
 
+def _drops_without_residual(block) -> bool:
+    """timm's byobnet blocks call their drop-path whether or not they add a shortcut
+    (``if self.shortcut is not None: x = x + self.shortcut(shortcut)``; RegNetZ's stage-first blocks have none)."""
+    return type(block).__module__ == "timm.models.byobnet" and getattr(block, "shortcut", "") is None
+
+
 def _residual_rule(module) -> tuple[int, str] | None:
     """(residual adds per call, rule) for a block class whose source adds exactly that many residuals,
     for the families that have no drop-path module at their default settings."""
@@ -581,9 +599,11 @@ def expectation(source: str, name: str, model) -> tuple[int | str, str]:
         (stack[-1] if stack else totals).update(inner)
 
     hooks = []
-    for path, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for path, module in modules.items():
         if path and _is_drop_path(path, module):
-            hooks.append(module.register_forward_hook(on_drop_path))
+            if not _drops_without_residual(modules.get(path.rpartition(".")[0])):
+                hooks.append(module.register_forward_hook(on_drop_path))
         elif (rule := _residual_rule(module)) is not None:
             hooks += [module.register_forward_pre_hook(enter),
                       module.register_forward_hook(lambda *a, rule=rule: leave(*a, rule=rule))]
@@ -669,12 +689,18 @@ def disagreements(rows: list[dict]) -> list[dict]:
             and int(r["blocks"]) != int(r["expected"])]
 
 
+def _found(row: dict) -> str:
+    """How many units of the kind edited were found (a residual model's blocks, else its joins or layers)."""
+    units = str(row.get("units", ""))
+    return units.split(" ")[-1] if units else str(row["blocks"])
+
+
 def summarise(rows: list[dict], wall: float, path: Path | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=150, record=True)
-    kinds = ["ok", "no-residual-blocks", "skipped", "error"]
+    kinds = ["ok", "no-units", "skipped", "error"]
     table = Table(title=f"coverage: {len(rows)} models in {wall / 60:.1f} min")
     table.add_column("source")
     for kind in kinds:
@@ -690,6 +716,12 @@ def summarise(rows: list[dict], wall: float, path: Path | None = None) -> None:
         table.add_row(source, *(str(counts.get(k, 0)) for k in kinds), str(expected),
                       str(len(disagreements(mine))))
     console.print(table)
+    edited_kinds = Counter(str(r.get("units", "")).split(" ")[0] for r in rows if r["status"] == "ok")
+    console.print("ok, by the kind of unit edited: " + ", ".join(f"{k} {edited_kinds.get(k, 0)}"
+                                                                 for k in ("residual", "join", "chain")))
+    nothing = [f"{r['source']}:{r['name']}" for r in rows if r["status"] == "no-units"]
+    if nothing:
+        console.print(f"no-units ({len(nothing)}): {', '.join(nothing)}", markup=False, highlight=False)
     slow = sorted((r for r in rows if r.get("seconds") != ""), key=lambda r: -float(r["seconds"]))[:10]
     console.print("slowest: " + ", ".join(f"{r['name']} {r['seconds']}s" for r in slow))
     groups: dict[str, list[str]] = defaultdict(list)
@@ -699,10 +731,10 @@ def summarise(rows: list[dict], wall: float, path: Path | None = None) -> None:
     for cause, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         console.print(f"[{len(names)}] {cause}: {', '.join(names[:8])}{' …' if len(names) > 8 else ''}",
                       markup=False, highlight=False)
-    partial = [r for r in rows if r["status"] == "ok" and str(r.get("edited", "")) not in ("", str(r["blocks"]))]
-    console.print(f"ok but not every block found is edited: {len(partial)} models (edited/found)")
+    partial = [r for r in rows if r["status"] == "ok" and str(r.get("edited", "")) not in ("", _found(r))]
+    console.print(f"ok but not every unit found is edited: {len(partial)} models (edited/found)")
     for r in partial:
-        console.print(f"  {r['source']}:{r['name']} {r['edited']}/{r['blocks']}", markup=False, highlight=False)
+        console.print(f"  {r['source']}:{r['name']} {r['edited']}/{_found(r)}", markup=False, highlight=False)
     differ = disagreements(rows)
     console.print(f"found != expected: {len(differ)} models" + (" (found/expected, from)" if differ else ""))
     for r in differ:

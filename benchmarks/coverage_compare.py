@@ -1,5 +1,6 @@
 """Compare two coverage CSVs (e.g. before and after an analysis change): the models whose blocks found
-disagree with the independent expectation in either run, as a Markdown table.
+disagree with the independent expectation in either run, and the models that regressed (fewer blocks
+found, or a worse status: ``ok`` to anything else, anything to ``error``), as Markdown tables.
 
 The expectation does not depend on the analysis, so the AFTER run's ``expected`` is used for both
 columns (an older CSV may have been written by an older expectation rule).
@@ -42,13 +43,37 @@ def table(before: dict, after: dict, labels: tuple[str, str]) -> list[str]:
     return lines
 
 
+def regressed(old: dict | None, new: dict | None) -> bool:
+    """Fewer blocks found than before, or a worse status."""
+    if old is None or new is None:
+        return False
+    before, after = old["status"].split(":")[0], new["status"].split(":")[0]
+    if (before == "ok" and after != "ok") or (after == "error" and before != "error"):
+        return True
+    return old.get("blocks", "") != "" and new.get("blocks", "") != "" and int(new["blocks"]) < int(old["blocks"])
+
+
+def regressions(before: dict, after: dict, labels: tuple[str, str]) -> list[str]:
+    lines = [f"| model | expected (from) | {labels[0]} | {labels[1]} |", "| --- | --- | ---: | ---: |"]
+    for key, new in after.items():
+        old = before.get(key)
+        if regressed(old, new):
+            lines.append(f"| {key[0]}:{key[1]} | {new.get('expected', '')} ({new.get('expected_from', '')}) | "
+                         f"{cell(old)} | {cell(new)} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
     parser.add_argument("--labels", nargs=2, default=("before", "after"))
     args = parser.parse_args()
-    print("\n".join(table(load(args.before), load(args.after), tuple(args.labels))))
+    before, after, labels = load(args.before), load(args.after), tuple(args.labels)
+    print("Found != expected in either run:\n")
+    print("\n".join(table(before, after, labels)))
+    print("\nRegressed (fewer blocks found, or a worse status):\n")
+    print("\n".join(regressions(before, after, labels)))
 
 
 if __name__ == "__main__":

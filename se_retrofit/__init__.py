@@ -9,7 +9,7 @@ Example:
     True
 """
 from .errors import RetrofitError
-from .analysis import Analysis, Block, analyze, find_blocks
+from .analysis import Analysis, Block, analyze, find_blocks, find_units
 from .attention import create_attention, list_attentions, register_attention
 from .config import POSITIONS, RetrofitConfig, Site
 from .core import StackedAttentionWarning, plan, record_of, retrofit, retrofit_with
@@ -33,7 +33,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Analysis", "Block", "RetrofitError", "POSITIONS", "RetrofitConfig", "Site", "StackedAttentionWarning", "analyze",
-    "create_attention", "find_blocks", "list_attentions", "plan", "record_of", "register_attention",
+    "create_attention", "find_blocks", "find_units", "list_attentions", "plan", "record_of", "register_attention",
     "retrofit", "retrofit_with", "__version__", "load", "save", "fold_gate_scale", "to_timm_native",
     "attention_modules", "attention_parameters", "attention_state_dict", "freeze_backbone", "param_groups",
     "unfreeze", "export", "ExportError", "ExportResult", "finetune", "register_timm_model", "unregister_timm_model",

@@ -26,7 +26,11 @@ What is kept out, and by which clause:
 * FPN top-down adds, encoder-decoder additive skips (``up(x) + skip``), hourglass modules: the
   branch goes down through the rest of the network and comes back *up* (an interpolation,
   upsampling or transposed conv in ``f``): a fusion of resolutions, not a block. This is what
-  tells an FPN from HF EfficientNet, whose branch is computed in modules beside the one that adds;
+  tells an FPN from HF EfficientNet, whose branch is computed in modules beside the one that adds.
+  An upsampling is part of a block's branch only inside a layer below the adding module that
+  returns the shape it was given (LowFormer's and CPUBone's strided attention, down by a strided
+  conv and back up by a transposed conv): that layer resamples by itself, where an FPN, a decoder
+  or an hourglass comes back up in the adding module, or in a module given a lower resolution;
 * normalisation-internal adds with no learned layer in ``f`` (ConvNeXt-V2's GRN
   ``γ·(x·N(x)) + β + x``);
 * multi-branch layers whose operands are both projections of ``x`` (RepVGG's ``conv_kxk(x) +
@@ -44,19 +48,26 @@ non-batch dimension that does not is the channel dimension.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .errors import RetrofitError
 from . import op_kinds as K
+from .chains import find_chain_layers
+from .gates import Gate, gate_problem
 from .graph import dominated
-from .recording import Op, Recording, record
+from .joins import find_joins
+from .recording import ModuleCall, Op, Recording, record
 from .tracing import TRACE_FAILURES, graph_cache, own_tensor_adds, restore_training, snapshot_training
 
 MAX_PROJECTION_OPS = 6
+#: the kinds of unit: residual blocks, multi-branch joins (:mod:`.joins`), plain chain layers (:mod:`.chains`)
+RESIDUAL, JOIN, CHAIN = "residual", "join", "chain"
+UNIT_KINDS = (RESIDUAL, JOIN, CHAIN)
 CHANNELS_FIRST, CHANNELS_LAST, TOKENS, UNKNOWN = "channels_first", "channels_last", "tokens", "unknown"
 SUPPORTED_LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, TOKENS)
 _SHAPE_A, _SHAPE_B = "shape", "shape_probe2"
@@ -90,6 +101,10 @@ class Block:
             branch comes from ``path``'s own operations or from outside it.
         rewrite_error: why the forward of ``path`` cannot be rewritten (fx cannot trace it, or
             its additions could not be matched to the traced graph); None where it can.
+        branch_outside: the module where the branch starts when that is outside ``path`` (HF
+            EfficientNet computes the branch in siblings of the adding module, which receives it as an
+            argument: ``pre`` there would sit mid-branch); None where ``path``'s forward starts it
+            (DLA's blocks, given their shortcut as an argument, start their branch themselves).
     """
 
     path: str
@@ -111,11 +126,21 @@ class Block:
     container: str | None = None
     branch_module: str | None = None
     rewrite_error: str | None = None
+    branch_outside: str | None = None
+    kind: str = RESIDUAL
+    gates: tuple[tuple[str, tuple[Gate, ...]], ...] = ()
+    label: str | None = None
 
     @property
     def name(self) -> str:
         """Unique name: the path, with ``@i`` where a module's forward holds several residual adds."""
+        if self.label:
+            return self.label
         return self.path if self.add_index == 0 else f"{self.path}@{self.add_index}"
+
+    def gates_for(self, position: str) -> tuple[Gate, ...] | None:
+        """For a join or a chain layer: where ``position`` puts its modules (None: it does not apply)."""
+        return dict(self.gates).get(position)
 
 
 @dataclass
@@ -134,17 +159,33 @@ class Analysis:
     probe_shape: tuple[int, ...] = ()
     probes: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    units: list[Block] = field(default_factory=list)
 
     @property
     def stages(self) -> list[int]:
         return sorted({b.stage for b in self.blocks})
 
+    def units_of(self, kinds: list[str] | None = None) -> list[Block]:
+        """The units of these kinds, in execution order; by default the first kind the model has,
+        in the order residual, join, chain (a ResNet's stem conv is no chain layer)."""
+        if kinds is None:
+            kinds = next(([k] for k in UNIT_KINDS if any(u.kind == k for u in self.units)), [])
+        return [u for u in self.units if u.kind in kinds]
+
+    def count(self, kind: str) -> int:
+        return sum(u.kind == kind for u in self.units)
+
     def describe(self) -> str:
         """One line saying what was found, for messages."""
+        others = ", ".join(f"{self.count(k)} {k} unit{'s' * (self.count(k) != 1)}" for k in (JOIN, CHAIN)
+                           if self.count(k))
         if not self.additions:
-            return "the model has no additions at all, it chains or concatenates features " \
-                   f"(one forward pass on an input of shape {self.probe_shape} analysed)"
+            found = others or "no concatenation of branches and no conv → activation chain either"
+            return f"the model has no additions at all ({found}; one forward pass on an input of shape " \
+                   f"{self.probe_shape} analysed)"
         text = f"{len(self.blocks)} of its {self.additions} additions are residual connections"
+        if others:
+            text += f"; {others}"
         if self.untraceable:
             parts = "; ".join(f"{k}: {v}" for k, v in list(self.untraceable.items())[:3])
             more = f" and {len(self.untraceable) - 3} more" if len(self.untraceable) > 3 else ""
@@ -167,6 +208,22 @@ def find_blocks(model: nn.Module, example_input: Any = None) -> list[Block]:
         (8, 'layer1.0', 64, 4)
     """
     return analyze(model, example_input).blocks
+
+
+def find_units(model: nn.Module, example_input: Any = None, kinds: list[str] | None = None) -> list[Block]:
+    """Return every unit attention can go on, in execution order: residual blocks, joins of
+    branches (Inception modules, dense layers, ShuffleNet units: :mod:`.joins`) and, in a model
+    with neither, the layers of its plain conv chain (VGG, MobileNetV1: :mod:`.chains`). Each has
+    a ``kind``; ``kinds`` keeps those kinds only.
+
+    Example:
+        >>> import torchvision, se_retrofit
+        >>> units = se_retrofit.find_units(torchvision.models.googlenet(init_weights=False))
+        >>> len(units), units[0].kind, units[0].name, units[0].channels
+        (9, 'join', 'inception3a', 256)
+    """
+    units = analyze(model, example_input).units
+    return units if kinds is None else [u for u in units if u.kind in kinds]
 
 
 def analyze(model: nn.Module, example_input: Any = None) -> Analysis:
@@ -250,7 +307,7 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     for add in adds:
         index = per_call.get(add.call, 0)
         per_call[add.call] = index + 1
-        residual = _match_residual(add)
+        residual = _match_residual(add, recording.calls)
         if residual is not None and (add.scope, index) not in seen:
             seen.add((add.scope, index))
             residual.add_index = index
@@ -258,7 +315,8 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     untraceable: dict[str, str] = {}
     _place_in_traced_forwards(model, recording, found, per_call, untraceable)
     blocks = _to_blocks(found, shapes_b, modules)
-    return Analysis(blocks, len(adds), untraceable, tuple(_shape_of(example)), probes, notes)
+    units = blocks + _other_units(recording, found, shapes_b, modules, has_residuals=bool(blocks))
+    return Analysis(blocks, len(adds), untraceable, tuple(_shape_of(example)), probes, notes, units)
 
 
 def _shape_of(example: Any) -> tuple[int, ...]:
@@ -423,7 +481,7 @@ class _Residual:
     rewrite_error: str | None = None
 
 
-def _match_residual(add: Op) -> _Residual | None:
+def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None) -> _Residual | None:
     operands = add.args
     if len(operands) != 2 or any(a is None or not a.dynamic for a in operands):
         return None
@@ -438,7 +496,7 @@ def _match_residual(add: Op) -> _Residual | None:
             if block_input is branch:
                 continue
             cone = _dominated_ops(branch, block_input)
-            if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, projected=depth > 0):
+            if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, depth > 0, add, calls or {}):
                 return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone)
     return None
 
@@ -448,17 +506,45 @@ _SHORTCUT_KINDS = K.PROJECTION_KINDS | {K.MUL, K.LINEAR}
 _FREE_KINDS = frozenset({K.RESHAPE, K.IDENTITY, K.DROPOUT})
 
 
+#: a pooling written as a reduction over a dimension (Hiera's unrolled max-pool ``x.view(...).amax(1)``);
+#: ``max[0]`` is the values of ``max(dim=...)``
+_REDUCTIONS = frozenset({"max", "amax", "mean"})
+_REDUCTION_VALUES = "max[0]"
+
+
 def _projection_chain(op: Op) -> list[Op]:
     """``op`` and the ops it projects from, back through at most ``MAX_PROJECTION_OPS`` projection
     ops (reshapes and no-ops are free)."""
     chain, cost = [op], 0
-    while cost < MAX_PROJECTION_OPS and len(chain) < 4 * MAX_PROJECTION_OPS and chain[-1].kind in _SHORTCUT_KINDS:
+    while cost < MAX_PROJECTION_OPS and len(chain) < 4 * MAX_PROJECTION_OPS:
+        source = _pooled_source(chain[-1]) if chain[-1].name == "cat" else None
+        if source is not None:  # cat([amax(x), mean(x)]): poolings of one tensor side by side
+            cost += 1
+            chain.append(source)
+            continue
         inputs = chain[-1].inputs
-        if len(inputs) != 1:
+        if not _projects(chain[-1]) or len(inputs) != 1:
             break
-        cost += chain[-1].kind not in _FREE_KINDS
+        cost += chain[-1].kind not in _FREE_KINDS and chain[-1].name != _REDUCTION_VALUES
         chain.append(inputs[0])
     return chain
+
+
+def _projects(op: Op) -> bool:
+    return op.kind in _SHORTCUT_KINDS or (not op.module and op.name in _REDUCTIONS | {_REDUCTION_VALUES})
+
+
+def _pooled_source(cat: Op) -> Op | None:
+    """The one tensor a concatenation pools in each of its parts, each part reshapes and parameter-free
+    reductions of it (Hiera's stage transition without a projection: ``cat([amax(x), mean(x)])``)."""
+    sources = set()
+    for part in cat.inputs:
+        steps = 0
+        while steps < 4 and not part.weights and (part.kind in _FREE_KINDS or part.name in _REDUCTIONS
+                                                  | {_REDUCTION_VALUES}) and len(part.inputs) == 1:
+            part, steps = part.inputs[0], steps + 1
+        sources.add(part if steps else None)
+    return next(iter(sources)) if len(cat.inputs) > 1 and len(sources) == 1 else None
 
 
 def _dominated_ops(branch: Op, block_input: Op) -> set[Op] | None:
@@ -468,15 +554,37 @@ def _dominated_ops(branch: Op, block_input: Op) -> set[Op] | None:
                      escapes=lambda op: op.index < block_input.index or not op.args and op.dynamic)
 
 
-def _is_branch(cone: set[Op], projected: bool) -> bool:
+def _is_branch(cone: set[Op], projected: bool, add: Op, calls: dict[int, ModuleCall]) -> bool:
     """The branch applies a learned layer and does not come back up from a lower resolution; next
     to a projected shortcut it must be more than a projection itself (else: a multi-branch layer)."""
     kinds = [op.kind for op in cone]
-    if K.UPSAMPLE in kinds or not _learns(cone, kinds):
+    if not _learns(cone, kinds) or any(op.kind == K.UPSAMPLE and not _resamples_within_a_layer(op, cone, add, calls)
+                                       for op in cone):
         return False
     if projected and all(kind in _SHORTCUT_KINDS for kind in kinds):
         return kinds.count(K.CONV) + kinds.count(K.LINEAR) >= 2
     return True
+
+
+def _resamples_within_a_layer(upsample: Op, cone: set[Op], add: Op, calls: dict[int, ModuleCall]) -> bool:
+    """The upsampling runs inside a layer of the branch, below the adding module, that returns the
+    shape it was given: the layer went down and came back up by itself (LowFormer's and CPUBone's
+    strided attention ``upsample(attend(conv_s(x)))``), unlike an FPN, a decoder or an hourglass,
+    which come back up in the module that adds, or in one that takes a lower resolution in."""
+    inside = f"{add.scope}." if add.scope else ""
+    call = calls.get(upsample.call)
+    while call is not None and call.path != add.scope and call.path.startswith(inside):
+        given = _tensor_shapes((call.args, call.kwargs))
+        returned = min((op for op in cone if op.index > upsample.index and call.path in op.returned_by),
+                       key=lambda op: op.index, default=None)
+        if returned is not None and returned.shape is not None and given[:1] == [returned.shape]:
+            return True
+        call = calls.get(call.parent)
+    return False
+
+
+def _tensor_shapes(value: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def _learns(cone: set[Op], kinds: list[str]) -> bool:
@@ -555,6 +663,7 @@ def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: dict[int, tuple], mo
             container=_container(add, residual),
             branch_module=_branch_module(add, residual),
             rewrite_error=residual.rewrite_error,
+            branch_outside=_branch_outside(add, residual),
             **_inner_site(residual, modules),
         ))
     return blocks
@@ -587,6 +696,16 @@ def _branch_module(add: Op, residual: _Residual) -> str | None:
     return inside[-1] if inside else None
 
 
+def _branch_outside(add: Op, residual: _Residual) -> str | None:
+    """Where the branch starts (its first op reading the block input) when no such op runs inside
+    ``add.scope``; None where one does."""
+    starts = sorted((op for op in residual.cone if residual.block_input in op.inputs), key=lambda op: op.index)
+    if not add.scope or not starts:
+        return None
+    inside = [op for op in starts if _where(op) == add.scope or _where(op).startswith(f"{add.scope}.")]
+    return None if inside else _where(starts[0]) or "<root>"
+
+
 def _inner_site(residual: _Residual, modules: dict[str, nn.Module]) -> dict[str, Any]:
     """Where ``inner`` goes: after the branch's first spatial (k > 1) conv, or after the norm that
     directly follows it, as a call in the forward of the module that makes it."""
@@ -616,7 +735,8 @@ def _layout(add: Op, residual: _Residual, shape_b: tuple | None, modules: dict[s
     """(layout, channel dim) from the two probes; 0 as channel dim means unknown.
 
     Where the second probe did not run, or the model resized it back to its own size (CrossViT
-    interpolates every input to ``img_size``), the layers of the branch decide."""
+    interpolates every input to ``img_size``), or more than one dimension kept its size
+    (MobileViTV2's (N, C, pixels per patch, patches)), the layers of the branch decide."""
     shape_a = add.shape
     rank = len(shape_a)
     if rank < 3:
@@ -629,7 +749,8 @@ def _layout(add: Op, residual: _Residual, shape_b: tuple | None, modules: dict[s
                 return CHANNELS_FIRST, 1
             if dim == rank - 1:
                 return (TOKENS if rank == 3 else CHANNELS_LAST), dim
-        return UNKNOWN, 0
+        if len(constant) != 2:
+            return UNKNOWN, 0
     if _conv_says_channels_first(residual, shape_a, modules):
         return CHANNELS_FIRST, 1
     if _linear_says_channels_last(residual, shape_a, modules):
@@ -638,11 +759,14 @@ def _layout(add: Op, residual: _Residual, shape_b: tuple | None, modules: dict[s
 
 
 def _linear_says_channels_last(residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> bool:
-    """Without a second probe: the branch ends in a Linear producing the last dimension, and no
-    conv in it produces dimension 1 (tokens in ViTs, NHWC maps in Swin)."""
+    """Without a second probe: the branch has a Linear producing the last dimension, or a linear map
+    with parameters doing so (transformers' ``Conv1D``: ``addmm(bias, x, weight)``); the conv check
+    runs first (tokens in ViTs and GPTs, NHWC maps in Swin)."""
     for op in residual.cone:
         layer = modules.get(op.module) if op.module else None
         if isinstance(layer, nn.Linear) and layer.out_features == shape[-1] and (op.shape or ())[-1:] == shape[-1:]:
+            return True
+        if not op.module and op.kind == K.LINEAR and op.weights and (op.shape or ())[-1:] == shape[-1:]:
             return True
     return False
 
@@ -682,3 +806,73 @@ def _is_channel_gate(gate: tuple, features: tuple, channel_dim: int) -> bool:
     spatial = [d for d in range(1, len(gate)) if d != channel_dim]
     return gate[channel_dim] == features[channel_dim] > 1 and all(gate[d] == 1 for d in spatial) \
         and any(features[d] > 1 for d in spatial)
+
+
+# --- units that are not residual blocks: joins and plain chain layers --------------------------
+
+def _other_units(recording: Recording, found: list[tuple[Op, _Residual]], shapes_b: dict[int, tuple],
+                 modules: dict[str, nn.Module], has_residuals: bool) -> list[Block]:
+    """The joins (outside residual branches), and where a model has neither residual blocks nor
+    joins, the layers of its plain chain, as blocks of kind ``join`` / ``chain``."""
+    inside = {op for _, r in found for op in (*r.cone, *r.projection)}
+    joins = [_join_block(j) for j in find_joins(recording, modules, shapes_b, inside)]
+    if joins or has_residuals:
+        return _checked(_staged(_labelled(joins)), modules, recording)
+    return _checked(_staged([_chain_block(layer) for layer in find_chain_layers(recording, modules)]), modules,
+                    recording)
+
+
+def _checked(units: list[Block], modules: dict[str, nn.Module], recording: Recording) -> list[Block]:
+    """Each unit with ``rewrite_error`` set where one of its gates cannot be found again in the
+    traced forward of the module it edits (that forward cannot be traced, or lacks the place)."""
+    problems: dict[Gate, str | None] = {}
+    checked = []
+    for unit in units:
+        gates = {g for _, position_gates in unit.gates for g in position_gates}
+        for gate in gates:
+            if gate not in problems:
+                problems[gate] = gate_problem(modules[gate.module], gate, recording.first_call.get(gate.module))
+        error = next((problems[g] for g in gates if problems[g]), None)
+        checked.append(replace(unit, rewrite_error=error) if error else unit)
+    return checked
+
+
+def _join_block(join) -> Block:
+    cat, dim = join.cat, join.channel_dim
+    shape = cat.shape
+    in_shape = join.unit_input.shape or shape
+    rank = len(shape)
+    return Block(
+        path=join.post.module, add_index=join.post.index, channels=int(shape[dim]),
+        in_channels=int(in_shape[dim]) if len(in_shape) == rank else 0, stage=0,
+        spatial=tuple(s for d, s in enumerate(shape) if d not in (0, dim)),
+        layout=CHANNELS_FIRST if dim == 1 else TOKENS if rank == 3 else CHANNELS_LAST, channel_dim=dim,
+        branch=", ".join(_describe(cat.args[i]) for i in join.new_branches), shortcut="", shortcut_arg=0,
+        post_activation=_post_activation(cat), container=join.container, kind=JOIN,
+        gates=(("post", (join.post,)), ("standard", tuple(join.standard)), ("stage", (join.post,))))
+
+
+def _chain_block(layer) -> Block:
+    shape = layer.end.shape
+    return Block(
+        path=layer.conv.module, add_index=0, channels=int(shape[1]), in_channels=int(shape[1]), stage=0,
+        spatial=tuple(shape[2:]), layout=CHANNELS_FIRST, channel_dim=1, branch=layer.conv.module, shortcut="",
+        shortcut_arg=0, post_activation=_describe(layer.end), kind=CHAIN,
+        gates=(("standard", (layer.gate,)), ("post", (layer.gate,)), ("stage", (layer.gate,))))
+
+
+def _labelled(units: list[Block]) -> list[Block]:
+    """Names: the path, ``path@k`` for the k-th unit of a forward holding several."""
+    seen: dict[str, int] = {}
+    labelled = []
+    for unit in units:
+        k = seen.get(unit.path, 0)
+        seen[unit.path] = k + 1
+        labelled.append(replace(unit, label=unit.path if k == 0 else f"{unit.path}@{k}"))
+    return labelled
+
+
+def _staged(units: list[Block]) -> list[Block]:
+    """Stages: 1-based resolution levels among these units, largest maps first."""
+    sizes = sorted({math.prod(u.spatial) for u in units}, reverse=True)
+    return [replace(u, stage=sizes.index(math.prod(u.spatial)) + 1) for u in units]

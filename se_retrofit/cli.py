@@ -24,7 +24,7 @@ from torch import nn
 
 from ._version import __version__
 from ._shell import Parser, UsageError, run_command
-from .analysis import default_example_input
+from .analysis import UNIT_KINDS, default_example_input
 from .attention import create_attention, list_attentions
 from .config import POSITION_HELP, POSITIONS, RetrofitConfig, import_attention_module
 from .errors import RetrofitError
@@ -42,6 +42,27 @@ ACTIVATION_FACTOR = 32
 
 class IdentityCheckError(RetrofitError):
     """The edited model does not compute what the original computes, and that was not asked for."""
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in UNIT_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown unit kind {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(UNIT_KINDS)}")
+    return kinds
+
+
+_KIND_WORDS = {"residual": "blocks", "join": "joins", "chain": "chain layers"}
+
+
+def _units_text(units) -> str:
+    """``blocks found: 16 (stages 1,2,3,4)`` / ``joins found: 11 (stages 1,2,3)``."""
+    if not units:
+        return "units found: 0"
+    kinds = sorted({u.kind for u in units}, key=UNIT_KINDS.index)
+    counts = ", ".join(f"{_KIND_WORDS[k]} found: {sum(u.kind == k for u in units)}" for k in kinds)
+    return f"{counts} (stages {_stage_text(sorted({u.stage for u in units}))})"
 
 
 def _positive_int(text: str) -> int:
@@ -97,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sub-sample", action=argparse.BooleanOptionalAction,
                         help="nonlocal: max-pool phi and g, a quarter of the pairs (default: on)")
     parser.add_argument("--fusion", choices=("add", "mul"), help="gc: add the context (add) or gate with it (mul)")
+    parser.add_argument("--kinds", type=_kinds,
+                        help="kinds of unit to edit, comma-separated: residual (blocks with a residual addition), "
+                             "join (branches concatenated: Inception, DenseNet, ShuffleNet), chain (conv → "
+                             "activation layers: VGG, MobileNetV1); default: the first of these the model has")
     parser.add_argument("--every", type=_positive_int,
                         help="every N-th selected block of each stage, from its first (default: every block)")
     parser.add_argument("--stages", type=_stage_list, help="stages to edit, e.g. 3,4 (default: all)")
@@ -162,7 +187,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
                if v is not None}
     config = RetrofitConfig(attention=args.attention, position=args.position, reduction=args.r,
                             divisor=args.divisor, stages=args.stages, blocks=args.blocks, exclude=args.exclude,
-                            every=args.every, init=args.init, options=options)
+                            every=args.every, init=args.init, options=options, kinds=args.kinds)
     ref = resolve(args.model, args.source)
     out_dir = args.out or Path(f"{ref.name.replace('/', '_')}-{config.attention}-{config.position}"
                                + (f"-r{config.reduction}" if config.reduction else ""))
@@ -277,7 +302,8 @@ def _site_rows(site_plan: Plan, config: RetrofitConfig) -> list[dict[str, Any]]:
         if key not in sizes:
             sizes[key] = _module_size(config, *key)
         reduced, params = sizes[key]
-        rows.append({"block": site.block, "module": site.module_path, "stage": site.stage,
+        rows.append({"block": site.block, "unit": site.unit or site.block, "kind": site.kind,
+                     "module": site.module_path, "stage": site.stage,
                      "channels": site.channels, "reduced": reduced,
                      "params": params, "attention_map_bytes": site.attention_bytes})
     return rows
@@ -310,6 +336,8 @@ def _report(ref, origin: str, config: RetrofitConfig, analysis, site_plan: Plan,
     return {
         "model": str(ref), "weights": origin, **config.to_dict(),
         "blocks_found": len(analysis.blocks), "stages_found": analysis.stages,
+        "units_found": {kind: analysis.count(kind) for kind in UNIT_KINDS if analysis.count(kind)},
+        "units_edited": _units_text(analysis.units_of(config.kinds)),
         "already_with_attention": site_plan.stacked, "skipped": site_plan.skipped,
         "sites": sites, "params_before": _count(model),
         "params_planned": sum(s["params"] for s in sites), "dry_run": True,
@@ -324,21 +352,25 @@ def _identity_report(check) -> dict[str, Any]:
 
 def _print_report(report: dict, out: Console) -> None:
     out.print(f"[bold]{report['model']}[/]  weights: {report['weights']}", highlight=False)
+    kinds = sorted({row["kind"] for row in report["sites"]}, key=UNIT_KINDS.index)
+    on = "" if kinds == ["residual"] else " on " + " and ".join(_KIND_WORDS[k] for k in kinds)
     table = Table(title=f"{report['attention']} at '{report['position']}'"
-                        + (f", r={report['reduction']}" if report["reduction"] else ""))
+                        + (f", r={report['reduction']}" if report["reduction"] else "") + on)
     maps = any(row.get("attention_map_bytes") for row in report["sites"])
-    for column in ("block", "stage", "channels", "reduced", "params added") + (("attention map",) if maps else ()):
-        table.add_column(column, justify="left" if column == "block" else "right")
+    residual = all(row["kind"] == "residual" for row in report["sites"])
+    first = ("block",) if residual else ("unit", "module")
+    for column in first + ("stage", "channels", "reduced", "params added") + (("attention map",) if maps else ()):
+        table.add_column(column, justify="left" if column in first else "right")
     for row in report["sites"]:
-        cells = [row["block"], str(row["stage"]), str(row["channels"]), str(row["reduced"] or "-"), f"{row['params']:,}"]
+        where = [row["unit"]] if residual else [row["unit"], row["module"]]
+        cells = [*where, str(row["stage"]), str(row["channels"]), str(row["reduced"] or "-"), f"{row['params']:,}"]
         if maps:
             size = row.get("attention_map_bytes")
             cells.append(f"{size / 2**20:,.2f} MiB" if size else "-")
         table.add_row(*cells)
     out.print(table)
     before = report["params_before"]
-    out.print(f"blocks found: {report['blocks_found']} (stages {_stage_text(report['stages_found'])}); "
-              f"edited: {len(report['sites'])}", highlight=False)
+    out.print(f"{report['units_edited']}; edited: {len(report['sites'])}", highlight=False)
     if report["already_with_attention"]:
         out.print(f"[yellow]note:[/] {len(report['already_with_attention'])} blocks already have channel "
                   "attention; the new modules stack on top of it", highlight=False)

@@ -7,16 +7,11 @@ from typing import Any
 
 from .errors import RetrofitError
 from .attention import INITS, get_attention, is_registered
+from .positions import POSITION_HELP, POSITIONS, UNIT_KINDS
+from .positions.base import registered as registered_positions
+from .site import Site
 
-POSITIONS = ("standard", "pre", "post", "identity", "inner", "stage")
-POSITION_HELP = {
-    "standard": "on the residual branch, after its last layer, before the addition (SE paper default)",
-    "pre": "at the input of the residual branch; the shortcut still sees the raw input",
-    "post": "after the addition and the block's final activation",
-    "identity": "on the shortcut, in parallel to the residual branch",
-    "inner": "inside the branch, right after its spatial conv and that conv's norm (the paper's SE_3x3)",
-    "stage": "once per stage transition, after the last block of every stage but the last (BAM)",
-}
+__all__ = ["ConfigError", "POSITIONS", "POSITION_HELP", "RetrofitConfig", "RetrofitRecord", "Site"]
 
 
 class ConfigError(RetrofitError):
@@ -48,6 +43,10 @@ class RetrofitConfig:
     init: str = field(default="identity", metadata={"help": "identity (output unchanged) | random"})
     options: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "further options of the attention type (squeeze, gate, act, kernel_size, dilation)"})
+    kinds: list[str] | None = field(default=None, metadata={
+        "help": "kinds of unit to edit: residual (blocks with a residual addition), join (branches "
+                "concatenated: Inception, DenseNet, ShuffleNet) and chain (conv → activation layers of "
+                "VGG, MobileNetV1); None: the first of these the model has"})
     max_attention_mib: float = field(default=64.0, metadata={
         "help": "refuse a site whose attention map (Non-local, PAM) would exceed this many MiB at batch 1"})
     attention_module: str | None = field(default=None, metadata={
@@ -57,8 +56,17 @@ class RetrofitConfig:
         spec = get_attention(self.attention)
         self.attention_module = None if spec.builtin else self.attention_module or spec.cls.__module__
         self.position = self.position or spec.default_position
-        if self.position not in POSITIONS:
-            raise ConfigError(f"unknown position {self.position!r}; choose one of {', '.join(POSITIONS)}")
+        if self.position not in registered_positions():
+            raise ConfigError(f"unknown position {self.position!r}; choose one of "
+                              f"{', '.join(registered_positions())}")
+        if isinstance(self.kinds, str):
+            self.kinds = [k.strip() for k in self.kinds.split(",")]
+        if self.kinds is not None:
+            unknown = [k for k in self.kinds if k not in UNIT_KINDS] if isinstance(self.kinds, (list, tuple)) \
+                else [self.kinds]
+            if unknown or not self.kinds:
+                raise ConfigError(f"kinds must name unit kinds among {', '.join(UNIT_KINDS)}, got {self.kinds!r}")
+            self.kinds = [k for k in UNIT_KINDS if k in self.kinds]
         for name in ("reduction", "divisor"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -134,42 +142,6 @@ def import_attention_module(name: str) -> None:
     except Exception as error:
         raise ConfigError(f"cannot import {name!r}, which registers the attention type "
                           f"({type(error).__name__}: {error}); make it importable (PYTHONPATH)") from None
-
-
-@dataclass(frozen=True)
-class Site:
-    """One planned insertion: the module whose forward is edited, where in it, and the new module.
-
-    ``block`` is the module to edit (the residual block, or for ``inner`` the module calling the
-    spatial conv); ``add_index``/``shortcut_arg`` locate the residual addition in its forward;
-    ``anchor`` names the child whose output is gated (``inner``); ``channel_dim`` is where the
-    channels are at that point (1 for NCHW, -1 for NHWC maps and token sequences);
-    ``attention_bytes`` is the size of the attention type's largest intermediate at batch 1 in
-    float32 (Non-local's and PAM's N×N map), None where the type does not tell.
-    """
-
-    block: str
-    add_index: int
-    shortcut_arg: int
-    position: str
-    channels: int
-    spatial_dims: int
-    stage: int
-    module_name: str
-    channel_dim: int = 1
-    anchor: str | None = None
-    attention_bytes: int | None = None
-
-    @property
-    def module_path(self) -> str:
-        return f"{self.block}.{self.module_name}" if self.block else self.module_name
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Site":
-        return cls(**data)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch import nn
 from . import hf
 from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
-from .planning import NoResidualBlocksError, Plan, plan_sites
+from .planning import NoResidualBlocksError, Plan, nothing_editable, plan_sites
 from .surgery import apply_sites
 from .tracing import graph_cache
 
@@ -41,9 +41,11 @@ def plan(model: nn.Module, config: RetrofitConfig | None = None, example_input: 
 def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = None,
              reduction: int | None = None, stages: list[int] | None = None, blocks: list[str] | None = None,
              exclude: list[str] | None = None, init: str = "identity", divisor: int | None = None,
-             every: int | None = None, max_attention_mib: float = 64.0,
+             every: int | None = None, kinds: list[str] | None = None, max_attention_mib: float = 64.0,
              example_input: Any = None, inplace: bool = False, **options) -> nn.Module:
-    """Insert attention into every residual block of ``model`` (or the selected ones).
+    """Insert attention into every residual block of ``model`` (or the selected ones); into its joins of
+    branches (Inception, DenseNet, ShuffleNet) or its conv chain layers (VGG, MobileNetV1) where it has no
+    residual block.
 
     With ``init="identity"`` the returned model computes exactly what ``model`` computes, in
     train and eval mode, until fine-tuning moves the new parameters. The model keeps its class
@@ -65,6 +67,9 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
         divisor: round hidden widths to a multiple of this (default: timm's, 8 for SE).
         every: only every k-th selected block of each stage, from its first (``stages=[2, 3],
             every=2``: the Non-local paper's 5 blocks on ResNet-50).
+        kinds: the kinds of unit to edit: ``residual`` blocks, ``join`` (branches concatenated:
+            Inception modules, dense layers, ShuffleNet units), ``chain`` (conv → activation layers of
+            VGG, MobileNetV1); by default the first of these the model has.
         max_attention_mib: refuse a site whose attention map (Non-local, PAM) would be larger at batch 1.
         example_input: an input the model accepts, for probing shapes (default: its input size).
         inplace: edit ``model`` itself instead of a copy.
@@ -84,7 +89,7 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
     config = RetrofitConfig(attention=attention, position=position, reduction=reduction,
                             stages=list(stages) if stages is not None else None,
                             blocks=_patterns(blocks), exclude=_patterns(exclude),
-                            init=init, divisor=divisor, every=every, max_attention_mib=max_attention_mib,
+                            init=init, divisor=divisor, every=every, kinds=kinds, max_attention_mib=max_attention_mib,
                             options=options)
     return retrofit_with(model, config, example_input=example_input, inplace=inplace)
 
@@ -110,8 +115,7 @@ def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis,
     """:func:`retrofit_with` for a plan made already (:func:`plan` of this model and ``config``): the
     command line shows the plan, then edits by it without planning again."""
     if not site_plan.sites:
-        reasons = "; ".join(f"{k}: {v}" for k, v in list(site_plan.skipped.items())[:3])
-        raise NoResidualBlocksError(f"no block could be edited ({analysis.describe()}): {reasons}")
+        raise NoResidualBlocksError(nothing_editable(analysis, site_plan))
     if site_plan.stacked:
         warnings.warn(f"{len(site_plan.stacked)} of the blocks edited already apply channel attention "
                       f"(first: {site_plan.stacked[0]}); {config.attention} will be stacked on top of it",

@@ -35,6 +35,8 @@ from torch.fx.graph_module import _forward_from_src
 #: a traced variant of a block's forward: (training, which optional arguments are None)
 Variant = tuple[bool, tuple[bool, ...]]
 SPEC_ATTR = "_se_retrofit_edit"
+#: in a traced graph, the keyword that stands for ``**kwargs`` passed on (see :func:`.tracing.trace`)
+VAR_KEYWORD_MARK = "_se_retrofit_var_keyword"
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,7 +49,7 @@ class EditSpec:
     globals: dict[Variant, dict[str, Any]]
     optional: tuple[str, ...] = ()
     fixed: tuple[tuple[str, Any], ...] = ()
-    var_keyword: bool = False  # the original forward takes **kwargs; the traced one was called without
+    var_keyword: bool = False  # the original forward takes **kwargs (passed on where the sources mark it)
 
     @property
     def key(self) -> tuple:
@@ -125,7 +127,7 @@ def _forward(spec: EditSpec) -> Callable:
     variants = {}
     for key, src in spec.sources.items():
         if src not in compiled:
-            compiled[src] = _forward_from_src(src, dict(spec.globals[key]))
+            compiled[src] = _forward_from_src(_unpack_var_keyword(src), dict(spec.globals[key]))
         variants[key] = compiled[src]
     original = spec.base.forward
     if len(compiled) == 1 and not spec.fixed and not spec.var_keyword:
@@ -137,11 +139,18 @@ def _forward(spec: EditSpec) -> Callable:
     return forward
 
 
+def _unpack_var_keyword(src: str) -> str:
+    """The traced code with each marked keyword (``f(x, MARK = kwargs)``) written as ``f(x, **kwargs)``."""
+    return src.replace(f"{VAR_KEYWORD_MARK} = ", "**")
+
+
 def _dispatcher(variants: dict[Variant, Callable], optional: tuple[str, ...], fixed: dict[str, object],
                 original: Callable) -> Callable:
     """Choose the traced variant matching the block's mode and which optional arguments are None."""
     signature = inspect.signature(original)
     var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    if var_keyword is not None and all(takes_var_keyword(v) for v in variants.values()):
+        var_keyword = None  # traced with its **kwargs: they are passed on as the original did
 
     def forward(self, *args, **kwargs):
         if not optional and not fixed and var_keyword is None:
@@ -156,8 +165,13 @@ def _dispatcher(variants: dict[Variant, Callable], optional: tuple[str, ...], fi
                 raise ValueError(f"{type(self).__name__} was edited by se_retrofit for {name}={value!r}, "
                                  f"its default; it cannot be called with {name}={bound.arguments[name]!r}")
         nones = tuple(bound.arguments[name] is None for name in optional)
+        variant = variants.get((self.training, nones))
+        if variant is None:
+            given = [name for name, none in zip(optional, nones) if not none]
+            raise ValueError(f"{type(self).__name__} was edited by se_retrofit for the calls its forward accepts; "
+                             f"it refused {', '.join(given)} when traced")
         # positionally: fx renames the parameters it specialised to None (bias -> bias_1)
-        return variants[(self.training, nones)](*bound.args, **bound.kwargs)
+        return variant(*bound.args, **bound.kwargs)
 
     return forward
 
@@ -167,25 +181,30 @@ def takes_var_keyword(function: Callable) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
 
 
-def without_var_keyword(function: Callable) -> Callable:
-    """``function`` as called with no ``**kwargs``: the same parameters less the var-keyword one, so that
-    fx can trace it (it cannot unpack a proxy). ``function`` itself where it has none."""
-    if not takes_var_keyword(function):
+def with_own_signature(function: Callable) -> Callable:
+    """``function`` with the parameters its signature reports, written out: a wrapper that takes
+    ``(*args, **kwargs)`` and reports the wrapped forward's signature (transformers'
+    ``GradientCheckpointingLayer``) is traced by fx through its code, which it cannot unpack.
+    ``function`` itself where its code already takes those parameters."""
+    params = list(inspect.signature(function).parameters.values())
+    code = getattr(function, "__code__", None)
+    if code is None or list(code.co_varnames[:len(params)]) == [p.name for p in params]:
         return function
-    kept = [p for p in inspect.signature(function).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    namespace = {"_function": function, **{f"_default_{p.name}": p.default for p in kept if p.default is not p.empty}}
-    params = ", ".join(_parameter_source(p, kept) for p in kept)
+    namespace = {"_function": function, **{f"_default_{p.name}": p.default for p in params if p.default is not p.empty}}
+    source = ", ".join(_parameter_source(p, params) for p in params)
     call = ", ".join(p.name if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) else
-                     (f"*{p.name}" if p.kind is p.VAR_POSITIONAL else f"{p.name}={p.name}") for p in kept)
-    exec(f"def forward({params}):\n    return _function({call})\n", namespace)  # our own source, no input
+                     f"*{p.name}" if p.kind is p.VAR_POSITIONAL else
+                     f"**{p.name}" if p.kind is p.VAR_KEYWORD else f"{p.name}={p.name}" for p in params)
+    exec(f"def forward({source}):\n    return _function({call})\n", namespace)  # our own source, no input
     return namespace["forward"]
 
 
-def _parameter_source(parameter: inspect.Parameter, kept: list[inspect.Parameter]) -> str:
-    text = f"*{parameter.name}" if parameter.kind is parameter.VAR_POSITIONAL else parameter.name
+def _parameter_source(parameter: inspect.Parameter, params: list[inspect.Parameter]) -> str:
+    kind = parameter.kind
+    text = {kind.VAR_POSITIONAL: "*", kind.VAR_KEYWORD: "**"}.get(kind, "") + parameter.name
     if parameter.default is not parameter.empty:
         text += f"=_default_{parameter.name}"
-    before = kept[kept.index(parameter) - 1].kind if kept.index(parameter) else None
-    if parameter.kind is parameter.KEYWORD_ONLY and before not in (parameter.KEYWORD_ONLY, parameter.VAR_POSITIONAL):
+    before = params[params.index(parameter) - 1].kind if params.index(parameter) else None
+    if kind is kind.KEYWORD_ONLY and before not in (kind.KEYWORD_ONLY, kind.VAR_POSITIONAL):
         text = "*, " + text
     return text

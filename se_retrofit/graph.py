@@ -50,7 +50,10 @@ def mark_dynamic(graph: fx.Graph) -> None:
 
 def _is_data_input(placeholder: fx.Node) -> bool:
     """A required argument, or an optional one that was given a tensor when probed. Optional
-    arguments left at their default (``attn_mask=None``) are constants, not a second input."""
+    arguments left at their default (``attn_mask=None``) are constants, not a second input, and so
+    are the keyword arguments a forward passes on (``**kwargs``)."""
+    if str(placeholder.target).startswith("**"):
+        return False
     has_default = bool(placeholder.args)
     return not has_default or placeholder.meta.get("shape") is not None
 

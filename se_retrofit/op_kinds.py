@@ -17,9 +17,9 @@ from torch.nn.modules.pooling import (
     _MaxPoolNd,
 )
 
-CONV, LINEAR, NORM, NORM_ACT, POOL, IDENTITY, DROPOUT, PAD, ACT, ADD, MUL, RESHAPE, UPSAMPLE, OTHER = (
+CONV, LINEAR, NORM, NORM_ACT, POOL, IDENTITY, DROPOUT, PAD, ACT, ADD, MUL, RESHAPE, UPSAMPLE, CAT, OTHER = (
     "conv", "linear", "norm", "norm_act", "pool", "identity", "dropout", "pad", "act", "add", "mul",
-    "reshape", "upsample", "other",
+    "reshape", "upsample", "cat", "other",
 )
 #: kinds a shortcut projection may consist of (downsample conv/BN, pooling, padding, reshapes, no-ops)
 PROJECTION_KINDS = frozenset({CONV, NORM, POOL, IDENTITY, DROPOUT, PAD, RESHAPE})
@@ -61,6 +61,7 @@ _FUNCTION_KINDS = {
     torch.sigmoid: ACT, torch.tanh: ACT, F.sigmoid: ACT, F.tanh: ACT,
     operator.add: ADD, operator.iadd: ADD, torch.add: ADD,
     operator.mul: MUL, operator.imul: MUL, torch.mul: MUL,
+    torch.cat: CAT, torch.concat: CAT, torch.concatenate: CAT,
 }
 _METHOD_KINDS = {
     "add": ADD, "add_": ADD, "mul": MUL, "mul_": MUL,
@@ -119,6 +120,7 @@ _NAME_KINDS = {
     **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"),
                     DROPOUT),
     "pad": PAD,
+    **dict.fromkeys(("cat", "concat", "concatenate"), CAT),
     **dict.fromkeys(("relu", "relu_", "relu6", "silu", "gelu", "hardswish", "hardsigmoid", "sigmoid", "sigmoid_",
                      "tanh", "tanh_", "leaky_relu", "elu", "mish", "softplus", "hardtanh", "selu", "celu",
                      "prelu"), ACT),

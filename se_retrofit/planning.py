@@ -7,9 +7,11 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from .errors import RetrofitError
-from .analysis import CHANNELS_FIRST, SUPPORTED_LAYOUTS, Analysis, Block
+from .analysis import Analysis, Block
 from .attention import AttentionSpec, get_attention
-from .config import RetrofitConfig, Site
+from .config import RetrofitConfig
+from .positions import get_position
+from .site import Site
 
 
 class NoResidualBlocksError(RetrofitError):
@@ -34,44 +36,76 @@ class Plan:
 
 
 def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> Plan:
-    """Choose the sites for ``config``: one per selected block (one per stage transition for
-    ``stage``), with the channel count, layout and attribute name each needs."""
-    if not analysis.blocks:
-        raise NoResidualBlocksError(f"no residual blocks found: {analysis.describe()}")
-    _check_stages(config, analysis.stages)
+    """Choose the sites for ``config``: one per selected unit (one per new branch of a join at
+    ``standard``; one per stage transition for ``stage``), with the channel count, layout and
+    attribute name each needs."""
+    units = analysis.units_of(config.kinds)
+    if not units:
+        raise NoResidualBlocksError(_nothing_found(analysis, config))
+    stages = sorted({u.stage for u in units})
+    _check_stages(config, stages)
     spec = get_attention(config.attention)
-    blocks = select_blocks(analysis.blocks, config.blocks, config.exclude)
-    if config.stages is not None:
-        blocks = [b for b in blocks if b.stage in config.stages]
-    if config.every is not None:
-        blocks = every_kth(blocks, config.every)
-    if not blocks:
-        chosen = ", ".join(f"{k}={v}" for k, v in (("blocks", config.blocks), ("exclude", config.exclude),
-                                                    ("stages", config.stages), ("every", config.every))
-                           if v is not None)
-        raise BlockPatternError(f"{chosen} leave none of the {len(analysis.blocks)} residual blocks "
-                                f"({analysis.blocks[0].name} … {analysis.blocks[-1].name}) to edit")
-    if config.position == "stage":
-        if len(analysis.stages) < 2:
-            raise StageError("position 'stage' goes between stages, and all of this model's residual blocks "
-                             "are at one resolution; use a block position such as standard")
-        blocks = _last_block_of_each_stage(blocks, analysis.stages)
-    if spec.default_blocks == "last" and config.stages is None and config.blocks is None and blocks:
-        blocks = blocks[-1:]  # the type's own placement (DANet: once, on the backbone's output)
+    position = get_position(config.position)
+    chosen = _selected(units, config)
+    if position.select is not None:
+        if len(stages) < 2:
+            raise StageError(f"position {position.name!r} goes between stages, and all of this model's "
+                             f"{_kind_words(units)} are at one resolution; use a block position such as standard")
+        chosen = position.select(chosen, stages)
+    if spec.default_blocks == "last" and config.stages is None and config.blocks is None and chosen:
+        chosen = chosen[-1:]  # the type's own placement (DANet: once, on the backbone's output)
     plan = Plan(sites=[])
     taken: dict[str, set[str]] = {}
-    attr = spec.attr_name
-    for block in blocks:
-        reason = _unplaceable(block, config.position)
-        if reason:
-            plan.skipped[block.name] = reason
+    for unit in chosen:
+        drafts = position.sites(unit)
+        if isinstance(drafts, str):
+            plan.skipped[unit.name] = drafts
             continue
-        if block.has_attention:
-            plan.stacked.append(block.name)
-        site = _sized(_site(block, config.position), block, spec, config)
-        owner = model.get_submodule(site.block)
-        plan.sites.append(replace(site, module_name=_free_name(owner, attr, taken.setdefault(site.block, set()))))
+        if unit.has_attention:
+            plan.stacked.append(unit.name)
+        for draft in drafts:
+            site = _sized(draft, unit, spec, config)
+            owner = model.get_submodule(site.block)
+            name = _free_name(owner, spec.attr_name, taken.setdefault(site.block, set()))
+            plan.sites.append(replace(site, module_name=name))
     return plan
+
+
+def nothing_editable(analysis: Analysis, plan: Plan) -> str:
+    """Why a plan has no site: the one reason all units share, or the first few."""
+    reasons = set(plan.skipped.values())
+    if len(reasons) == 1:
+        kinds = {u.kind for u in analysis.units if u.name in plan.skipped}
+        what = _kind_words([u for u in analysis.units if u.name in plan.skipped]) if len(kinds) == 1 else "units"
+        return f"no block could be edited: for all {len(plan.skipped)} {what}, {reasons.pop()}"
+    listed = "; ".join(f"{k}: {v}" for k, v in list(plan.skipped.items())[:3])
+    return f"no block could be edited ({analysis.describe()}): {listed}"
+
+
+def _nothing_found(analysis: Analysis, config: RetrofitConfig) -> str:
+    if config.kinds is None:
+        return f"no residual blocks found, nor joins of branches or conv chain layers: {analysis.describe()}"
+    return f"no units of kind {', '.join(config.kinds)} found: {analysis.describe()}"
+
+
+def _selected(units: list[Block], config: RetrofitConfig) -> list[Block]:
+    """The units ``blocks``, ``exclude``, ``stages`` and ``every`` leave; an error where none is left."""
+    chosen = select_blocks(units, config.blocks, config.exclude)
+    if config.stages is not None:
+        chosen = [u for u in chosen if u.stage in config.stages]
+    if config.every is not None:
+        chosen = every_kth(chosen, config.every)
+    if not chosen:
+        given = ", ".join(f"{k}={v}" for k, v in (("blocks", config.blocks), ("exclude", config.exclude),
+                                                   ("stages", config.stages), ("every", config.every))
+                          if v is not None)
+        raise BlockPatternError(f"{given} leave none of the {len(units)} {_kind_words(units)} "
+                                f"({units[0].name} … {units[-1].name}) to edit")
+    return chosen
+
+
+def _kind_words(units: list[Block]) -> str:
+    return {"residual": "residual blocks", "join": "joins", "chain": "chain layers"}.get(units[0].kind, "units")
 
 
 def every_kth(blocks: list[Block], k: int) -> list[Block]:
@@ -114,22 +148,14 @@ def select_blocks(blocks: list[Block], patterns: list[str] | None, exclude: list
     A pattern that matches no block is an error: it is almost always a typo."""
     for pattern in (patterns or []) + (exclude or []):
         if not any(_matches(b, pattern) for b in blocks):
-            raise BlockPatternError(f"pattern {pattern!r} matches no residual block (they are named like "
-                                    f"{blocks[0].name} … {blocks[-1].name})")
+            raise BlockPatternError(f"pattern {pattern!r} matches none of the {_kind_words(blocks)} (they are "
+                                    f"named like {blocks[0].name} … {blocks[-1].name})")
     chosen = [b for b in blocks if patterns is None or any(_matches(b, p) for p in patterns)]
     return [b for b in chosen if not any(_matches(b, p) for p in exclude or [])]
 
 
 def _matches(block: Block, pattern: str) -> bool:
     return fnmatch.fnmatchcase(block.name, pattern) or fnmatch.fnmatchcase(block.path, pattern)
-
-
-def _last_block_of_each_stage(blocks: list[Block], stages: list[int]) -> list[Block]:
-    last = {}
-    for block in blocks:
-        if block.stage != stages[-1]:
-            last[block.stage] = block
-    return [last[s] for s in sorted(last)]
 
 
 def _check_stages(config: RetrofitConfig, available: list[int]) -> None:
@@ -150,28 +176,6 @@ def _span(stages: list[int]) -> str:
     if stages == list(range(stages[0], stages[-1] + 1)):
         return f"{stages[0]}-{stages[-1]}" if len(stages) > 1 else str(stages[0])
     return ", ".join(map(str, stages))
-
-
-def _unplaceable(block: Block, position: str) -> str | None:
-    if position == "inner":
-        return None if block.inner_module is not None else "its branch has no spatial (k>1) conv for inner"
-    if block.rewrite_error:
-        return f"its forward cannot be rewritten ({block.rewrite_error})"
-    if block.layout not in SUPPORTED_LAYOUTS:
-        return f"layout {block.layout}: the channel dimension could not be told from the probes"
-    return None
-
-
-def _site(block: Block, position: str) -> Site:
-    if position == "inner":
-        return Site(block=block.inner_module, add_index=0, shortcut_arg=0, position=position,
-                    channels=block.inner_channels, spatial_dims=len(block.spatial), stage=block.stage,
-                    module_name="", channel_dim=1, anchor=block.inner_anchor)
-    channels = block.in_channels if position == "pre" else block.channels
-    channel_dim = 1 if block.layout == CHANNELS_FIRST else -1
-    return Site(block=block.path, add_index=block.add_index, shortcut_arg=block.shortcut_arg,
-                position=position, channels=channels, spatial_dims=len(block.spatial),
-                stage=block.stage, module_name="", channel_dim=channel_dim)
 
 
 def _free_name(owner: nn.Module, base: str, taken: set[str]) -> str:

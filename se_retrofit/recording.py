@@ -82,12 +82,14 @@ class Op:
 
 @dataclass
 class ModuleCall:
-    """One call of a module: its path, arguments (by reference) and the call counter."""
+    """One call of a module: its path, arguments (by reference), the call counter and the counter of
+    the call it runs in (0: the root's)."""
 
     path: str
     number: int
     args: tuple
     kwargs: dict
+    parent: int = 0
 
 
 @dataclass
@@ -146,7 +148,7 @@ class _Recorder(TorchFunctionMode):
             self.leaf_depth = 1
             self._leaf_args(args, kwargs)
             return
-        call = ModuleCall(path, self.counter, args, kwargs)
+        call = ModuleCall(path, self.counter, args, kwargs, parent=self.stack[-1][1])
         self.calls[self.counter] = call
         self.first_call.setdefault(path, call)
         self.stack.append((path, self.counter))

@@ -15,18 +15,17 @@ from typing import Callable
 from torch import fx, nn
 from torch.fx.proxy import TraceError
 
-from .errors import RetrofitError
 from . import op_kinds as K
-from .graph import add_operands, dominated_cone, dynamic_inputs, mark_dynamic
+from .graph import add_operands, mark_dynamic
 from .attention import create_attention
-from .config import RetrofitConfig, Site
+from .config import RetrofitConfig
+from .placement import GATES, SurgeryError
+from .positions import get_position
+from .site import Site
 from .hub import first_sentence
 from .edited import EditSpec, Variant, base_class, install, takes_var_keyword
-from .tracing import forward_function, optional_arguments, trace, trace_fixing_defaults, training_mode
-
-
-class SurgeryError(RetrofitError):
-    """A planned site could not be found again in its block's forward."""
+from .tracing import (TRACE_FAILURES, forward_function, optional_arguments, trace, trace_fixing_defaults,
+                      training_mode)
 
 
 def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig) -> None:
@@ -57,7 +56,7 @@ def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Modu
     optional = _optional_arguments(block)
     try:
         graphs, fixed = _trace_variants(block, optional)
-    except (TraceError, TypeError, AttributeError, NotImplementedError, RuntimeError) as error:
+    except TRACE_FAILURES as error:
         raise SurgeryError(f"{type(block).__name__} at {sites[0].block!r}: its forward cannot be rewritten "
                            f"(torch.fx: {type(error).__name__}: {first_sentence(error)}); leave it out with exclude=[{sites[0].block!r}] "
                            "(--exclude on the command line)") from None
@@ -70,8 +69,17 @@ def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Modu
         for site in sites:
             _insert(graph, site, modules)
         graph.lint()
+        _free_root_name(graph)
         forwards[key] = graph.python_code(root_module="self")
     _install_forward(block, forwards, optional, fixed)
+
+
+def _free_root_name(graph: fx.Graph) -> None:
+    """Rename the nodes fx named ``self`` after a child called ``self`` (transformers' attention layers
+    have ``self.self``): in the generated forward they would rebind the module itself."""
+    for node in graph.nodes:
+        if node.name == "self" and node.op != "placeholder":
+            node._rename(f"{node.name}_output")
 
 
 MAX_OPTIONAL = 3
@@ -84,9 +92,25 @@ def _optional_arguments(block: nn.Module) -> list[str]:
 
 
 def _trace_variants(block: nn.Module, optional: list[str]) -> tuple[dict[Variant, fx.Graph], dict[str, object]]:
-    """Trace every variant (see :func:`.tracing.trace_fixing_defaults` for the arguments fixed)."""
-    return trace_fixing_defaults(block, lambda fixed: {key: _trace_block(block, key, optional, fixed)
-                                                       for key in _variants(optional)})
+    """Trace every variant the forward accepts (see :func:`.tracing.trace_fixing_defaults` for the
+    arguments fixed)."""
+    return trace_fixing_defaults(block, lambda fixed: _traced_variants(block, optional, fixed))
+
+
+def _traced_variants(block: nn.Module, optional: list[str], fixed: dict[str, object]) -> dict[Variant, fx.Graph]:
+    """Every variant the forward accepts: one that raises when traced with an optional argument given
+    (ImageGPT's block refuses ``encoder_hidden_states`` without cross-attention layers) is left out,
+    and calling the edited block so raises; the variant with all of them None must trace."""
+    graphs = {}
+    for key in _variants(optional):
+        try:
+            graphs[key] = _trace_block(block, key, optional, fixed)
+        except TraceError:
+            raise
+        except ValueError:
+            if all(key[1]):
+                raise
+    return graphs
 
 
 def _variants(optional: list[str]) -> list[Variant]:
@@ -111,8 +135,12 @@ def _attach(block: nn.Module, name: str, module: nn.Module) -> None:
 # --- placing one module in a block's graph ----------------------------------------------------
 
 def _insert(graph: fx.Graph, site: Site, modules: dict[str, nn.Module]) -> None:
-    if site.position == "inner":
-        _place_inner(graph, site)
+    """A gate where the site names one (joins, chain layers, ``inner``), else the position's own
+    placement at the residual addition."""
+    if site.gate:
+        if site.gate not in GATES:
+            raise SurgeryError(f"{site.block}: unknown gate {site.gate!r} (written by a newer se_retrofit?)")
+        GATES[site.gate](graph, site, modules)
         return
     adds = [n for n in graph.nodes if K.node_kind(n, modules) == K.ADD]
     if site.add_index >= len(adds):
@@ -123,97 +151,10 @@ def _insert(graph: fx.Graph, site: Site, modules: dict[str, nn.Module]) -> None:
     if operands is None:
         raise SurgeryError(f"{site.block}: addition #{site.add_index} does not add two tensors")
     shortcut, branch = operands[site.shortcut_arg], operands[1 - site.shortcut_arg]
-    _PLACERS[site.position](graph, add, branch, shortcut, site, modules)
-
-
-def _attend(graph: fx.Graph, source: fx.Node, site: Site) -> fx.Node:
-    """Call the site's module on ``source`` at the graph's insertion point; channels-last maps and
-    token sequences are moved to channels-first around the call."""
-    if site.channel_dim == 1:
-        return graph.call_module(site.module_name, (source,))
-    moved = graph.call_method("movedim", (source, site.channel_dim, 1))
-    gated = graph.call_module(site.module_name, (moved,))
-    return graph.call_method("movedim", (gated, 1, site.channel_dim))
-
-
-def _wrap_output(graph: fx.Graph, target: fx.Node, site: Site) -> None:
-    """Route every existing use of ``target`` through the attention module."""
-    users = list(target.users)
-    with graph.inserting_before(target.next):  # in order, right after target
-        gated = _attend(graph, target, site)
-    for user in users:
-        user.replace_input_with(target, gated)
-
-
-def _place_standard(graph, add, branch, shortcut, site, modules) -> None:
-    """After the branch's last layer, before stochastic depth / dropout and the addition."""
-    target = branch
-    while K.node_kind(target, modules) in K.PASSTHROUGH_KINDS and len(target.users) == 1:
-        inputs = dynamic_inputs(target)
-        if len(inputs) != 1 or len(inputs[0].users) != 1:
-            break
-        target = inputs[0]
-    _wrap_output(graph, target, site)
-
-
-def _place_post(graph, add, branch, shortcut, site, modules) -> None:
-    """After the addition, and after the activation that directly follows it."""
-    users = list(add.users)
-    follows = len(users) == 1 and K.node_kind(users[0], modules) == K.ACT
-    _wrap_output(graph, users[0] if follows else add, site)
-
-
-def _place_identity(graph, add, branch, shortcut, site, modules) -> None:
-    """On the shortcut, just before the addition; the branch is untouched."""
-    with graph.inserting_before(add):
-        gated = _attend(graph, shortcut, site)
-    add.replace_input_with(shortcut, gated)
-
-
-def _place_pre(graph, add, branch, shortcut, site, modules) -> None:
-    """On the block input as the branch sees it; the shortcut keeps the raw input."""
-    block_input, cone = _block_input(shortcut, branch)
-    users = [u for u in block_input.users if u in cone]
-    first = next(n for n in graph.nodes if n in users)
-    with graph.inserting_before(first):
-        gated = _attend(graph, block_input, site)
-    for user in users:
-        user.replace_input_with(block_input, gated)
-
-
-def _place_inner(graph: fx.Graph, site: Site) -> None:
-    """After the call of the child ``site.anchor`` (the branch's spatial conv, or its norm)."""
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == site.anchor]
-    if len(calls) != 1:
-        raise SurgeryError(f"{site.block}: expected one call of {site.anchor!r} in its forward, found "
-                           f"{len(calls)}")
-    _wrap_output(graph, calls[0], site)
-
-
-_PLACERS: dict[str, Callable] = {
-    "standard": _place_standard, "pre": _place_pre, "post": _place_post, "identity": _place_identity,
-    "stage": _place_post,
-}
-
-
-def _block_input(shortcut: fx.Node, branch: fx.Node) -> tuple[fx.Node, set[fx.Node]]:
-    """The node the shortcut starts from: the nearest one on its way back that dominates the branch.
-    Where the shortcut arrives as an argument of its own (DLA's trees pass it in), the branch's
-    input is the argument the branch is computed from."""
-    node = shortcut
-    for _ in range(16):
-        cone = dominated_cone(branch, node) if node is not branch else None
-        if cone:
-            return node, cone
-        inputs = dynamic_inputs(node)
-        if len(inputs) != 1:
-            break
-        node = inputs[0]
-    for placeholder in (n for n in branch.graph.nodes if n.op == "placeholder" and n is not shortcut):
-        cone = dominated_cone(branch, placeholder)
-        if cone:
-            return placeholder, cone
-    raise SurgeryError(f"could not find the block input feeding both {shortcut.name} and {branch.name}")
+    position = get_position(site.position)
+    if position.place is None:
+        raise SurgeryError(f"{site.block}: position {site.position!r} has no placement at a residual addition")
+    position.place(graph, add, branch, shortcut, site, modules)
 
 
 # --- the new forward ---------------------------------------------------------------------------

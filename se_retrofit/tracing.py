@@ -13,15 +13,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import types
 import inspect
+import os
+import traceback
+import types
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import fx, nn
 from torch.fx.proxy import TraceError
 
-from .edited import SPEC_ATTR, without_var_keyword
+from .edited import SPEC_ATTR, VAR_KEYWORD_MARK, with_own_signature
 
 MODULE_PATH = "module_path"
 T = TypeVar("T")
@@ -61,6 +63,13 @@ class RetrofitTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def keys(self, obj):
+        """``**kwargs`` of the forward's own var-keyword argument unpacks to one marked keyword, which
+        :func:`pass_var_keyword` turns back into ``**kwargs`` (fx cannot unpack a proxy)."""
+        if obj.node.op == "placeholder" and str(obj.node.target).startswith("**"):
+            return iter([VAR_KEYWORD_MARK])
+        return super().keys(obj)
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         paths = [path for path, _ in getattr(self, "module_stack", {}).values()]
@@ -75,8 +84,9 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
 
     Side-effect free: a forward that caches on first call (torchvision's MultiScaleRoIAlign sets
     ``self.scales``) would otherwise keep Proxy objects, so every module's attributes are restored.
-    A forward taking ``**kwargs`` (every Hugging Face layer) is traced as called without them: fx
-    cannot unpack a proxy.
+    A forward taking ``**kwargs`` (every Hugging Face layer) passes them on where it did: each
+    ``f(..., **kwargs)`` is traced as a call with the keyword :data:`~.edited.VAR_KEYWORD_MARK` bound
+    to the ``**kwargs`` placeholder, which the edited forward's code unpacks again.
 
     Inside :func:`graph_cache`, a block traced with its children as leaves is traced once per
     structure: a block of the same class, forward, attributes and children gets a copy of the graph
@@ -117,12 +127,17 @@ def _trace(module: nn.Module, leaf_children: bool, concrete_args: dict | None,
         for m, original in classes.values():
             m.__class__ = original
         raise _Unwatchable(str(error)) from None
-    traced = without_var_keyword(_variant_to_trace(module, concrete_args or {}))
+    traced = with_own_signature(_variant_to_trace(module, concrete_args or {}))
     if traced is not cls.forward:
-        module.__class__ = type(cls.__name__, (type(module),), {"forward": traced, "__module__": cls.__module__})
+        module.__class__ = type(cls.__name__, (type(module),), {"__module__": cls.__module__})
+        module.__class__.forward = traced  # after creation: __init_subclass__ hooks (transformers') may wrap it
     token = _READS.set((reads, {id(m): name for name, m in watched.items()})) if reads is not None else None
     try:
-        return RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
+        graph = RetrofitTracer(leaf_children=leaf_children).trace(module, concrete_args=concrete_args)
+        pass_var_keyword(graph)
+        return graph
+    except TraceError as error:
+        raise TraceError(_where_tracing_failed(error)) from error
     finally:
         if token is not None:
             _READS.reset(token)
@@ -134,6 +149,33 @@ def _trace(module: nn.Module, leaf_children: bool, concrete_args: dict | None,
             vars(m).clear()
             vars(m).update(attributes)
             vars(m).update(kept)
+
+
+def _where_tracing_failed(error: BaseException) -> str:
+    """The error's first sentence and the line of the traced code that raised it (outside torch):
+    ``Proxy object cannot be iterated (modeling_swin.py:538: height, width = input_dimensions)``."""
+    text = str(error).strip()
+    head = text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if f"{os.sep}torch{os.sep}" not in f.filename and not f.filename.endswith(__file__.rsplit(os.sep, 1)[-1])]
+    if not frames:
+        return head
+    frame = frames[-1]
+    return f"{head} ({os.path.basename(frame.filename)}:{frame.lineno}: {(frame.line or '').strip()})"
+
+
+def pass_var_keyword(graph: fx.Graph) -> None:
+    """Bind the marked keyword of each ``**kwargs`` unpacking to the placeholder itself (the tracer
+    recorded ``kwargs[MARK]``), and drop the lookups left unused (a forward that takes ``**kwargs``
+    and passes them nowhere)."""
+    lookups = [n for n in graph.nodes if n.op == "call_function" and len(n.args) == 2 and n.args[1] == VAR_KEYWORD_MARK
+               and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"]
+    for item in lookups:
+        for user in list(item.users):
+            if user.kwargs.get(VAR_KEYWORD_MARK) is item:
+                user.update_kwarg(VAR_KEYWORD_MARK, item.args[0])
+        if not item.users:
+            graph.erase_node(item)
 
 
 # --- one trace per block structure ------------------------------------------------------------

@@ -105,9 +105,10 @@ def test_bad_example_input_is_a_clear_error():
 
 
 def test_dual_path_network_has_additions_but_no_residual_blocks():
+    # its additions mix two paths (a fusion, not a residual); its dense path's concatenations are joins
     analysis = analyze(timm.create_model("dpn68"), small_input(1))
     assert analysis.additions == 22 and analysis.blocks == []
-    assert analysis.describe() == "0 of its 22 additions are residual connections"
+    assert analysis.describe() == "0 of its 22 additions are residual connections; 22 join units"
 
 
 def test_blocks_inside_timm_notrace_modules_are_found():

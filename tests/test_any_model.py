@@ -64,7 +64,7 @@ def test_transformers_models(model_class, config_class, config, count, rewritabl
     assert len(analysis.blocks) == count
     assert sum(b.rewrite_error is None for b in analysis.blocks) == rewritable
     x = torch.randn(2, *analysis.probe_shape[1:], generator=torch.Generator().manual_seed(2))
-    check_identity_and_liveness(model, x, rewritable)  # ViT and SegFormer layers take **kwargs: traced without
+    check_identity_and_liveness(model, x, rewritable)  # ViT and SegFormer layers take **kwargs: passed on
 
 
 def test_hf_efficientnet_branch_runs_beside_the_adding_module():

@@ -54,7 +54,8 @@ def test_json_report(capsys, tmp_path):
     report = json.loads(out)
     assert report["blocks_found"] == 8 and len(report["sites"]) == 8
     assert report["identity_max_abs_diff"] == 0.0 and report["dry_run"] is False
-    assert report["sites"][0] == {"block": "layer1.0", "module": "layer1.0.se", "stage": 1, "channels": 64,
+    assert report["sites"][0] == {"block": "layer1.0", "unit": "layer1.0", "kind": "residual",
+                                  "module": "layer1.0.se", "stage": 1, "channels": 64,
                                   "reduced": 8, "params": 1096, "attention_map_bytes": None}
     assert report["output_dir"] == str(tmp_path / "o") and (tmp_path / "o" / "model.safetensors").is_file()
 
@@ -103,7 +104,9 @@ ERRORS = [
     (["resnet18", "--weights", "none", "--stages", "7"], "stage(s) 7 out of range: this model's residual "
                                                          "blocks are in stages 1-4"),
     (["resnet18", "--position", "middle"], "argument --position: invalid choice: 'middle'"),
-    (["densenet121", "--weights", "none"], "no residual blocks found: the model has no additions at all"),
+    (["resnet18", "--weights", "none", "--kinds", "chain"], "no units of kind chain found: 8 of its 8 additions "
+                                                            "are residual connections"),
+    (["resnet18", "--kinds", "dense"], "argument --kinds: unknown unit kind dense; choose from residual, join, chain"),
     (["resnet18", "--weights", "missing.safetensors"], "weights file missing.safetensors does not exist"),
     (["resnet18", "--weights", "{broken}"], "pickled torch files are read only when you allow it (--allow-pickle"),
     (["resnet18", "--weights", "{broken}", "--allow-pickle"], "cannot read weights file"),

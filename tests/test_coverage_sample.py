@@ -2,7 +2,7 @@
 
 Each model's status and residual-block count are pinned, next to the independent expectation the
 sweep records (drop-path calls, or the library's own block classes: see ``expectation`` in
-benchmarks/coverage.py). A model that falls to ``no-residual-blocks``, finds fewer or more blocks,
+benchmarks/coverage.py). A model that falls to ``no-units``, finds fewer or more blocks or units,
 or loses its expectation fails here. Retrofitted models must hold identity at ``standard`` and
 ``post`` (max relative |Δ| ≤ 1e-5). The whole-registry sweep is ``python benchmarks/coverage.py``.
 """
@@ -26,7 +26,8 @@ def _load_sweep():
     return sys.modules[name]
 
 
-#: model -> (status, blocks found, expected blocks or "" where no independent figure exists).
+#: model -> (status, residual blocks found, expected blocks or "" where no independent figure exists); models
+#: without residual blocks also pin the units edited instead (UNITS: joins or chain layers, issue 12).
 SAMPLE = {
     # timm: residual CNNs, mobile nets, hybrids, transformers
     "resnet18": ("ok", 8, 8),
@@ -39,15 +40,23 @@ SAMPLE = {
     "levit_128s": ("ok", 20, 20),
     "vit_tiny_patch16_224": ("ok", 24, 24),
     "pvt_v2_b0": ("ok", 16, 16),  # issue 10: 2 of 16 before the analysis from what the model executes
-    # timm: no residual blocks (DPN's dual paths and SelecSLS's concatenations are not residuals)
-    "vgg11": ("no-residual-blocks", 0, 0),
-    "dpn68": ("no-residual-blocks", 0, ""),
-    "selecsls42b": ("no-residual-blocks", 0, ""),
+    "lowformer_b0": ("ok", 21, 21),  # attention branches that go down and back up inside one layer
+    "hiera_small_abswin_256": ("ok", 32, 32),  # stage transitions: shortcut cat([amax(x), mean(x)])
+    "regnetz_b16_evos": ("ok", 18, 18),  # 22 drop-path calls, 4 in blocks without a shortcut
+    # timm: no residual blocks (DPN's dual paths are not residuals): joins and chain layers
+    "vgg11": ("ok", 0, 0),
+    "dpn68": ("ok", 0, ""),
+    "densenet121": ("ok", 0, 0),
+    "inception_v3": ("ok", 0, ""),
+    "mobilenetv1_100": ("ok", 0, ""),
+    "selecsls42b": ("skipped", 0, ""),  # its blocks take a list, which torch.fx traces as a tensor
     # torchvision: classification, video, quantized, segmentation, detection
     "torchvision:resnet18": ("ok", 8, 8),
     "torchvision:mobilenet_v2": ("ok", 10, 10),
-    "torchvision:shufflenet_v2_x0_5": ("no-residual-blocks", 0, 0),
-    "torchvision:squeezenet1_0": ("no-residual-blocks", 0, 0),
+    "torchvision:shufflenet_v2_x0_5": ("ok", 0, 0),
+    "torchvision:squeezenet1_0": ("ok", 0, 0),
+    "torchvision:googlenet": ("ok", 0, 0),
+    "torchvision:vgg16_bn": ("ok", 0, 0),
     "torchvision:quantized_resnet18": ("ok", 8, 8),
     "torchvision:r3d_18": ("ok", 8, 8),
     "torchvision:lraspp_mobilenet_v3_large": ("ok", 10, 10),
@@ -61,8 +70,18 @@ KNOWN_SHORTFALLS = {
 HF_SAMPLE = {
     "transformers:ResNetForImageClassification": ("ok", 16, 16),
     "transformers:MobileNetV2ForImageClassification": ("ok", 10, 10),  # issue 10: 0 on main
-    "transformers:MobileNetV1ForImageClassification": ("no-residual-blocks", 0, 0),
+    "transformers:MobileNetV1ForImageClassification": ("skipped", 0, 0),  # TF padding: untraceable layers
     "transformers:ViTForImageClassification": ("ok", 24, 24),
+    "transformers:HieraForImageClassification": ("ok", 48, 48),  # 45 before: the unrolled max-pool shortcut
+    "transformers:Dinov2Backbone": ("ok", 24, 24),  # its layers are called with **kwargs, passed on
+}
+
+
+UNITS = {
+    "vgg11": "chain 8", "dpn68": "join 22", "densenet121": "join 58", "inception_v3": "join 11",
+    "mobilenetv1_100": "chain 13", "selecsls42b": "join 6", "torchvision:shufflenet_v2_x0_5": "join 16",
+    "torchvision:squeezenet1_0": "join 8", "torchvision:googlenet": "join 9", "torchvision:vgg16_bn": "chain 13",
+    "transformers:MobileNetV1ForImageClassification": "chain 13",
 }
 
 
@@ -71,9 +90,10 @@ def _check(model: str) -> dict:
     return _load_sweep().check(source, name, max_params=100.0, seconds=300)
 
 
-def _assert_row(row: dict, pinned: tuple) -> None:
+def _assert_row(model: str, row: dict, pinned: tuple) -> None:
     status, blocks, expected = pinned
-    assert (row["status"], row["blocks"], row["expected"]) == (status, blocks, expected), row
+    assert (row["status"].split(":")[0], row["blocks"], row["expected"]) == (status, blocks, expected), row
+    assert row["units"] == UNITS.get(model, f"residual {blocks}"), row
     if status == "ok":
         assert row["identity_standard"] <= 1e-5 and row["identity_post"] <= 1e-5, row
 
@@ -85,13 +105,13 @@ def _params(sample: dict) -> list:
 
 @pytest.mark.parametrize("model", _params(SAMPLE))
 def test_sample_model(model):
-    _assert_row(_check(model), SAMPLE[model])
+    _assert_row(model, _check(model), SAMPLE[model])
 
 
 @pytest.mark.parametrize("model", _params(HF_SAMPLE))
 def test_sample_transformers_model(model):
     pytest.importorskip("transformers", reason="transformers is not installed (pip install .[coverage])")
-    _assert_row(_check(model), HF_SAMPLE[model])
+    _assert_row(model, _check(model), HF_SAMPLE[model])
 
 
 def test_sweep_module_does_not_shadow_coverage_py():

@@ -202,6 +202,32 @@ class RopeNet(nn.Module):
         return x.mean(1)
 
 
+class DownUpLayer(nn.Module):
+    """LowFormer's strided attention: down by a strided conv, mixed, back up by a transposed conv,
+    cropped to the shape it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(C, C, 3, 2, 1, groups=C)
+        self.mix = nn.Conv2d(C, C, 1)
+        self.up = nn.Sequential(nn.ConvTranspose2d(C, C, 4, 2, 1, groups=C))
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        return self.up(self.mix(self.down(x)))[..., :h, :w]
+
+
+class DownUpBlock(nn.Module):
+    """A residual whose branch resamples inside one of its layers: a block, not an encoder-decoder skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = DownUpLayer()
+
+    def forward(self, x):
+        return x + self.attn(x)
+
+
 class KwargsBlock(nn.Module):
     """A forward fx cannot trace (``**kwargs`` and data-dependent control flow): found all the same."""
 
@@ -242,6 +268,7 @@ RESIDUAL_IDIOMS = {
     "nested": (lambda: Net(Nested()), 3),
     "flat_and_spanning": (lambda: Net(Flat()), 3),
     "rope_and_mask": (lambda: RopeNet(), 4),
+    "resampling_inside_a_layer": (lambda: Net(DownUpBlock(), DownUpBlock()), 2),
 }
 
 
@@ -295,6 +322,25 @@ def test_block_paths_and_indices():
     rope = se_retrofit.analyze(RopeNet()).blocks
     assert {b.layout for b in rope} == {TOKENS} and [b.name for b in rope][:2] == ["blocks.0", "blocks.0@1"]
 
+
+
+def test_pre_is_refused_where_the_branch_starts_outside_the_adding_module():
+    # HF EfficientNet: the branch runs in the adding module's siblings; pre on `projection`'s input
+    # would sit mid-branch, so that block is skipped for pre with the reason, and kept for the rest
+    base = as_if_pretrained(Net(SiblingBranch(), Plus()))
+    blocks = se_retrofit.analyze(base).blocks
+    assert [b.branch_outside for b in blocks] == ["blocks.0.expand.0", None]
+    _, plan = se_retrofit.plan(base, position="pre", example_input=_x(1))
+    assert [s.block for s in plan.sites] == ["blocks.1"]
+    assert plan.skipped == {"blocks.0.projection": "its branch starts in blocks.0.expand.0, outside "
+                            "blocks.0.projection where the addition is: pre would sit mid-branch"}
+    edited = se_retrofit.retrofit(base, position="pre", example_input=_x(1))
+    x = _x()
+    for training in (True, False):
+        assert torch.equal(run(edited, x, training), run(base, x, training)), training
+    assert not hasattr(edited.blocks[0].projection, "se") and hasattr(edited.blocks[1], "se")
+    with pytest.raises(se_retrofit.RetrofitError, match="pre would sit mid-branch"):
+        se_retrofit.retrofit(Net(SiblingBranch()), position="pre", example_input=_x(1))
 
 def test_untraceable_block_is_reported_with_its_reason():
     analysis = se_retrofit.analyze(Net(KwargsBlock(), Plus()))

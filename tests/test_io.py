@@ -36,7 +36,7 @@ def test_config_records_everything(tmp_path, edited):
     config = json.loads((se_retrofit.save(edited, tmp_path / "out") / "retrofit_config.json").read_text())
     assert config["config"] == {"attention": "se", "position": "post", "reduction": 8, "divisor": None,
                                 "stages": [3, 4], "blocks": None, "every": None, "exclude": None, "init": "identity",
-                                "options": {}, "max_attention_mib": 64.0, "attention_module": None}
+                                "options": {}, "kinds": None, "max_attention_mib": 64.0, "attention_module": None}
     assert config["gates"]["layer3.0.se"] == {"gate": {"scale": 2.0, "offset": 0.0}}
     assert [s["block"] for s in config["sites"]] == ["layer3.0", "layer3.1", "layer4.0", "layer4.1"]
     assert config["base"]["name"] == "resnet18" and config["base"]["source"] == "timm"

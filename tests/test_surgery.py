@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from torch import nn
 
 import se_retrofit
 from se_retrofit import POSITIONS
@@ -183,9 +184,11 @@ def test_ambiguous_layouts_are_skipped_with_a_reason():
         se_retrofit.retrofit(_FixedSizeResidual(), example_input=torch.randn(1, 4, 16, 16))
 
 
-def test_no_residual_blocks_is_a_clear_error():
-    with pytest.raises(ValueError, match="no residual blocks found: the model has no additions at all"):
-        se_retrofit.retrofit(timm.create_model("densenet121"))
+def test_a_model_with_no_unit_of_any_kind_is_a_clear_error():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="no residual blocks found, nor joins of branches or conv chain layers: "
+                                         "the model has no additions at all"):
+        se_retrofit.retrofit(mlp, example_input=torch.randn(1, 3, 4, 4))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -259,7 +262,7 @@ class _TupleAttention(torch.nn.Module):
         self.proj = torch.nn.Linear(dim, dim)
 
     def forward(self, x, mask=None, **kwargs):
-        return self.proj(x), None
+        return self.proj(x) * kwargs.get("scale", 1.0), None
 
 
 class _KeywordLayer(torch.nn.Module):
@@ -293,7 +296,7 @@ class _KeywordModel(torch.nn.Module):
 
 @pytest.mark.parametrize("position", ["standard", "pre", "post", "identity"])
 def test_layers_taking_var_keyword_arguments_are_edited(position):
-    """A forward with **kwargs (every Hugging Face layer) is traced as called without them."""
+    """A forward with **kwargs (every Hugging Face layer) is edited, and passes them on as it did."""
     base = as_if_pretrained(_KeywordModel()).eval()
     x = small_input(size=32)
     model = se_retrofit.retrofit(base, position=position, example_input=x)
@@ -304,8 +307,11 @@ def test_layers_taking_var_keyword_arguments_are_edited(position):
         for parameter in se_retrofit.attention_parameters(model):
             parameter.add_(0.1)
     assert not torch.equal(run(model, x, False), run(base, x, False))
-    with pytest.raises(TypeError, match="edited by se_retrofit as called without keyword arguments.*output_attentions"):
-        model.layers[0](torch.randn(1, 16, 16), output_attentions=True)
+    hidden, fresh = torch.randn(1, 16, 16), se_retrofit.retrofit(base, position=position, example_input=x)
+    with torch.no_grad():  # the edited layer passes its **kwargs on to the attention, as the original does
+        scaled = base.layers[0](hidden, scale=2.0)
+        assert not torch.equal(scaled, base.layers[0](hidden))
+        assert torch.equal(fresh.layers[0](hidden, scale=2.0), scaled)
 
 
 class _DataDependentBlock(torch.nn.Module):
