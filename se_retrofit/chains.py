@@ -9,8 +9,9 @@ decided by what the chain is built of:
 
 * a chain of full convs (VGG, AlexNet): every spatial (k > 1) conv that mixes all channels;
 * a chain of depthwise-separable convs (MobileNetV1, LCNet: it has depthwise convs): every
-  pointwise conv that follows a depthwise conv, the site going after the pointwise activation. The
-  repeating layer of such a chain is the separable pair, so the stem's full conv is not one.
+  pointwise conv that follows a depthwise conv, the site going after the pointwise activation (after
+  its norm where the projection is linear, as in MobileNetV2's bottlenecks). The repeating layer of
+  such a chain is the separable pair, so the stem's full conv is not one.
 
 These are looked for only where a model has no residual block and no join: a stem or a head of a
 residual or multi-branch network is not a chain.
@@ -51,7 +52,7 @@ def find_chain_layers(recording: Recording, modules: dict[str, nn.Module]) -> li
     for conv in convs:
         layer = modules[conv.module]
         counts = _follows_depthwise(conv, modules) if separable else _is_full_spatial(layer)
-        end = _activation_after(conv) if counts else None
+        end = _activation_after(conv, linear=separable) if counts else None
         if end is None or end.shape is None or math.prod(end.shape[2:]) <= 1:
             continue
         gate = gate_after(end, modules, calls, int(end.shape[1]))
@@ -89,12 +90,14 @@ def _follows_depthwise(conv: Op, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def _activation_after(conv: Op) -> Op | None:
-    """The activation the conv's result reaches through norms only, where it is the only user."""
+def _activation_after(conv: Op, linear: bool = False) -> Op | None:
+    """The activation the conv's result reaches through norms only, where it is the only user; with
+    ``linear``, the norm itself where no activation follows (a linear pointwise projection, as in
+    MobileNetV2's bottlenecks)."""
     op = conv
     for _ in range(4):
         if len(op.users) != 1 or op.users[0].kind not in _NORMS | _ENDS:
-            return None
+            return op if linear and op.kind == K.NORM else None
         op = op.users[0]
         if op.kind in _ENDS:
             return op

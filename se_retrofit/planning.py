@@ -148,8 +148,8 @@ def select_blocks(blocks: list[Block], patterns: list[str] | None, exclude: list
     A pattern that matches no block is an error: it is almost always a typo."""
     for pattern in (patterns or []) + (exclude or []):
         if not any(_matches(b, pattern) for b in blocks):
-            raise BlockPatternError(f"pattern {pattern!r} matches none of the {_kind_words(blocks)} (they are "
-                                    f"named like {blocks[0].name} … {blocks[-1].name})")
+            raise BlockPatternError(f"pattern {pattern!r} matches no {_kind_words(blocks)[:-1]} (they are named "
+                                    f"like {blocks[0].name} … {blocks[-1].name})")
     chosen = [b for b in blocks if patterns is None or any(_matches(b, p) for p in patterns)]
     return [b for b in chosen if not any(_matches(b, p) for p in exclude or [])]
 

@@ -24,6 +24,8 @@ CHAIN_COUNTS = [
     ("timm", "vgg16", lambda: timm.create_model("vgg16"), 13),  # its 7×7 "fc6" conv maps to 1×1: no site
     ("timm", "mobilenetv1_100", lambda: timm.create_model("mobilenetv1_100"), 13),
     ("timm", "lcnet_050", lambda: timm.create_model("lcnet_050"), 13),
+    # two inverted bottlenecks without a skip, their projection linear: the site follows its norm
+    ("timm", "test_efficientnet", lambda: timm.create_model("test_efficientnet"), 2),
 ]
 
 
