@@ -86,15 +86,18 @@ def round_robin(tasks: dict[str, Callable[[], Any]], repeats: int, warmup: int) 
     """Time every task ``repeats`` times, one call of each task per round, after ``warmup`` rounds.
 
     Interleaving the tasks spreads slow drift of the machine's speed (heat, other load) evenly
-    over them, instead of letting it fall on whichever task happened to run last.
+    over them, instead of letting it fall on whichever task happened to run last; the order
+    rotates from round to round.
     """
     for _ in range(warmup):
         for fn in tasks.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in tasks}
-    for _ in range(repeats):
-        for name, fn in tasks.items():
-            samples[name].append(time_call(fn))
+    names = list(tasks)
+    for round_ in range(repeats):
+        for k in range(len(names)):  # each round starts with the next task: no task always runs first
+            name = names[(round_ + k) % len(names)]
+            samples[name].append(time_call(tasks[name]))
     return samples
 
 
@@ -304,6 +307,10 @@ def environment() -> dict[str, Any]:
 def render(console: Console, results: dict[str, Any]) -> None:
     """Print the result tables and the goal verdicts."""
     build, latency, cfg = results["build"], results["latency"], results["config"]
+    if build is None:
+        if latency is not None:
+            render_latency(console, latency, cfg)
+        return
     labels = list(build["table"])
     table = Table(title=f"retrofit() / timm.create_model(), at each model's default input; min and median of "
                         f"{cfg['build_repeats']} interleaved rounds; identity check: min of {cfg['check_repeats']}")
@@ -331,8 +338,8 @@ def render(console: Console, results: dict[str, Any]) -> None:
 def render_latency(console: Console, latency: dict[str, Any], cfg: dict[str, Any]) -> None:
     """The latency table and the 1.03 goal's verdict."""
 
-    table = Table(title=f"CPU latency, input {'x'.join(map(str, cfg['batch_shape']))}, "
-                        f"{cfg['repeats']} rounds ({cfg['warmup']} warm-up rounds)")
+    table = Table(title=f"CPU latency, input {'x'.join(map(str, cfg['batch_shape']))}, {latency['threads']} torch "
+                        f"threads, {cfg['repeats']} rounds ({cfg['warmup']} warm-up rounds)")
     for column in ("model", "min (ms)", "median (ms)", "max (ms)", "min / seresnet50 min", "min / resnet50 min"):
         table.add_column(column, justify="left" if column == "model" else "right")
     mins = latency["min_s"]
@@ -367,6 +374,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"timed identity-check rounds (default {FULL['check_repeats']})")
     parser.add_argument("--warmup", type=int, help=f"latency warm-up rounds (default {FULL['warmup']})")
     parser.add_argument("--skip-latency", action="store_true", help="time the builds only")
+    parser.add_argument("--skip-build", action="store_true", help="time the inference latency only")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads for the latency part (default: torch's own; 1 is far less "
+                             "sensitive to other load on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON to PATH")
@@ -399,14 +410,18 @@ def main(argv: list[str] | None = None) -> int:
         versions["before"] = args.before.resolve()
     versions["after" if args.before is not None else "this"] = None
     snapshot, start = cpu_snapshot(), time.perf_counter()
-    with console.status("timing create_model and retrofit..."):
-        build = bench_build(args.models, args.build_repeats, versions, args.check_repeats)
-    load["during_build"] = other_cpu_share(snapshot)
-    latency = None
+    build = latency = None
+    if not args.skip_build:
+        with console.status("timing create_model and retrofit..."):
+            build = bench_build(args.models, args.build_repeats, versions, args.check_repeats)
+        load["during_build"] = other_cpu_share(snapshot)
     if not args.skip_latency:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         snapshot = cpu_snapshot()
-        with console.status("timing inference latency..."):
+        with console.status(f"timing inference latency on {torch.get_num_threads()} threads..."):
             latency = bench_latency(args.repeats, args.warmup)
+            latency["threads"] = torch.get_num_threads()
         load["during_latency"] = other_cpu_share(snapshot)
     results = {
         "command": " ".join(["python", "benchmarks/bench_retrofit.py", *(argv if argv is not None else sys.argv[1:])]),
