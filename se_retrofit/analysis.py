@@ -299,7 +299,7 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     notes: list[str] = []
     recording = _probe(model, example, probes, notes)
     shapes_b = _second_shapes(model, recording, second_probe(example), probes, notes)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # paths as the recording names them
     adds = [op for op in recording.ops if op.kind == K.ADD]
     found: list[tuple[Op, _Residual]] = []
     seen: set[tuple[str, int]] = set()

@@ -125,14 +125,19 @@ def _replay_problem(module: nn.Module, traced: nn.Module, call: ModuleCall) -> s
     def shapes(value):
         return tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else None, value)
 
+    def fresh():  # each run on its own containers: a forward may append to a list it is given (VoVNet)
+        return tree_map(lambda leaf: leaf, (call.args, call.kwargs))
+
     try:
         with torch.no_grad():
-            expected = shapes(module(*call.args, **call.kwargs))
+            args, kwargs = fresh()
+            expected = shapes(module(*args, **kwargs))
     except Exception:  # the recorded input is gone stale (a list grown after the call): nothing to compare
         return None
     try:
         with torch.no_grad():
-            got = shapes(traced(*call.args, **call.kwargs))
+            args, kwargs = fresh()
+            got = shapes(traced(*args, **kwargs))
     except Exception as error:  # what fails here is the traced code: any error says it differs
         return f"its traced forward does not run on the input it receives ({_first_line(error)})"
     return None if got == expected else "its traced forward returns other shapes than the module on its input"
