@@ -535,13 +535,15 @@ def _projects(op: Op) -> bool:
 
 
 def _pooled_source(cat: Op) -> Op | None:
-    """The one tensor a concatenation pools in each of its parts, each part reshapes and parameter-free
-    reductions of it (Hiera's stage transition without a projection: ``cat([amax(x), mean(x)])``)."""
+    """The one tensor a concatenation pools in each of its parts, each part reshapes, slices, poolings
+    and parameter-free reductions of it (Hiera's stage transition without a projection: ``cat([amax(x),
+    mean(x)])``; MViTv2's pooled shortcut with a class token: ``cat([x[:, :1], pool(x[:, 1:])])``)."""
     sources = set()
     for part in cat.inputs:
         steps = 0
-        while steps < 4 and not part.weights and (part.kind in _FREE_KINDS or part.name in _REDUCTIONS
-                                                  | {_REDUCTION_VALUES}) and len(part.inputs) == 1:
+        while steps < 8 and not part.weights and (part.kind in _FREE_KINDS or part.kind == K.POOL
+                                                  or part.name in _REDUCTIONS | {_REDUCTION_VALUES, "__getitem__"}) \
+                and len(part.inputs) == 1:
             part, steps = part.inputs[0], steps + 1
         sources.add(part if steps else None)
     return next(iter(sources)) if len(cat.inputs) > 1 and len(sources) == 1 else None
