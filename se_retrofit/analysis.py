@@ -521,6 +521,9 @@ def _projection_chain(op: Op) -> list[Op]:
         if source is not None:  # cat([amax(x), mean(x)]): poolings of one tensor side by side
             cost += 1
             chain.append(source)
+            while source.name in _SPLITS and len(source.inputs) == 1:  # all its pieces, joined again
+                source = source.inputs[0]
+                chain.append(source)
             continue
         inputs = chain[-1].inputs
         if not _projects(chain[-1]) or len(inputs) != 1:
@@ -534,19 +537,30 @@ def _projects(op: Op) -> bool:
     return op.kind in _SHORTCUT_KINDS or (not op.module and op.name in _REDUCTIONS | {_REDUCTION_VALUES})
 
 
+#: a piece of a split tensor (torchvision MViT's ``class_token, x = tensor_split(x, (1,), dim=2)``)
+_PIECES = ("tensor_split[", "split[", "chunk[", "unbind[", "tensor_split", "split", "chunk")
+_SPLITS = frozenset({"tensor_split", "split", "chunk"})
+
+
 def _pooled_source(cat: Op) -> Op | None:
     """The one tensor a concatenation pools in each of its parts, each part reshapes, slices, poolings
     and parameter-free reductions of it (Hiera's stage transition without a projection: ``cat([amax(x),
-    mean(x)])``; MViTv2's pooled shortcut with a class token: ``cat([x[:, :1], pool(x[:, 1:])])``)."""
-    sources = set()
-    for part in cat.inputs:
-        steps = 0
-        while steps < 8 and not part.weights and (part.kind in _FREE_KINDS or part.kind == K.POOL
-                                                  or part.name in _REDUCTIONS | {_REDUCTION_VALUES, "__getitem__"}) \
-                and len(part.inputs) == 1:
-            part, steps = part.inputs[0], steps + 1
-        sources.add(part if steps else None)
-    return next(iter(sources)) if len(cat.inputs) > 1 and len(sources) == 1 else None
+    mean(x)])``; MViTv2's pooled shortcut with a class token: ``cat([x[:, :1], pool(x[:, 1:])])``): the
+    nearest op every part's way back passes."""
+    ways = [_way_back(part) for part in cat.inputs]
+    if len(ways) < 2 or any(len(way) < 2 for way in ways):
+        return None
+    return next((op for op in ways[0][1:] if all(op in way[1:] for way in ways[1:])), None)
+
+
+def _way_back(part: Op) -> list[Op]:
+    way = [part]
+    while len(way) < 10 and not part.weights and len(part.inputs) == 1 and (
+            part.kind in _FREE_KINDS or part.kind == K.POOL or part.name.startswith(_PIECES)
+            or part.name in _REDUCTIONS | {_REDUCTION_VALUES, "__getitem__"}):
+        part = part.inputs[0]
+        way.append(part)
+    return way
 
 
 def _dominated_ops(branch: Op, block_input: Op) -> set[Op] | None:
