@@ -129,6 +129,7 @@ class Block:
     branch_outside: str | None = None
     kind: str = RESIDUAL
     gates: tuple[tuple[str, tuple[Gate, ...]], ...] = ()
+    gate_errors: tuple[tuple[str, str], ...] = ()
     label: str | None = None
 
     @property
@@ -851,12 +852,12 @@ def _checked(units: list[Block], modules: dict[str, nn.Module], recording: Recor
     problems: dict[Gate, str | None] = {}
     checked = []
     for unit in units:
-        gates = {g for _, position_gates in unit.gates for g in position_gates}
-        for gate in gates:
+        for gate in {g for _, position_gates in unit.gates for g in position_gates}:
             if gate not in problems:
                 problems[gate] = gate_problem(modules[gate.module], gate, recording.first_call.get(gate.module))
-        error = next((problems[g] for g in gates if problems[g]), None)
-        checked.append(replace(unit, rewrite_error=error) if error else unit)
+        errors = tuple((position, problem) for position, gates in unit.gates
+                       for problem in [next((problems[g] for g in gates if problems[g]), None)] if problem)
+        checked.append(replace(unit, gate_errors=errors) if errors else unit)
     return checked
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import op_kinds as K
 from .recording import ModuleCall, Op, Recording
@@ -131,16 +131,30 @@ def _replay_problem(module: nn.Module, traced: nn.Module, call: ModuleCall) -> s
     try:
         with torch.no_grad():
             args, kwargs = fresh()
-            expected = shapes(module(*args, **kwargs))
+            expected = shapes(_call_as_probed(module, args, kwargs))
     except Exception:  # the recorded input is gone stale (a list grown after the call): nothing to compare
         return None
     try:
         with torch.no_grad():
             args, kwargs = fresh()
-            got = shapes(traced(*args, **kwargs))
+            got = shapes(_call_as_probed(traced, args, kwargs))
     except Exception as error:  # what fails here is the traced code: any error says it differs
         return f"its traced forward does not run on the input it receives ({_first_line(error)})"
     return None if got == expected else "its traced forward returns other shapes than the module on its input"
+
+
+def _call_as_probed(module: nn.Module, args: tuple, kwargs: dict):
+    """Call ``module`` the way the probe ran: with its parameters on the meta device for meta inputs,
+    inside their fake-tensor mode for fake ones."""
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    mode = getattr(tensors[0], "fake_mode", None) if tensors else None
+    if mode is not None:
+        with mode:
+            return module(*args, **kwargs)
+    if tensors and tensors[0].device.type == "meta":
+        state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
+        return torch.func.functional_call(module, state, args, kwargs)
+    return module(*args, **kwargs)
 
 
 def _bound(module: nn.Module, call: ModuleCall | None) -> dict:

@@ -44,6 +44,9 @@ _MODULE_NAME_KINDS = {
     "DropPath": DROPOUT, "StochasticDepth": DROPOUT, "DropBlock2d": DROPOUT,
     "Swish": ACT, "SwishMe": ACT, "Mish": ACT, "MishMe": ACT, "HardSwish": ACT, "HardSwishMe": ACT,
     "HardMish": ACT, "HardMishMe": ACT, "GELU": ACT, "GELUTanh": ACT, "QuickGELU": ACT,
+    # timm's EvoNorms normalise and activate in one layer
+    **dict.fromkeys(("EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1",
+                     "EvoNorm2dS1a", "EvoNorm2dS2", "EvoNorm2dS2a"), NORM_ACT),
 }
 
 _FUNCTION_KINDS = {

@@ -38,8 +38,9 @@ class Position:
         if unit.kind == RESIDUAL:
             return self._residual_sites(unit)
         gates = unit.gates_for(self.gate_position or self.name)
-        if gates and unit.rewrite_error:
-            return f"its forward cannot be rewritten ({unit.rewrite_error})"
+        error = dict(unit.gate_errors).get(self.gate_position or self.name)
+        if gates and error:
+            return f"its forward cannot be rewritten ({error})"
         if not gates:
             usable = ", ".join(p for p in _REGISTRY if unit.gates_for(p))
             return f"position {self.name!r} does not apply to a {unit.kind} unit (use {usable})"
