@@ -43,7 +43,7 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
     if not units:
         raise NoResidualBlocksError(_nothing_found(analysis, config))
     stages = sorted({u.stage for u in units})
-    _check_stages(config, stages)
+    _check_stages(config, stages, _kind_words(units))
     spec = get_attention(config.attention)
     position = get_position(config.position)
     chosen = _selected(units, config)
@@ -158,7 +158,7 @@ def _matches(block: Block, pattern: str) -> bool:
     return fnmatch.fnmatchcase(block.name, pattern) or fnmatch.fnmatchcase(block.path, pattern)
 
 
-def _check_stages(config: RetrofitConfig, available: list[int]) -> None:
+def _check_stages(config: RetrofitConfig, available: list[int], units: str) -> None:
     asked = config.stages
     if asked is None:
         return
@@ -166,7 +166,7 @@ def _check_stages(config: RetrofitConfig, available: list[int]) -> None:
     missing = [s for s in asked if s not in usable]
     if missing:
         what = "stage transitions follow stages" if config.position == "stage" else \
-            "this model's residual blocks are in stages"
+            f"this model's {units} are in stages"
         raise StageError(f"stage(s) {', '.join(map(str, missing))} out of range: {what} {_span(usable)}")
 
 
