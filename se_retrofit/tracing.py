@@ -79,7 +79,8 @@ class RetrofitTracer(fx.Tracer):
         return node
 
 
-def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | None = None) -> fx.Graph:
+def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | None = None,
+          shared: bool = False) -> fx.Graph:
     """Trace ``module`` symbolically and return its graph (module paths in ``node.meta``).
 
     Side-effect free: a forward that caches on first call (torchvision's MultiScaleRoIAlign sets
@@ -93,7 +94,9 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
     of the first, provided the attributes of it and its children (not deeper) that the trace read
     (``training``, ``self.attn.num_heads``) are equal too, and the shapes of the parameters where the graph reads
     any. A forward that does not read ``training`` is thus traced once for both modes, and a
-    ResNet's sixteen bottlenecks twice (with and without a downsampling shortcut).
+    ResNet's sixteen bottlenecks twice (with and without a downsampling shortcut). With ``shared``
+    the cached graph itself is returned, not a copy: the caller must copy it before changing it
+    (:func:`is_shared` tells which graphs are cached ones).
     """
     cache = _GRAPHS.get()
     key = _structure_key(module, concrete_args) if cache is not None and leaf_children else None
@@ -101,7 +104,7 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
         return _trace(module, leaf_children, concrete_args)
     for conditions, graph in cache.get(key, ()):
         if all(_current(module, what) == value for what, value in conditions):
-            return copy.deepcopy(graph)
+            return graph if shared else copy.deepcopy(graph)
     reads: dict[tuple[str, str], Any] = {}
     try:
         graph = _trace(module, leaf_children, concrete_args, reads=reads)
@@ -109,9 +112,26 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
         return _trace(module, leaf_children, concrete_args)
     conditions = _conditions(module, graph, reads)
     if conditions is not None:
+        setattr(graph, _SHARED_ATTR, True)
         cache.setdefault(key, []).append((conditions, graph))
-        return copy.deepcopy(graph)
+        return graph if shared else copy.deepcopy(graph)
     return graph
+
+
+_SHARED_ATTR = "_se_retrofit_shared"
+
+
+def is_shared(graph: fx.Graph) -> bool:
+    """Whether ``graph`` is a cached graph (from :func:`trace` with ``shared``), the graph of every
+    block of its structure: copy it before changing it. One edit of it gives the same code for all
+    of those blocks (surgery keeps that code in :func:`cache_memo`)."""
+    return getattr(graph, _SHARED_ATTR, False)
+
+
+def cache_memo() -> dict | None:
+    """The dictionary of the enclosing :func:`graph_cache` (None outside one): a place for results
+    derived from its graphs, which must not outlive them."""
+    return _GRAPHS.get()
 
 
 def _trace(module: nn.Module, leaf_children: bool, concrete_args: dict | None,
