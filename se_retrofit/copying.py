@@ -38,7 +38,9 @@ class ModelCopy:
         self.tensors = _clonable(model)
         self._clones: list[torch.Tensor] | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._clone, name="se_retrofit-copy", daemon=True)
+        # not a daemon: a process that ends (an error raised before result()) waits for the clones
+        # instead of tearing torch down under them
+        self._thread = threading.Thread(target=self._clone, name="se_retrofit-copy", daemon=False)
         self._thread.start()
 
     def _clone(self) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from typing import Any, Iterator
 
@@ -12,7 +11,7 @@ from torch import nn
 from . import hf
 from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
-from .copying import ModelCopy
+from .copying import ModelCopy, deepcopy_module
 from .planning import NoResidualBlocksError, Plan, nothing_editable, plan_sites
 from .surgery import apply_sites
 from .tracing import graph_cache
@@ -126,7 +125,7 @@ def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis,
     if inplace:
         target = model
     else:
-        target = copying.result(data_read=analysis.read_values) if copying else copy.deepcopy(model)
+        target = copying.result(data_read=analysis.read_values) if copying else deepcopy_module(model)
     apply_sites(target, site_plan.sites, config)
     previous = getattr(model, RECORD_ATTR, None)
     record = previous.followed_by(config, site_plan.sites) if isinstance(previous, RetrofitRecord) \

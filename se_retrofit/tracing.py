@@ -410,7 +410,7 @@ def own_tensor_adds(module: nn.Module, args: tuple, kwargs: dict) -> list[int]:
         bound = {}
     given = {k: v for k, v in bound.items() if k != "self"}
     nones = {name: None for name in optional_arguments(module) if given.get(name) is None}
-    graph, _ = trace_fixing_defaults(module, lambda fixed: trace(module, leaf_children=True,
+    graph, _ = trace_fixing_defaults(module, lambda fixed: trace(module, leaf_children=True, shared=True,
                                                                  concrete_args={**fixed, **nones} or None))
     modules = dict(module.named_modules())
     tensorish: dict[fx.Node, bool] = {}
