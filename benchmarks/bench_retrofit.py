@@ -139,6 +139,7 @@ def worker() -> int:
         if task == "create":
             seconds = time_call(lambda: timm.create_model(name))
         elif task == "retrofit":
+            edited.pop(name, None)  # freed first, as create_model's result is: both allocate alike
             box = {}
             seconds = time_call(lambda: box.setdefault(
                 "m", se_retrofit.retrofit(base, position=POSITION, reduction=REDUCTION)))

@@ -167,12 +167,6 @@ class Analysis:
     @property
     def stages(self) -> list[int]:
         return sorted({b.stage for b in self.blocks})
-
-    @property
-    def read_values(self) -> bool:
-        """Whether a probe ran the model on real numbers (so it may have read or written its tensors)."""
-        return any(how == "real" for how in self.probes.values())
-
     def units_of(self, kinds: list[str] | None = None) -> list[Block]:
         """The units of these kinds, in execution order; by default the first kind the model has,
         in the order residual, join, chain (a ResNet's stem conv is no chain layer)."""

@@ -28,7 +28,6 @@ from .analysis import UNIT_KINDS, default_example_input
 from .attention import create_attention, list_attentions
 from .config import POSITION_HELP, POSITIONS, RetrofitConfig, import_attention_module
 from .errors import RetrofitError
-from .copying import ModelCopy
 from .core import RECORD_ATTR, StackedAttentionWarning, edit_with_plan, one_thread, plan
 from .export import FORMATS as EXPORT_FORMATS, save_and_export, timm_usage
 from .hub import OfflineWarning, check_weights_path, create, resolve
@@ -207,13 +206,12 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     model.eval()
     example = _example(model, args.input_size)
     with graph_cache(), one_thread():  # planning and editing trace each block structure once
-        copying = None if args.dry_run else ModelCopy(model)  # cloned while the model is analysed
         analysis, site_plan = plan(model, config, example)
         report = _report(ref, origin, config, analysis, site_plan, model)
         if not args.dry_run:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                edited = edit_with_plan(model, config, analysis, site_plan, copying=copying)
+                edited = edit_with_plan(model, config, analysis, site_plan)
             _report_warnings(caught, err)
     if not args.dry_run:
         getattr(edited, RECORD_ATTR).base.update(name=ref.name, source=ref.source, weights=origin)

@@ -11,7 +11,7 @@ from torch import nn
 from . import hf
 from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
-from .copying import ModelCopy, deepcopy_module
+from .copying import deepcopy_module
 from .planning import NoResidualBlocksError, Plan, nothing_editable, plan_sites
 from .surgery import apply_sites
 from .tracing import graph_cache
@@ -104,28 +104,23 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
     """:func:`retrofit` driven by a :class:`RetrofitConfig`; pass ``analysis`` (from :func:`plan`
     or :func:`se_retrofit.analyze` of this model) to skip analysing the model again."""
     with graph_cache(), one_thread():  # analysis and surgery trace each block structure once
-        copying = None if inplace else ModelCopy(model)  # the tensors are cloned while the model is analysed
         if analysis is None:
             analysis = analyze(model, example_input)
         site_plan = plan_sites(model, analysis, config)
-        return edit_with_plan(model, config, analysis, site_plan, inplace=inplace, copying=copying)
+        return edit_with_plan(model, config, analysis, site_plan, inplace=inplace)
 
 
 def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis, site_plan: Plan, *,
-                   inplace: bool = False, copying: ModelCopy | None = None) -> nn.Module:
+                   inplace: bool = False) -> nn.Module:
     """:func:`retrofit_with` for a plan made already (:func:`plan` of this model and ``config``): the
-    command line shows the plan, then edits by it without planning again. ``copying``: the copy of
-    ``model`` started before it was analysed (see :mod:`.copying`)."""
+    command line shows the plan, then edits by it without planning again."""
     if not site_plan.sites:
         raise NoResidualBlocksError(nothing_editable(analysis, site_plan))
     if site_plan.stacked:
         warnings.warn(f"{len(site_plan.stacked)} of the blocks edited already apply channel attention "
                       f"(first: {site_plan.stacked[0]}); {config.attention} will be stacked on top of it",
                       StackedAttentionWarning, stacklevel=4)
-    if inplace:
-        target = model
-    else:
-        target = copying.result(data_read=analysis.read_values) if copying else deepcopy_module(model)
+    target = model if inplace else deepcopy_module(model)
     apply_sites(target, site_plan.sites, config)
     previous = getattr(model, RECORD_ATTR, None)
     record = previous.followed_by(config, site_plan.sites) if isinstance(previous, RetrofitRecord) \

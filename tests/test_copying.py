@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import se_retrofit
-from se_retrofit.copying import ModelCopy, deepcopy_module
+from se_retrofit.copying import deepcopy_module
 
 from helpers import as_if_pretrained, run, small_input
 
@@ -58,21 +58,21 @@ def _same_copy(copied: nn.Module, reference: nn.Module, original: nn.Module) -> 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "vit_tiny_patch16_224", "convnext_atto"])
 def test_a_copy_is_the_deep_copy(name):
     model = as_if_pretrained(timm.create_model(name)).eval()
-    for copied in (deepcopy_module(model), ModelCopy(model).result()):
-        _same_copy(copied, copy.deepcopy(model), model)
-        x = small_input(1) if "vit" not in name else torch.randn(1, 3, 224, 224)
-        assert torch.equal(copied.eval()(x), model(x))
+    copied = deepcopy_module(model)
+    _same_copy(copied, copy.deepcopy(model), model)
+    x = small_input(1) if "vit" not in name else torch.randn(1, 3, 224, 224)
+    assert torch.equal(copied.eval()(x), model(x))
 
 
 def test_ties_views_hooks_and_attributes_are_kept_as_deepcopy_keeps_them():
     model = Tied()
-    for copied in (deepcopy_module(model), ModelCopy(model).result()):
-        _same_copy(copied, copy.deepcopy(model), model)
-        assert copied.b.weight is copied.a.weight
-        assert copied.half_table.untyped_storage().data_ptr() == copied.table.untyped_storage().data_ptr()
-        assert len(copied.a._forward_hooks) == 1 and copied.scale is not model.scale and copied.calls == []
-        copied.a.weight.data.add_(1)
-        assert not torch.equal(copied.a.weight, model.a.weight)
+    copied = deepcopy_module(model)
+    _same_copy(copied, copy.deepcopy(model), model)
+    assert copied.b.weight is copied.a.weight
+    assert copied.half_table.untyped_storage().data_ptr() == copied.table.untyped_storage().data_ptr()
+    assert len(copied.a._forward_hooks) == 1 and copied.scale is not model.scale and copied.calls == []
+    copied.a.weight.data.add_(1)
+    assert not torch.equal(copied.a.weight, model.a.weight)
 
 
 def test_a_module_with_its_own_deepcopy_is_copied_by_it():
@@ -86,17 +86,9 @@ def test_requires_grad_is_copied_and_gradients_are_not_as_with_deepcopy():
     model.bias.requires_grad_(False)
     model(torch.randn(2, 3)).sum().backward()
     assert copy.deepcopy(model).weight.grad is None  # a Parameter's __deepcopy__ leaves .grad out
-    for copied in (deepcopy_module(model), ModelCopy(model).result()):
-        assert copied.weight.grad is None and model.weight.grad is not None
-        assert copied.weight.requires_grad and not copied.bias.requires_grad
-
-
-def test_the_clones_are_dropped_where_the_model_ran_on_real_numbers():
-    model = nn.Sequential(nn.Linear(2, 2))
-    pending = ModelCopy(model)
-    with torch.no_grad():
-        model[0].weight.add_(1)  # what a forward writing into its tensors would do meanwhile
-    assert torch.equal(pending.result(data_read=True)[0].weight, model[0].weight)
+    copied = deepcopy_module(model)
+    assert copied.weight.grad is None and model.weight.grad is not None
+    assert copied.weight.requires_grad and not copied.bias.requires_grad
 
 
 def test_retrofit_leaves_the_model_it_is_given_alone():

@@ -106,7 +106,6 @@ class NeedsValues(nn.Module):
 def test_a_forward_that_needs_values_is_probed_on_real_tensors_and_says_why():
     analysis = analyze(NeedsValues(), small_input(1))
     assert analysis.probes == {"first": "real", "second": NOT_NEEDED} and len(analysis.blocks) == 1
-    assert analysis.read_values
     # 3 channels on a 3-pixel-high map: the conv cannot tell the layout, the second probe runs, on real numbers too
     analysis = analyze(NeedsValues(), torch.randn(1, 3, 3, 8))
     assert analysis.probes == {"first": "real", "second": "real"} and analysis.blocks[0].layout == "channels_first"
