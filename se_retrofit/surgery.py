@@ -27,7 +27,7 @@ from .site import Site
 from .hub import first_sentence
 from .edited import EditSpec, Variant, base_class, install, takes_var_keyword
 from .tracing import (TRACE_FAILURES, cache_memo, forward_function, is_shared, optional_arguments, trace,
-                      trace_fixing_defaults, training_mode)
+                      trace_fixing_defaults)
 
 
 def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig) -> None:
@@ -145,8 +145,7 @@ def _variants(optional: list[str]) -> list[Variant]:
 def _trace_block(block: nn.Module, variant: Variant, optional: list[str], fixed: dict[str, object]) -> fx.Graph:
     training, nones = variant
     concrete = {**fixed, **{name: None for name, none in zip(optional, nones) if none}}
-    with training_mode(block, training):
-        return trace(block, leaf_children=True, concrete_args=concrete or None, shared=True)
+    return trace(block, leaf_children=True, concrete_args=concrete or None, shared=True, training=training)
 
 
 def _attach(block: nn.Module, name: str, module: nn.Module) -> None:
