@@ -139,6 +139,7 @@ def worker() -> int:
         if task == "create":
             seconds = time_call(lambda: timm.create_model(name))
         elif task == "retrofit":
+            edited.pop(name, None)  # freed first, as create_model's result is: both allocate alike
             box = {}
             seconds = time_call(lambda: box.setdefault(
                 "m", se_retrofit.retrofit(base, position=POSITION, reduction=REDUCTION)))
@@ -258,14 +259,16 @@ def bench_latency(repeats: int, warmup: int) -> dict[str, Any]:
 
 
 def cpu_snapshot() -> tuple[float, float, float] | None:
-    """(CPU seconds used on the whole machine, by this process, wall clock) now; None off Linux."""
+    """(CPU seconds used on the whole machine, by this process and its finished workers, wall clock)
+    now; None off Linux. The workers are waited for before the share is taken, so their CPU is ours."""
     try:
         jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return None
     idle = jiffies[3] + (jiffies[4] if len(jiffies) > 4 else 0)  # idle + iowait
     own = os.times()
-    return (sum(jiffies) - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
+    ours = own.user + own.system + own.children_user + own.children_system
+    return (sum(jiffies) - idle) / os.sysconf("SC_CLK_TCK"), ours, time.perf_counter()
 
 
 def other_cpu_share(since: tuple[float, float, float] | None) -> float | None:

@@ -42,14 +42,16 @@ The block is reported at the module whose own forward performs the addition (``p
 ``add_index`` counting the additions of that forward as surgery's trace of it sees them), with the
 smallest module holding the addition and the whole branch as ``container``.
 
-Layout is told by probing with two input sizes: the dimensions that change are spatial, the one
-non-batch dimension that does not is the channel dimension.
+Layout is told by the branch's conv where one produces the sum's shape (channels-first), else by
+probing with a second input size: the dimensions that change are spatial, the one non-batch
+dimension that does not is the channel dimension. The second probe runs only when it is needed.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -165,7 +167,6 @@ class Analysis:
     @property
     def stages(self) -> list[int]:
         return sorted({b.stage for b in self.blocks})
-
     def units_of(self, kinds: list[str] | None = None) -> list[Block]:
         """The units of these kinds, in execution order; by default the first kind the model has,
         in the order residual, join, chain (a ResNet's stem conv is no chain layer)."""
@@ -299,7 +300,7 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     probes: dict[str, str] = {}
     notes: list[str] = []
     recording = _probe(model, example, probes, notes)
-    shapes_b = _second_shapes(model, recording, second_probe(example), probes, notes)
+    shapes_b = SecondProbe(model, recording, second_probe(example), probes, notes)
     modules = dict(model.named_modules(remove_duplicate=False))  # paths as the recording names them
     adds = [op for op in recording.ops if op.kind == K.ADD]
     found: list[tuple[Op, _Residual]] = []
@@ -317,6 +318,7 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     _place_in_traced_forwards(model, recording, found, per_call, untraceable)
     blocks = _to_blocks(found, shapes_b, modules)
     units = blocks + _other_units(recording, found, shapes_b, modules, has_residuals=bool(blocks))
+    probes.setdefault(_SECOND, NOT_NEEDED)
     return Analysis(blocks, len(adds), untraceable, tuple(_shape_of(example)), probes, notes, units)
 
 
@@ -328,6 +330,7 @@ def _shape_of(example: Any) -> tuple[int, ...]:
 
 _FIRST, _SECOND = "first", "second"
 NOT_RUN = "not run"
+NOT_NEEDED = f"{NOT_RUN}: the layers told every layout"
 #: what running a model on meta or fake tensors raises where its forward needs real values
 #: (``.item()``, ``if x.any()``), makes tensors of its own on a real device, or lacks a meta
 #: kernel: any of these means "run on real numbers instead", never a failure of the analysis
@@ -348,6 +351,32 @@ def _probe(model: nn.Module, example: Any, probes: dict[str, str], notes: list[s
         raise _probe_error(example, error) from error
     probes[_FIRST] = "real"
     return recording
+
+
+class SecondProbe(Mapping):
+    """The shapes of the second probe (see :func:`_second_shapes`) by op index, probed when first
+    looked up: where the layers tell every layout (a conv producing the block's channels), the
+    analysis needs one run of the model, not two."""
+
+    def __init__(self, model: nn.Module, first: Recording, example: Any, probes: dict[str, str],
+                 notes: list[str]):
+        self._probe = lambda: _second_shapes(model, first, example, probes, notes)
+        self._shapes: dict[int, tuple[int, ...]] | None = None
+
+    @property
+    def shapes(self) -> dict[int, tuple[int, ...]]:
+        if self._shapes is None:
+            self._shapes = self._probe()
+        return self._shapes
+
+    def __getitem__(self, index: int) -> tuple[int, ...]:
+        return self.shapes[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
 def _second_shapes(model: nn.Module, first: Recording, example: Any, probes: dict[str, str],
@@ -413,20 +442,23 @@ def _record_on_meta_tensors(model: nn.Module, example: torch.Tensor) -> Recordin
     """Record ``model`` with its parameters and buffers swapped for meta tensors (shape and dtype,
     no data) for the call: the cheapest run that gives every shape. The model is not changed.
 
-    Norm layers keep the shape of their input, and torch computes their shape on meta tensors the
-    long way (in Python, op by op): for the call they return an empty tensor like their input. The
-    recording holds each as one operation all the same (it sees layers, not their insides)."""
+    Norm and activation layers keep the shape of their input, and torch computes their shape on meta
+    tensors the long way (in Python, op by op): for the call they return an empty tensor like their
+    input. The recording holds each as one operation all the same (it sees layers, not their insides)."""
     from torch.func import functional_call
 
     state = {f"model.{name}": tensor.to("meta") for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
-    norms = [m for m in model.modules() if _keeps_shape(m)]
-    for norm in norms:
-        norm.forward = _shape_only
+    swapped = []
+    for module in model.modules():
+        forward = _empty_like if _keeps_shape(module) else _activation_shape_only(module)
+        if forward is not None:
+            module.forward = forward
+            swapped.append(module)
     try:
         return functional_call(_Call(model), state, (example.to("meta"),), strict=False)
     finally:
-        for norm in norms:
-            del norm.forward
+        for module in swapped:
+            del module.forward
 
 
 _SHAPE_KEEPING_FORWARDS = frozenset({nn.modules.batchnorm._BatchNorm.forward, nn.LayerNorm.forward,
@@ -442,8 +474,27 @@ def _keeps_shape(module: nn.Module) -> bool:
         and any(True for _ in module.parameters(recurse=False))
 
 
-def _shape_only(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _empty_like(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return torch.empty_like(input)
+
+
+_ACTIVATION_FORWARDS = frozenset(cls.forward for types, kind in K._MODULE_KINDS if kind == K.ACT for cls in types)
+
+
+def _activation_shape_only(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """An activation layer (torch's or timm's own forward, none on the instance) keeps the shape of
+    its input: on meta tensors it returns a new empty tensor like its input, or the input itself
+    where it works in place (as the layer would: the recording follows tensors by identity)."""
+    forward = type(module).forward
+    known = forward in _ACTIVATION_FORWARDS or (type(module).__module__ == "timm.layers.activations"
+                                                and K.module_kind(module) == K.ACT)
+    if not known or "forward" in vars(module):
+        return None
+    return _same_tensor if getattr(module, "inplace", False) else _empty_like
+
+
+def _same_tensor(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return input
 
 
 def _record_on_fake_tensors(model: nn.Module, example: torch.Tensor) -> Recording:
@@ -658,10 +709,10 @@ def _traced_positions(model: nn.Module, recording: Recording, add: Op) -> list[i
 
 # --- from matches to blocks --------------------------------------------------------------------
 
-def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: dict[int, tuple], modules: dict[str, nn.Module]) -> list[Block]:
+def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: Mapping[int, tuple], modules: dict[str, nn.Module]) -> list[Block]:
     drafts = []
     for add, residual in found:
-        layout, channel_dim = _layout(add, residual, shapes_b.get(add.index), modules)
+        layout, channel_dim = _layout(add, residual, shapes_b, modules)
         spatial = tuple(s for d, s in enumerate(add.shape) if d not in (0, channel_dim)) if channel_dim else ()
         drafts.append((add, residual, layout, channel_dim, spatial))
     sizes = sorted({math.prod(d[4]) for d in drafts if d[2] != UNKNOWN}, reverse=True)
@@ -755,16 +806,22 @@ def _describe(op: Op) -> str:
     return f"{op.scope}:{op.name}" if op.scope else op.name
 
 
-def _layout(add: Op, residual: _Residual, shape_b: tuple | None, modules: dict[str, nn.Module]) -> tuple[str, int]:
-    """(layout, channel dim) from the two probes; 0 as channel dim means unknown.
+def _layout(add: Op, residual: _Residual, shapes_b: Mapping[int, tuple], modules: dict[str, nn.Module]) -> tuple[str, int]:
+    """(layout, channel dim); 0 as channel dim means unknown.
 
-    Where the second probe did not run, or the model resized it back to its own size (CrossViT
-    interpolates every input to ``img_size``), or more than one dimension kept its size
-    (MobileViTV2's (N, C, pixels per patch, patches)), the layers of the branch decide."""
+    A conv of the branch that produces the sum's very shape, with a channel count that no spatial
+    size shares, says channels-first with no second run (no permutation keeps that shape). Else the
+    two probes tell it: the dimensions that change are spatial. Where the second probe did not run,
+    or the model resized it back to its own size (CrossViT interpolates every input to ``img_size``),
+    or more than one dimension kept its size (MobileViTV2's (N, C, pixels per patch, patches)), the
+    layers of the branch decide."""
     shape_a = add.shape
     rank = len(shape_a)
     if rank < 3:
         return UNKNOWN, 0
+    if shape_a[1] not in shape_a[2:] and _conv_says_channels_first(residual, shape_a, modules, exact=True):
+        return CHANNELS_FIRST, 1
+    shape_b = shapes_b.get(add.index)
     if shape_b is not None and len(shape_b) == rank and shape_b != shape_a:
         constant = [d for d in range(1, rank) if shape_a[d] == shape_b[d]]
         if len(constant) == 1 and len(shape_a) - 2 == sum(shape_a[d] != shape_b[d] for d in range(1, rank)):
@@ -795,12 +852,13 @@ def _linear_says_channels_last(residual: _Residual, shape: tuple[int, ...], modu
     return False
 
 
-def _conv_says_channels_first(residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> bool:
-    """Without a second probe: a conv in the branch producing this channel count and rank."""
+def _conv_says_channels_first(residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module],
+                              exact: bool = False) -> bool:
+    """A conv in the branch producing this channel count and rank (with ``exact``: this very shape)."""
     for op in residual.cone:
         conv = modules.get(op.module) if op.module else None
         if isinstance(conv, nn.modules.conv._ConvNd) and conv.out_channels == shape[1] \
-                and len(shape) == len(conv.kernel_size) + 2:
+                and len(shape) == len(conv.kernel_size) + 2 and (not exact or op.shape == tuple(shape)):
             return True
     return False
 
@@ -834,7 +892,7 @@ def _is_channel_gate(gate: tuple, features: tuple, channel_dim: int) -> bool:
 
 # --- units that are not residual blocks: joins and plain chain layers --------------------------
 
-def _other_units(recording: Recording, found: list[tuple[Op, _Residual]], shapes_b: dict[int, tuple],
+def _other_units(recording: Recording, found: list[tuple[Op, _Residual]], shapes_b: Mapping[int, tuple],
                  modules: dict[str, nn.Module], has_residuals: bool) -> list[Block]:
     """The joins (outside residual branches), and where a model has neither residual blocks nor
     joins, the layers of its plain chain, as blocks of kind ``join`` / ``chain``."""

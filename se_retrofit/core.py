@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from typing import Any, Iterator
 
@@ -12,6 +11,7 @@ from torch import nn
 from . import hf
 from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
+from .copying import deepcopy_module
 from .planning import NoResidualBlocksError, Plan, nothing_editable, plan_sites
 from .surgery import apply_sites
 from .tracing import graph_cache
@@ -120,7 +120,7 @@ def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis,
         warnings.warn(f"{len(site_plan.stacked)} of the blocks edited already apply channel attention "
                       f"(first: {site_plan.stacked[0]}); {config.attention} will be stacked on top of it",
                       StackedAttentionWarning, stacklevel=4)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else deepcopy_module(model)
     apply_sites(target, site_plan.sites, config)
     previous = getattr(model, RECORD_ATTR, None)
     record = previous.followed_by(config, site_plan.sites) if isinstance(previous, RetrofitRecord) \

@@ -16,7 +16,6 @@ Example:
 """
 from __future__ import annotations
 
-import copy
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .copying import deepcopy_module
 from .core import record_of
 from .outputs import output_difference
 from .tracing import training_mode
@@ -103,7 +103,7 @@ def check_identity(base: nn.Module, edited: nn.Module, example: Any, *, random_w
     if random_weights:
         if attention_paths is None:
             attention_paths = tuple(site.module_path for site in record_of(edited).sites)
-        base, edited = trained_like(copy.deepcopy(base)), trained_like(copy.deepcopy(edited), skip=attention_paths)
+        base, edited = trained_like(deepcopy_module(base)), trained_like(deepcopy_module(edited), skip=attention_paths)
         statistics = TRAINED_LIKE
     with training_mode(base, False), training_mode(edited, False), torch.no_grad():
         absolute, relative = output_difference(base(example), edited(example))

@@ -35,6 +35,7 @@ from ._version import __version__
 from .attention._layers import gate_state, set_gate_state
 from .config import RetrofitRecord
 from . import hf
+from .copying import deepcopy_module
 from .core import apply_record, record_of
 from .training import attention_state_dict
 from .hub import ModelRef, WeightsError, check_state_dict, create, first_sentence
@@ -358,7 +359,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
         raise SaveError(f"weights must be 'full' or 'attention', not {weights!r}")
     config = read_config(path)
     record = RetrofitRecord.from_dict(config, trust_code=trust_code)
-    model = copy.deepcopy(base_model) if base_model is not None else _fresh_base(record, weights)
+    model = deepcopy_module(base_model) if base_model is not None else _fresh_base(record, weights)
     apply_record(model, record)
     _set_gates(model, config.get("gates", {}), Path(path) / CONFIG_FILE)
     if weights == "full":

@@ -27,6 +27,7 @@ concatenation.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -50,7 +51,7 @@ class Join:
     container: str
 
 
-def find_joins(recording: Recording, modules: dict[str, nn.Module], shapes_b: dict[int, tuple],
+def find_joins(recording: Recording, modules: dict[str, nn.Module], shapes_b: Mapping[int, tuple],
                inside_residuals: set[Op]) -> list[Join]:
     """The joins of the executed graph, in execution order (see the module docstring)."""
     calls = CallCounts(recording)
@@ -64,13 +65,13 @@ def find_joins(recording: Recording, modules: dict[str, nn.Module], shapes_b: di
     return _with_new_branches(kept, modules, calls)
 
 
-def _match_join(cat: Op, modules: dict[str, nn.Module], shapes_b: dict[int, tuple], calls: CallCounts,
+def _match_join(cat: Op, modules: dict[str, nn.Module], shapes_b: Mapping[int, tuple], calls: CallCounts,
                 ops: list[Op]) -> Join | None:
     operands = list(cat.args)
     if len(operands) < 2 or not all(a is not None and a.dynamic and a.shape for a in operands) \
             or not cat.shape:
         return None  # a parameter concatenated (a class token) or an operand the recording did not see
-    channel_dim = _channel_dim(cat, operands, shapes_b.get(cat.index))
+    channel_dim = _channel_dim(cat, operands, shapes_b)
     if channel_dim is None:
         return None
     unit_input = _common_input(operands)
@@ -86,8 +87,9 @@ def _match_join(cat: Op, modules: dict[str, nn.Module], shapes_b: dict[int, tupl
     return Join(cat, unit_input, channel_dim, learned, post, [], _container(cat, unit_input))
 
 
-def _channel_dim(cat: Op, operands: list[Op], shape_b: tuple | None) -> int | None:
-    """The dimension the operands are concatenated along, where it is the channel dimension."""
+def _channel_dim(cat: Op, operands: list[Op], shapes_b: Mapping[int, tuple]) -> int | None:
+    """The dimension the operands are concatenated along, where it is the channel dimension (the
+    second probe's shapes are looked up last: the lookup runs that probe)."""
     shape = cat.shape
     if len(shape) < 3 or any(len(o.shape) != len(shape) for o in operands):
         return None
@@ -95,6 +97,7 @@ def _channel_dim(cat: Op, operands: list[Op], shape_b: tuple | None) -> int | No
     if len(differing) != 1 or sum(o.shape[differing[0]] for o in operands) != shape[differing[0]]:
         return None
     dim = differing[0]
+    shape_b = shapes_b.get(cat.index)
     if shape_b is not None and len(shape_b) == len(shape) and shape_b != shape:
         constant = [d for d in range(1, len(shape)) if shape[d] == shape_b[d]]
         return dim if constant == [dim] else None

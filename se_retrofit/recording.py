@@ -116,6 +116,7 @@ class _Recorder(TorchFunctionMode):
         self.leaf: tuple[nn.Module, list[Op | None], bool] | None = None
         self.leaf_depth = 0
         self.counter = 0
+        self.learned: dict[int, bool] = {}
 
     # --- tensors -----------------------------------------------------------------------
     def lookup(self, tensor: torch.Tensor) -> Op | None:
@@ -124,6 +125,12 @@ class _Recorder(TorchFunctionMode):
 
     def is_weight(self, tensor: torch.Tensor) -> bool:
         return id(tensor) in self.params or self.param_views.get(id(tensor)) is tensor
+
+    def has_parameters(self, module: nn.Module) -> bool:
+        known = self.learned.get(id(module))
+        if known is None:
+            known = self.learned[id(module)] = any(True for _ in module.parameters())
+        return known
 
     def bind(self, tensor: torch.Tensor, op: Op) -> None:
         self.values[id(tensor)] = (tensor, op)
@@ -185,7 +192,7 @@ class _Recorder(TorchFunctionMode):
     def _end_leaf(self, module: nn.Module, path: str, output: Any) -> None:
         _, reads, weights = self.leaf
         self.leaf = None
-        weights = weights or any(True for _ in module.parameters())
+        weights = weights or self.has_parameters(module)
         op = self._new_op(K.module_kind(module), path, reads, weights, output, module=path)
         op.returned_by.append(path)
 
@@ -261,11 +268,21 @@ def _in_place(name: str) -> bool:
     return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
 
 
+_ATOMS = (int, float, bool, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value``, in pytree order. Plain tuples, lists and dicts (what nearly every call
+    passes) are walked here: asking pytree the type of each node costs more than the op recorded."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if value is None or isinstance(value, (int, float, bool, str)):
+    if value is None or isinstance(value, _ATOMS):
         return []
+    kind = type(value)
+    if kind is tuple or kind is list:
+        return [t for item in value for t in _tensors(item)]
+    if kind is dict:
+        return [t for item in value.values() for t in _tensors(item)]
     return [v for v in tree_leaves(value) if isinstance(v, torch.Tensor)]
 
 

@@ -8,8 +8,10 @@ new forward dispatches on ``self.training`` so both behaviours are kept.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import defaultdict
+from dataclasses import replace
 from typing import Callable
 
 from torch import fx, nn
@@ -17,15 +19,15 @@ from torch.fx.proxy import TraceError
 
 from . import op_kinds as K
 from .graph import add_operands, mark_dynamic
-from .attention import create_attention
+from .attention import attention_builder
 from .config import RetrofitConfig
 from .placement import GATES, SurgeryError
 from .positions import get_position
 from .site import Site
 from .hub import first_sentence
 from .edited import EditSpec, Variant, base_class, install, takes_var_keyword
-from .tracing import (TRACE_FAILURES, forward_function, optional_arguments, trace, trace_fixing_defaults,
-                      training_mode)
+from .tracing import (TRACE_FAILURES, cache_memo, forward_function, is_shared, optional_arguments, trace,
+                      trace_fixing_defaults)
 
 
 def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig) -> None:
@@ -33,20 +35,20 @@ def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig) -> 
     by_block: dict[str, list[Site]] = defaultdict(list)
     for site in sites:
         by_block[site.block].append(site)
+    build = attention_builder(config.attention, init=config.init, **config.attention_options())
     for path, block_sites in by_block.items():
         try:
             block = model.get_submodule(path)
         except AttributeError:
             raise SurgeryError(f"the model has no module {path!r}: it does not match the sites planned "
                                "for it") from None
-        attention = {s.module_name: _new_attention(s, config, block) for s in block_sites}
+        attention = {s.module_name: _new_attention(build, s, block) for s in block_sites}
         edit_block(block, block_sites, attention)
 
 
-def _new_attention(site: Site, config: RetrofitConfig, block: nn.Module) -> nn.Module:
+def _new_attention(build: Callable[[int, int], nn.Module], site: Site, block: nn.Module) -> nn.Module:
     """The site's module, on the block's device and in its floating dtype (half, bfloat16, meta)."""
-    module = create_attention(config.attention, site.channels, init=config.init,
-                              spatial_dims=site.spatial_dims, **config.attention_options())
+    module = build(site.channels, site.spatial_dims)
     like = next((t for t in itertools.chain(block.parameters(), block.buffers()) if t.is_floating_point()), None)
     return module if like is None else module.to(device=like.device, dtype=like.dtype)
 
@@ -62,16 +64,38 @@ def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Modu
                            "(--exclude on the command line)") from None
     for name, module in attention.items():
         _attach(block, name, module)
+    _install_forward(block, _edited_code(block, graphs, sites), optional, fixed)
+
+
+def _edited_code(block: nn.Module, graphs: dict[Variant, fx.Graph], sites: list[Site]) -> dict[Variant, fx.graph.PythonCode]:
+    """The code of each variant with the sites inserted. A graph shared by the blocks of one structure
+    (and often by both modes, see :func:`.tracing.is_shared`) edited at the same places gives the same
+    code: it is generated once, on a copy of that graph."""
+    memo = cache_memo()
+    places = tuple(_place_of(site) for site in sites)
     modules = dict(block.named_modules())
     forwards = {}
-    for key, graph in graphs.items():
+    for variant, graph in graphs.items():
+        key = ("edited code", id(graph), places) if memo is not None and is_shared(graph) else None
+        if key is not None and key in memo:
+            forwards[variant] = memo[key]
+            continue
+        graph = copy.deepcopy(graph) if is_shared(graph) else graph
         mark_dynamic(graph)
         for site in sites:
             _insert(graph, site, modules)
         graph.lint()
         _free_root_name(graph)
-        forwards[key] = graph.python_code(root_module="self")
-    _install_forward(block, forwards, optional, fixed)
+        forwards[variant] = graph.python_code(root_module="self")
+        if key is not None:
+            memo[key] = forwards[variant]
+    return forwards
+
+
+def _place_of(site: Site) -> Site:
+    """What of a site the edited code depends on: where the module goes and its name, not the block
+    path, the unit, the widths or the stage."""
+    return replace(site, block="", unit="", channels=0, stage=0, attention_bytes=None)
 
 
 def _free_root_name(graph: fx.Graph) -> None:
@@ -121,8 +145,7 @@ def _variants(optional: list[str]) -> list[Variant]:
 def _trace_block(block: nn.Module, variant: Variant, optional: list[str], fixed: dict[str, object]) -> fx.Graph:
     training, nones = variant
     concrete = {**fixed, **{name: None for name, none in zip(optional, nones) if none}}
-    with training_mode(block, training):
-        return trace(block, leaf_children=True, concrete_args=concrete or None)
+    return trace(block, leaf_children=True, concrete_args=concrete or None, shared=True, training=training)
 
 
 def _attach(block: nn.Module, name: str, module: nn.Module) -> None:

@@ -79,7 +79,8 @@ class RetrofitTracer(fx.Tracer):
         return node
 
 
-def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | None = None) -> fx.Graph:
+def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | None = None,
+          shared: bool = False, training: bool | None = None) -> fx.Graph:
     """Trace ``module`` symbolically and return its graph (module paths in ``node.meta``).
 
     Side-effect free: a forward that caches on first call (torchvision's MultiScaleRoIAlign sets
@@ -93,25 +94,52 @@ def trace(module: nn.Module, leaf_children: bool = False, concrete_args: dict | 
     of the first, provided the attributes of it and its children (not deeper) that the trace read
     (``training``, ``self.attn.num_heads``) are equal too, and the shapes of the parameters where the graph reads
     any. A forward that does not read ``training`` is thus traced once for both modes, and a
-    ResNet's sixteen bottlenecks twice (with and without a downsampling shortcut).
+    ResNet's sixteen bottlenecks twice (with and without a downsampling shortcut). With ``shared``
+    the cached graph itself is returned, not a copy: the caller must copy it before changing it
+    (:func:`is_shared` tells which graphs are cached ones). With ``training`` the block is traced
+    as ``module.train(training)`` makes it (every flag restored after); a graph cached for that
+    mode is found without switching it.
     """
+    if training is not None and not _trains_plainly(module):
+        with training_mode(module, training):
+            return trace(module, leaf_children, concrete_args, shared)
     cache = _GRAPHS.get()
     key = _structure_key(module, concrete_args) if cache is not None and leaf_children else None
+    mode = training_mode(module, training) if training is not None else contextlib.nullcontext()
     if key is None:
-        return _trace(module, leaf_children, concrete_args)
+        with mode:
+            return _trace(module, leaf_children, concrete_args)
     for conditions, graph in cache.get(key, ()):
-        if all(_current(module, what) == value for what, value in conditions):
-            return copy.deepcopy(graph)
+        if all(_current(module, what, training) == value for what, value in conditions):
+            return graph if shared else copy.deepcopy(graph)
     reads: dict[tuple[str, str], Any] = {}
-    try:
-        graph = _trace(module, leaf_children, concrete_args, reads=reads)
-    except _Unwatchable:  # a child whose class cannot be swapped (a compiled module): reads unknown
-        return _trace(module, leaf_children, concrete_args)
-    conditions = _conditions(module, graph, reads)
+    with mode:
+        try:
+            graph = _trace(module, leaf_children, concrete_args, reads=reads)
+        except _Unwatchable:  # a child whose class cannot be swapped (a compiled module): reads unknown
+            return _trace(module, leaf_children, concrete_args)
+        conditions = _conditions(module, graph, reads)
     if conditions is not None:
+        setattr(graph, _SHARED_ATTR, True)
         cache.setdefault(key, []).append((conditions, graph))
-        return copy.deepcopy(graph)
+        return graph if shared else copy.deepcopy(graph)
     return graph
+
+
+_SHARED_ATTR = "_se_retrofit_shared"
+
+
+def is_shared(graph: fx.Graph) -> bool:
+    """Whether ``graph`` is a cached graph (from :func:`trace` with ``shared``), the graph of every
+    block of its structure: copy it before changing it. One edit of it gives the same code for all
+    of those blocks (surgery keeps that code in :func:`cache_memo`)."""
+    return getattr(graph, _SHARED_ATTR, False)
+
+
+def cache_memo() -> dict | None:
+    """The dictionary of the enclosing :func:`graph_cache` (None outside one): a place for results
+    derived from its graphs, which must not outlive them."""
+    return _GRAPHS.get()
 
 
 def _trace(module: nn.Module, leaf_children: bool, concrete_args: dict | None,
@@ -230,10 +258,13 @@ def _watching(cls: type) -> type:
     return watching
 
 
-def _current(module: nn.Module, what: tuple[str, str]) -> Any:
+def _current(module: nn.Module, what: tuple[str, str], training: bool | None = None) -> Any:
+    """The value a trace of ``module`` (in mode ``training``, where given) would read for ``what``."""
     path, name = what
     if path == _SHAPES:
         return _shapes(module)
+    if name == "training" and training is not None:
+        return _plain(training)  # module.train(training) sets it on every submodule (see _trains_plainly)
     owner = module if not path else module._modules.get(path)
     return _plain(vars(owner).get(name, _NOT_PLAIN)) if owner is not None else _NOT_PLAIN
 
@@ -317,6 +348,11 @@ def _variant_to_trace(module: nn.Module, concrete_args: dict) -> Callable:
     return variants.get(key) or next(iter(variants.values()))
 
 
+def _trains_plainly(module: nn.Module) -> bool:
+    """Whether ``module.train(mode)`` sets every submodule's flag to ``mode`` (no class overrides it)."""
+    return all(type(m).train is nn.Module.train for m in module.modules())
+
+
 def snapshot_training(module: nn.Module) -> dict[nn.Module, bool]:
     """Snapshot of every submodule's ``training`` flag, to restore with :func:`restore_training`."""
     return {m: m.training for m in module.modules()}
@@ -324,13 +360,18 @@ def snapshot_training(module: nn.Module) -> dict[nn.Module, bool]:
 
 def restore_training(snapshot: dict[nn.Module, bool]) -> None:
     for m, flag in snapshot.items():
-        m.training = flag
+        if m.training != flag:
+            m.training = flag
 
 
 @contextlib.contextmanager
 def training_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
-    """``module.train(training)`` for the block, then every submodule's own flag back."""
+    """``module.train(training)`` for the block, then every submodule's own flag back; nothing at all
+    where the block and all of its submodules are in that mode already."""
     snapshot = snapshot_training(module)
+    if all(flag == training for flag in snapshot.values()):
+        yield module
+        return
     module.train(training)
     try:
         yield module
@@ -390,7 +431,7 @@ def own_tensor_adds(module: nn.Module, args: tuple, kwargs: dict) -> list[int]:
         bound = {}
     given = {k: v for k, v in bound.items() if k != "self"}
     nones = {name: None for name in optional_arguments(module) if given.get(name) is None}
-    graph, _ = trace_fixing_defaults(module, lambda fixed: trace(module, leaf_children=True,
+    graph, _ = trace_fixing_defaults(module, lambda fixed: trace(module, leaf_children=True, shared=True,
                                                                  concrete_args={**fixed, **nones} or None))
     modules = dict(module.named_modules())
     tensorish: dict[fx.Node, bool] = {}

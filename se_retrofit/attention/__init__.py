@@ -256,16 +256,32 @@ def create_attention(name: str, channels: int, *, init: str = "identity", spatia
     A type without an identity initialisation of its own comes, at ``init="identity"``, wrapped in
     :class:`~se_retrofit.attention.blend.ZeroBlend` (its own parameters under ``attn.``).
     """
+    return attention_builder(name, init=init, **options)(channels, spatial_dims)
+
+
+def attention_builder(name: str, *, init: str = "identity", **options) -> Callable[[int, int], nn.Module]:
+    """:func:`create_attention` with the type, init and options checked once: the returned function
+    builds a module for ``(channels, spatial_dims)`` (surgery builds one per site).
+
+    Example:
+        >>> build = attention_builder("se", reduction=8)
+        >>> [build(channels, 2).fc1.out_channels for channels in (64, 256)]
+        [8, 32]
+    """
     spec = get_attention(name)
     if init not in INITS:
         raise AttentionOptionError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     spec.check_options(options)
-    module = spec.build(channels, spatial_dims, options)
-    if init == "identity":
-        if spec.identity_init is None:
-            return spec.blend(module)
-        spec.identity_init(module)
-    return module
+
+    def build(channels: int, spatial_dims: int = 2) -> nn.Module:
+        module = spec.build(channels, spatial_dims, options)
+        if init == "identity":
+            if spec.identity_init is None:
+                return spec.blend(module)
+            spec.identity_init(module)
+        return module
+
+    return build
 
 
 #: modules shipping built-in types (each registers its types on first import)
