@@ -444,13 +444,14 @@ def _record_on_meta_tensors(model: nn.Module, example: torch.Tensor) -> Recordin
 
     Norm and activation layers keep the shape of their input, and torch computes their shape on meta
     tensors the long way (in Python, op by op): for the call they return an empty tensor like their
-    input. The recording holds each as one operation all the same (it sees layers, not their insides)."""
+    input, and conv layers one of their output's shape. The recording holds each as one operation all
+    the same (it sees layers, not their insides)."""
     from torch.func import functional_call
 
     state = {f"model.{name}": tensor.to("meta") for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
     swapped = []
     for module in model.modules():
-        forward = _empty_like if _keeps_shape(module) else _activation_shape_only(module)
+        forward = _empty_like if _keeps_shape(module) else _activation_shape_only(module) or _conv_shape_only(module)
         if forward is not None:
             module.forward = forward
             swapped.append(module)
@@ -495,6 +496,29 @@ def _activation_shape_only(module: nn.Module) -> Callable[[torch.Tensor], torch.
 
 def _same_tensor(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return input
+
+
+_CONV_FORWARDS = {nn.Conv1d.forward: 1, nn.Conv2d.forward: 2, nn.Conv3d.forward: 3}
+
+
+def _conv_shape_only(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A conv layer with torch's own forward returns, on meta tensors, an empty tensor of the shape
+    torch's conv gives (out channels; each size ``(s + 2p - d(k - 1) - 1) // stride + 1``, kept
+    with ``padding="same"``): the meta conv computes the same in Python, op by op, with checks the
+    model has passed already. Any padding mode pads by ``padding`` first, to the same shape."""
+    dims = _CONV_FORWARDS.get(type(module).forward)
+    if dims is None or "forward" in vars(module):
+        return None
+
+    def forward(input: torch.Tensor) -> torch.Tensor:
+        sizes = input.shape[-dims:]
+        if module.padding != "same":
+            padding = (0,) * dims if module.padding == "valid" else module.padding
+            sizes = [(size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1 for size, pad, dilation, kernel, stride
+                     in zip(sizes, padding, module.dilation, module.kernel_size, module.stride)]
+        return input.new_empty((*input.shape[:-dims - 1], module.out_channels, *sizes))
+
+    return forward
 
 
 def _record_on_fake_tensors(model: nn.Module, example: torch.Tensor) -> Recording:
