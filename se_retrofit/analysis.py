@@ -107,6 +107,9 @@ class Block:
             EfficientNet computes the branch in siblings of the adding module, which receives it as an
             argument: ``pre`` there would sit mid-branch); None where ``path``'s forward starts it
             (DLA's blocks, given their shortcut as an argument, start their branch themselves).
+        in_place: the forward adds in place into its first operand (``x += shortcut``, ``add_``),
+            which an fx trace does not keep: surgery writes the edited addition in place again
+            where that is safe (see :mod:`.surgery`).
     """
 
     path: str
@@ -129,6 +132,7 @@ class Block:
     branch_module: str | None = None
     rewrite_error: str | None = None
     branch_outside: str | None = None
+    in_place: bool = False
     kind: str = RESIDUAL
     gates: tuple[tuple[str, tuple[Gate, ...]], ...] = ()
     gate_errors: tuple[tuple[str, str], ...] = ()
@@ -763,9 +767,13 @@ def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: Mapping[int, tuple],
             branch_module=_branch_module(add, residual),
             rewrite_error=residual.rewrite_error,
             branch_outside=_branch_outside(add, residual),
+            in_place=add.name in _IN_PLACE_ADDS,
             **_inner_site(residual, modules),
         ))
     return blocks
+
+
+_IN_PLACE_ADDS = frozenset({"add_", "__iadd__"})
 
 
 def _where(op: Op) -> str:

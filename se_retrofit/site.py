@@ -19,7 +19,8 @@ class Site:
     ``chain``); ``channel_dim`` is where the channels are at that point (1 for NCHW, -1 for NHWC
     maps and token sequences); ``attention_bytes`` is the size of the attention type's largest
     intermediate at batch 1 in float32 (Non-local's and PAM's N×N map), None where the type does
-    not tell.
+    not tell. ``in_place``: the block's forward added in place into its first operand (``x +=
+    shortcut``); surgery keeps it so where the module it inserts there returns a fresh tensor.
     """
 
     block: str
@@ -37,6 +38,7 @@ class Site:
     gate: str = ""
     operand: int = 0
     unit: str = ""
+    in_place: bool = False
 
     def __post_init__(self) -> None:
         if not self.gate and self.position == "inner":  # records written before gates existed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import operator
 from collections import defaultdict
 from dataclasses import replace
 from typing import Callable
@@ -18,7 +19,7 @@ from torch import fx, nn
 from torch.fx.proxy import TraceError
 
 from . import op_kinds as K
-from .graph import add_operands, mark_dynamic
+from .graph import add_operands, dynamic_inputs, mark_dynamic
 from .attention import attention_builder
 from .config import RetrofitConfig
 from .placement import GATES, SurgeryError
@@ -72,8 +73,8 @@ def _edited_code(block: nn.Module, graphs: dict[Variant, fx.Graph], sites: list[
     (and often by both modes, see :func:`.tracing.is_shared`) edited at the same places gives the same
     code: it is generated once, on a copy of that graph."""
     memo = cache_memo()
-    places = tuple(_place_of(site) for site in sites)
     modules = dict(block.named_modules())
+    places = tuple((_place_of(site), type(modules[site.module_name])) for site in sites)
     forwards = {}
     for variant, graph in graphs.items():
         key = ("edited code", id(graph), places) if memo is not None and is_shared(graph) else None
@@ -93,8 +94,9 @@ def _edited_code(block: nn.Module, graphs: dict[Variant, fx.Graph], sites: list[
 
 
 def _place_of(site: Site) -> Site:
-    """What of a site the edited code depends on: where the module goes and its name, not the block
-    path, the unit, the widths or the stage."""
+    """What of a site the edited code depends on (with the class of the module inserted, see
+    :func:`_writable`): where the module goes and its name, not the block path, the unit, the widths
+    or the stage."""
     return replace(site, block="", unit="", channels=0, stage=0, attention_bytes=None)
 
 
@@ -178,6 +180,30 @@ def _insert(graph: fx.Graph, site: Site, modules: dict[str, nn.Module]) -> None:
     if position.place is None:
         raise SurgeryError(f"{site.block}: position {site.position!r} has no placement at a residual addition")
     position.place(graph, add, branch, shortcut, site, modules)
+    if site.in_place and _writable(add, site, modules):
+        add.op, add.target = "call_method", "add_"
+
+
+def _writable(add: fx.Node, site: Site, modules: dict[str, nn.Module]) -> bool:
+    """Whether the edited addition may again write into its first operand, as the original forward
+    did (``x += shortcut``, which an fx trace records as ``x + shortcut``: one more block-sized
+    tensor per block, a few percent of a ResNet's CPU time). It may where nothing else reads that
+    operand, and where it is still what the original wrote into, or comes from the inserted module
+    (through dropout or stochastic depth) whose class declares ``writable_output``: a fresh tensor
+    (a product or a sum) that no backward formula keeps."""
+    if add.op != "call_function" or add.target is not operator.add or add.kwargs or len(add.args) != 2:
+        return False
+    node = add.args[0]
+    while not (node.op == "call_module" and node.target == site.module_name):
+        if len(node.users) != 1:
+            return False
+        inputs = dynamic_inputs(node)
+        if K.node_kind(node, modules) not in K.PASSTHROUGH_KINDS or len(inputs) != 1:
+            return True  # the original's own operand (the branch's last layer, or the shortcut)
+        node = inputs[0]
+    if len(node.users) != 1:
+        return False
+    return getattr(type(modules[site.module_name]), "writable_output", False)
 
 
 # --- the new forward ---------------------------------------------------------------------------

@@ -336,3 +336,52 @@ def test_a_block_whose_forward_cannot_be_rewritten_is_a_clear_error():
                                            r"TraceError.*exclude=\['0'\]"):
         apply_sites(model, [site], RetrofitConfig())
     assert not hasattr(model[0], "se")  # nothing attached
+
+
+# --- the residual addition stays in place where the original wrote it so ----------------------
+
+def _sources(block: nn.Module) -> list[str]:
+    from se_retrofit.edited import SPEC_ATTR
+
+    return list(getattr(type(block), SPEC_ATTR).sources.values())
+
+
+class Doubling(nn.Module):
+    """A user attention type without ``writable_output``: the sum must not be written into its output."""
+
+    def __init__(self, channels: int, *, spatial_dims: int = 2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, channels, *([1] * spatial_dims)))
+
+    def forward(self, x):
+        return x * (1 + self.weight)
+
+
+@pytest.mark.parametrize("position", ["standard", "post", "pre", "identity"])
+def test_an_in_place_residual_addition_stays_in_place(position):
+    """timm's ResNet writes ``x += shortcut``; an fx trace records ``x + shortcut`` (one more
+    block-sized tensor per block): the edited forward adds in place again, the values unchanged."""
+    base = as_if_pretrained(timm.create_model("resnet18")).eval()
+    x = small_input()
+    model = se_retrofit.retrofit(base, position=position, example_input=x)
+    assert all(".add_(" in source and " + " not in source for source in _sources(model.layer1[0]))
+    for training in (False, True):
+        assert torch.equal(run(model, x, training), run(base, x, training))
+    model.train()(x).sum().backward()  # autograd accepts the write into the attention's output
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".se." in n and "fc2" in n)
+
+
+def test_an_addition_written_out_of_place_or_into_an_unknown_modules_output_stays_so():
+    x = small_input()
+    efficientnet = se_retrofit.retrofit(as_if_pretrained(timm.create_model("efficientnet_b0")).eval(), example_input=x)
+    assert all(".add_(" not in source for source in _sources(efficientnet.blocks[1][1]))  # `drop_path(x) + shortcut`
+    from se_retrofit.attention import unregister_attention
+
+    se_retrofit.register_attention("doubling_test", identity_init=lambda m: None)(Doubling)
+    try:
+        base = timm.create_model("resnet18").eval()
+        model = se_retrofit.retrofit(base, attention="doubling_test", example_input=x)
+    finally:
+        unregister_attention("doubling_test")
+    assert all(".add_(" not in source for source in _sources(model.layer1[0]))
+    assert torch.equal(run(model, x, False), run(base, x, False))

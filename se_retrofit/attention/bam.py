@@ -25,6 +25,8 @@ __all__ = ["BAM"]
 class BAM(nn.Module):
     """BAM (Park et al. 2018): channel and spatial branches, ``x · (1 + gate(Mc · Ms))``."""
 
+    writable_output = True  # returns a new product or sum: a block may add into it in place
+
     check_options = classmethod(check_by_building)
 
     def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 16, divisor: int = 1,

@@ -38,6 +38,8 @@ class ZeroBlend(nn.Module):
         (True, ['alpha', 'attn.bias', 'attn.weight'])
     """
 
+    writable_output = True  # returns a new product or sum: a block may add into it in place
+
     def __init__(self, attn: nn.Module):
         super().__init__()
         self.attn = attn

@@ -71,6 +71,8 @@ class SpatialAttention(nn.Module):
 class CBAM(nn.Module):
     """CBAM (Woo et al. 2018): channel attention, then spatial attention, in sequence."""
 
+    writable_output = True  # returns a new product or sum: a block may add into it in place
+
     check_options = classmethod(check_by_building)
 
     def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 16, divisor: int = 1,

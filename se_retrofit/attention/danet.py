@@ -37,6 +37,8 @@ __all__ = ["PositionAttention", "ChannelAttentionMap", "DualAttention"]
 class PositionAttention(nn.Module):
     """DANet position attention (Fu et al. 2019): each position attends to all, ``x + γ·V·softmax(QᵀK)ᵀ``."""
 
+    writable_output = True  # returns a new product or sum: a block may add into it in place
+
     check_options = classmethod(check_by_building)
 
     def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 8, divisor: int = 1):
@@ -71,6 +73,8 @@ class PositionAttention(nn.Module):
 @register_attention("cam", attr_name="cam", default_position="post", default_blocks="last")
 class ChannelAttentionMap(nn.Module):
     """DANet channel attention (Fu et al. 2019): a C×C affinity map over channels, ``x + β·A·X``."""
+
+    writable_output = True  # returns a new product or sum: a block may add into it in place
 
     check_options = classmethod(check_by_building)
 
@@ -109,6 +113,8 @@ class DualAttention(nn.Module):
         >>> bool(torch.equal(da(x), x)), float(da.pam.gamma), float(da.cam.gamma)
         (True, 0.0, 0.0)
     """
+
+    writable_output = True  # returns a new product or sum: a block may add into it in place
 
     check_options = classmethod(check_by_building)
 

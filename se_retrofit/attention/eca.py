@@ -32,6 +32,8 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
 class EfficientChannelAttention(nn.Module):
     """Efficient Channel Attention (Wang et al. 2020): a 1-D conv across pooled channels, ~k parameters."""
 
+    writable_output = True  # returns a new product or sum: a block may add into it in place
+
     check_options = classmethod(check_by_building)
 
     def __init__(self, channels: int, *, spatial_dims: int = 2, kernel_size: int | None = None,

@@ -42,6 +42,8 @@ class GlobalContextBlock(nn.Module):
         (True, 16)
     """
 
+    writable_output = True  # returns a new product or sum: a block may add into it in place
+
     check_options = classmethod(check_by_building)
 
     def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 16, divisor: int = 1,

@@ -55,6 +55,8 @@ class NonLocalBlock(nn.Module):
         65536
     """
 
+    writable_output = True  # returns a new product or sum: a block may add into it in place
+
     check_options = classmethod(check_by_building)
 
     def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 2, divisor: int = 1,

@@ -33,6 +33,8 @@ def reduced_channels(channels: int, reduction: int = 16, divisor: int = 8) -> in
 class SqueezeExcite(nn.Module):
     """Squeeze-and-Excitation (Hu et al. 2018): channel gates from globally pooled features."""
 
+    writable_output = True  # returns a new product or sum: a block may add into it in place
+
     check_options = classmethod(check_by_building)
 
     def __init__(self, channels: int, *, spatial_dims: int = 2, reduction: int = 16, divisor: int = 8,

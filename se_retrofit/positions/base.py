@@ -61,7 +61,7 @@ class Position:
         channel_dim = 1 if block.layout == CHANNELS_FIRST else -1
         return [Site(block=block.path, add_index=block.add_index, shortcut_arg=block.shortcut_arg,
                      position=self.name, channels=channels, spatial_dims=len(block.spatial), stage=block.stage,
-                     module_name="", channel_dim=channel_dim, unit=block.name)]
+                     module_name="", channel_dim=channel_dim, unit=block.name, in_place=block.in_place)]
 
 
 class PositionError(RetrofitError):
