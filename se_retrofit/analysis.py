@@ -508,18 +508,25 @@ _CONV_FORWARDS = {nn.Conv1d.forward: 1, nn.Conv2d.forward: 2, nn.Conv3d.forward:
 def _conv_shape_only(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A conv layer with torch's own forward returns, on meta tensors, an empty tensor of the shape
     torch's conv gives (out channels; each size ``(s + 2p - d(k - 1) - 1) // stride + 1``, kept
-    with ``padding="same"``): the meta conv computes the same in Python, op by op, with checks the
-    model has passed already. Any padding mode pads by ``padding`` first, to the same shape."""
+    with ``padding="same"``), where the meta conv computes the same in Python, op by op. An input
+    the conv would refuse (other channels or rank, smaller than the kernel) raises as torch does,
+    so a bad example input is still told. Any padding mode pads by ``padding`` first, to the same
+    shape."""
     dims = _CONV_FORWARDS.get(type(module).forward)
     if dims is None or "forward" in vars(module):
         return None
 
     def forward(input: torch.Tensor) -> torch.Tensor:
+        if input.dim() not in (dims + 1, dims + 2) or input.shape[-dims - 1] != module.in_channels:
+            raise RuntimeError(f"{type(module).__name__} expected {module.in_channels} input channels and "
+                               f"{dims}-D maps, got an input of shape {tuple(input.shape)}")
         sizes = input.shape[-dims:]
         if module.padding != "same":
             padding = (0,) * dims if module.padding == "valid" else module.padding
             sizes = [(size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1 for size, pad, dilation, kernel, stride
                      in zip(sizes, padding, module.dilation, module.kernel_size, module.stride)]
+        if min(sizes) < 1:
+            raise RuntimeError(f"{type(module).__name__}: the input {tuple(input.shape)} is smaller than the kernel")
         return input.new_empty((*input.shape[:-dims - 1], module.out_channels, *sizes))
 
     return forward

@@ -240,3 +240,9 @@ def test_a_conv_recorded_on_meta_tensors_has_the_shape_torch_gives(conv, batched
     x = torch.randn(size if not batched else (2, *size))
     recording = _record_on_meta_tensors(nn.Sequential(conv), x)
     assert [op.shape for op in recording.ops if op.kind == "conv"] == [tuple(conv(x).shape)]
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 32, 32), (1, 3, 2, 2), (3, 32)])
+def test_an_input_a_conv_refuses_is_refused_on_meta_tensors_too(shape):
+    with pytest.raises(ValueError, match="example_input"):
+        se_retrofit.find_blocks(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1)), torch.randn(shape))
