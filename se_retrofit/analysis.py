@@ -171,6 +171,7 @@ class Analysis:
     @property
     def stages(self) -> list[int]:
         return sorted({b.stage for b in self.blocks})
+
     def units_of(self, kinds: list[str] | None = None) -> list[Block]:
         """The units of these kinds, in execution order; by default the first kind the model has,
         in the order residual, join, chain (a ResNet's stem conv is no chain layer)."""
