@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from typing import Any, Iterator
 
@@ -12,6 +13,7 @@ from . import hf
 from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
 from .copying import deepcopy_module
+from .hub import BUILT_ATTR
 from .planning import NoResidualBlocksError, Plan, nothing_editable, plan_sites
 from .surgery import apply_sites
 from .tracing import graph_cache
@@ -145,7 +147,9 @@ def one_thread() -> Iterator[None]:
 
 def describe_base(model: nn.Module) -> dict[str, Any]:
     """What can be told of a model handed to :func:`retrofit`: its timm architecture, its transformers
-    class and config, or its class."""
+    class and config, or its class; and, for a model :func:`se_retrofit.hub.create` built, the name,
+    constructor keywords and pretrained tag it was built with (the tag only where those weights
+    really were loaded)."""
     cfg = getattr(model, "pretrained_cfg", None)
     cls = type(model)
     info: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}",
@@ -153,10 +157,44 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
     if hf.is_transformers_model(model):
         return {**info, **hf.describe(model)}
     if isinstance(cfg, dict) and cfg.get("architecture"):
-        info.update(name=cfg["architecture"], source="timm", pretrained_tag=cfg.get("tag"))
-        if isinstance(getattr(model, "num_classes", None), int):
-            info["create_kwargs"] = {"num_classes": model.num_classes}
-    return info
+        info.update(name=cfg["architecture"], source="timm")
+    built = model.__dict__.get(BUILT_ATTR)
+    if isinstance(built, dict):
+        info.update(name=built["name"], source=built["source"], create_kwargs=dict(built["create_kwargs"]))
+        if built.get("pretrained_tag"):
+            info["pretrained_tag"] = built["pretrained_tag"]
+    return {**info, **head_of(model, info)}
+
+
+def head_of(model: nn.Module, base: dict[str, Any]) -> dict[str, Any]:
+    """The ``base`` entries that describe a timm model's head as it is now: ``num_classes`` among the
+    constructor keywords, and ``global_pool`` (what ``reset_classifier(n, global_pool=...)`` changes)."""
+    if base.get("source") != "timm" or isinstance(model.__dict__.get("num_classes"), bool) \
+            or not isinstance(model.__dict__.get("num_classes"), int):
+        return {}
+    head = {"create_kwargs": {**base.get("create_kwargs", {}), "num_classes": model.num_classes}}
+    pool = global_pool_of(model)
+    if pool is not None:
+        head["global_pool"] = pool
+    return head
+
+
+def global_pool_of(model: nn.Module) -> str | None:
+    """A timm model's global pooling type (``avg``, ``max``, ``token``…), or None where it has none."""
+    for owner in (model, model.__dict__.get("_modules", {}).get("head")):
+        pool = getattr(owner, "global_pool", None) if owner is not None else None
+        if isinstance(pool, str):
+            return pool
+        if isinstance(getattr(pool, "pool_type", None), str):
+            return pool.pool_type
+    return None
+
+
+def base_at_save(model: nn.Module, record: "RetrofitRecord") -> dict[str, Any]:
+    """``record.base`` brought up to date with ``model`` as it is now (a classifier reset since the
+    edit: ``num_classes``, ``global_pool``); the record itself is left as it is."""
+    base = copy.deepcopy(record.base)
+    return {**base, **head_of(model, base)}
 
 
 def apply_record(model: nn.Module, record: RetrofitRecord) -> nn.Module:

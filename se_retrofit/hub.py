@@ -99,13 +99,51 @@ def create(ref: ModelRef, weights: str = "pretrained", *, allow_pickle: bool = F
     """
     _check_create_kwargs(create_kwargs)
     if weights == "none":
-        return _build(ref, False, create_kwargs), "random initialisation (weights: none)"
+        model = _build(ref, False, create_kwargs)
+        return remember_construction(model, ref, create_kwargs), "random initialisation (weights: none)"
     if weights == "pretrained":
-        return _pretrained(ref, create_kwargs)
+        model, origin = _pretrained(ref, create_kwargs)
+        tag = _pretrained_tag(ref, model) if origin.startswith("pretrained") else None
+        return remember_construction(model, ref, create_kwargs, tag), origin
     path = Path(weights)
     model = _build(ref, False, create_kwargs)
     load_weights_file(model, path, allow_pickle=allow_pickle)
-    return model, f"file {path}"
+    return remember_construction(model, ref, create_kwargs), f"file {path}"
+
+
+#: where :func:`create` notes how it built a model (read by ``se_retrofit.core.describe_base``)
+BUILT_ATTR = "_se_retrofit_built"
+
+
+def remember_construction(model: nn.Module, ref: ModelRef, create_kwargs: dict,
+                          pretrained_tag: str | None = None) -> nn.Module:
+    """Note on ``model`` the name, constructor keywords and pretrained tag it was built with, so that
+    :func:`se_retrofit.save` records them and :func:`se_retrofit.load` builds the same model again
+    (keywords that are not plain JSON values are not noted: a saved config could not hold them)."""
+    if all(_json_plain(value) for value in create_kwargs.values()):
+        model.__dict__[BUILT_ATTR] = {"name": ref.name, "source": ref.source, "create_kwargs": dict(create_kwargs),
+                                      "pretrained_tag": pretrained_tag}
+    return model
+
+
+def _json_plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_json_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _pretrained_tag(ref: ModelRef, model: nn.Module) -> str | None:
+    """The tag of the pretrained weights a model was built with: timm's ``pretrained_cfg['tag']``,
+    torchvision's default weights enum (``ResNet50_Weights.IMAGENET1K_V2``)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        return cfg.get("tag") or None
+    try:
+        import torchvision
+
+        return str(torchvision.models.get_model_weights(ref.name).DEFAULT)
+    except Exception:  # a builder without registered weights has no tag
+        return None
 
 
 #: constructor options that make the library read or fetch weights itself, past read_state_dict's rules

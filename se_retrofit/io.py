@@ -1,15 +1,32 @@
-"""Save and load edited models: full and attention-only safetensors plus a JSON config.
+"""Save and load edited models: full and attention-only safetensors plus a JSON config, and the
+evidence that a loaded model is the one saved.
 
-A saved directory holds:
+A saved directory (format ``se_retrofit/2``) holds:
 
 * ``model.safetensors``: every weight of the edited model;
 * ``attention.safetensors``: the new attention weights alone (an adapter, as in PEFT);
-* ``retrofit_config.json``: base model (name, source, where its weights came from, library
-  versions), attention type, position, r, stages, init and the list of sites.
+* ``probe.safetensors``: a fixed, seeded probe input (the model's own input size, batch 1) and the
+  edited model's outputs on it, in eval mode;
+* ``retrofit_config.json``: base model (name, source, constructor keywords, head and where its
+  weights came from, as the model is at save time), attention type, position, r, stages, init, the
+  list of sites, library versions, and under ``verify`` the module tree (class and constructor
+  description of every module, path by path, with its sha256) and a digest of the base weights.
 
 Loading re-creates the base model (or takes one you pass), re-applies the recorded sites and loads
-the weights strictly. Writes go to a hidden sibling directory that is renamed into place at the
-end, so an interrupted save never leaves a directory that looks complete.
+the weights strictly. Then it proves the result is the saved model (see :mod:`se_retrofit.fingerprint`):
+the rebuilt module tree must equal the saved one, path by path (else a :class:`VerificationError`
+names the first differing paths, both sides, and says to pass ``base_model=``), and the model's
+outputs on the saved probe input must be the saved outputs (else the error gives max |Δ|).
+``verify=False`` skips both, for users who know better. An attention-only load
+(``weights="attention"``) checks the module tree, and the probe only where ``base_model``'s own
+weights are the saved model's base weights (same digest): onto other weights, which is what an
+adapter is for, the outputs are meant to differ. Directories of format ``se_retrofit/1`` (saved
+before verification existed) still load, with an :class:`UnverifiedLoadWarning`.
+
+Writes go to a hidden sibling directory that is renamed into place at the end, so an interrupted
+save never leaves a directory that looks complete. Nothing is written for a model that cannot be
+loaded back: one with weights on the meta device, a wrapper that adds modules of its own (a PEFT
+model: merge or unload the adapter first), or an unedited model.
 """
 from __future__ import annotations
 
@@ -23,6 +40,8 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,16 +55,30 @@ from .attention._layers import gate_state, set_gate_state
 from .config import RetrofitRecord
 from . import hf
 from .copying import deepcopy_module
-from .core import apply_record, record_of
+from .core import RECORD_ATTR, apply_record, base_at_save, global_pool_of, record_of
+from .analysis import default_example_input
+from . import fingerprint
 from .training import attention_state_dict
 from .hub import ModelRef, WeightsError, check_state_dict, create, first_sentence
 
 CONFIG_FILE, MODEL_FILE, ATTENTION_FILE = "retrofit_config.json", "model.safetensors", "attention.safetensors"
-FORMAT = "se_retrofit/1"
+PROBE_FILE = "probe.safetensors"
+FORMAT = "se_retrofit/2"
+#: formats load reads: 1 (before verification: loads with an UnverifiedLoadWarning) and the current one
+UNVERIFIED_FORMAT = "se_retrofit/1"
+READABLE_FORMATS = (FORMAT, UNVERIFIED_FORMAT)
 
 
 class SaveError(RetrofitError):
     """The edited model cannot be saved where asked."""
+
+
+class VerificationError(RetrofitError):
+    """The loaded model is not the saved one (another module tree, or other outputs on the probe)."""
+
+
+class UnverifiedLoadWarning(UserWarning):
+    """A directory saved before verification existed (format se_retrofit/1): loaded without proof."""
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -62,25 +95,112 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) 
         >>> model = se_retrofit.retrofit(timm.create_model("resnet18"))
         >>> out = se_retrofit.save(model, tempfile.mkdtemp() + "/resnet18-se")
         >>> sorted(p.name for p in out.iterdir())
-        ['attention.safetensors', 'model.safetensors', 'retrofit_config.json']
+        ['attention.safetensors', 'model.safetensors', 'probe.safetensors', 'retrofit_config.json']
     """
+    model = edited_model(model)
     record = record_of(model)
+    _refuse_meta(model)
+    base = base_at_save(model, record)
+    verification, probe = _verification(model, record)
     path = Path(path)
     with staging_dir(path, overwrite) as staging:
-        _write(model, record, staging)
+        _write(model, record, base, verification, probe, staging)
         _set_default_permissions(staging)
         _replace_dir(staging, path, overwrite)
     return path
 
 
-def _write(model: nn.Module, record: RetrofitRecord, directory: Path) -> None:
+def _write(model: nn.Module, record: RetrofitRecord, base: dict[str, Any], verification: dict[str, Any],
+           probe: dict[str, torch.Tensor], directory: Path) -> None:
     state = _unshared(model.state_dict())
     save_file(state, str(directory / MODEL_FILE), metadata={"format": FORMAT})
     save_file(attention_state_dict(model), str(directory / ATTENTION_FILE), metadata={"format": FORMAT})
+    files = {"model": MODEL_FILE, "attention": ATTENTION_FILE}
+    if probe:
+        save_file(probe, str(directory / PROBE_FILE), metadata={"format": FORMAT})
+        files["probe"] = PROBE_FILE
     gates = {site.module_path: gate_state(model.get_submodule(site.module_path)) for site in record.all_sites}
-    config = {"format": FORMAT, **record.to_dict(), "gates": {k: v for k, v in gates.items() if v},
-              "versions": library_versions(), "files": {"model": MODEL_FILE, "attention": ATTENTION_FILE}}
+    config = {"format": FORMAT, **record.to_dict(), "base": base, "gates": {k: v for k, v in gates.items() if v},
+              "versions": library_versions(), "files": files, "verify": verification}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def edited_model(model: nn.Module) -> nn.Module:
+    """The edited model :func:`save` writes: ``model`` itself, or the edited model a plain wrapper
+    holds (``torch.compile``'s ``_orig_mod``, DDP's ``module``: the wrapper adds no weight).
+
+    Refused with :class:`SaveError`: a wrapper with modules of its own, and a model that carries PEFT
+    adapter layers (LoRA). :func:`load` rebuilds only what the record describes, so saving either would
+    write a directory that cannot be read back; merging the adapter into the weights silently would
+    change the weights the user kept apart on purpose, and dropping it would lose its training."""
+    holder = _record_holder(model)
+    if holder is not None and holder[0] and not _peft_layers(model):  # model wraps the edited model
+        path, inner = holder
+        outer_keys, inner_keys = set(model.state_dict()), {f"{path}.{key}" for key in inner.state_dict()}
+        if outer_keys != inner_keys:
+            extra = sorted(outer_keys - inner_keys)
+            raise SaveError(f"{type(model).__name__} holds the edited model at {path!r} plus weights of its own "
+                            f"({', '.join(extra[:3])}{', …' if len(extra) > 3 else ''}) that se_retrofit.load could "
+                            f"not rebuild; save the edited model itself (model.{path})")
+        model = inner
+    peft = _peft_layers(model)
+    if peft:
+        raise SaveError(f"this model carries PEFT adapter layers ({len(peft)} modules, first: {peft[0]}) that "
+                        "se_retrofit.load cannot rebuild; merge them into the weights first (merged = "
+                        "peft_model.merge_and_unload(); se_retrofit.save(merged, dir)), or keep the adapter "
+                        "apart: peft_model.save_pretrained(adapter_dir) for it, and se_retrofit.save of the edited "
+                        "model without it (peft_model.unload())")
+    return model
+
+
+def _record_holder(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(path, module) of the module that holds the retrofit record as its own attribute."""
+    for path, module in model.named_modules():
+        if isinstance(module.__dict__.get(RECORD_ATTR), RetrofitRecord):
+            return path, module
+    return None
+
+
+def _peft_layers(model: nn.Module) -> list[str]:
+    """Paths of the modules of the ``peft`` package inside ``model`` (its wrapper and LoRA layers)."""
+    return [path or type(module).__name__ for path, module in model.named_modules()
+            if type(module).__module__.split(".")[0] == "peft"]
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    on_meta = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise SaveError(f"{len(on_meta)} weights of this model are on the meta device (first: {on_meta[0]}): they "
+                        "hold no values to save; load real weights first (model.to_empty(device='cpu') then "
+                        "load_state_dict, or load_state_dict(..., assign=True))")
+
+
+def _verification(model: nn.Module, record: RetrofitRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The ``verify`` entry of the config (module tree, base weights digest, probe description) and
+    the probe tensors (input and outputs) for :data:`PROBE_FILE`; the probe is described as skipped,
+    with the reason, for a model that does not run on its default input."""
+    rows = fingerprint.module_tree(model)
+    info: dict[str, Any] = {"module_tree": {"sha256": fingerprint.tree_digest(rows), "modules": rows},
+                            "base_weights_sha256": fingerprint.weights_digest(_base_state(model))}
+    try:
+        example = default_example_input(model)
+        outputs = fingerprint.probe_outputs(model, example)
+    except Exception as error:  # any model that cannot run its default input: the tree is still checked
+        info["probe"] = {"skipped": f"{type(error).__name__}: {first_sentence(error)}"}
+        return info, {}
+    param = next(model.parameters(), None)
+    info["probe"] = {"file": PROBE_FILE, "outputs": len(outputs),
+                     "device": param.device.type if param is not None else "cpu",
+                     "dtype": str(param.dtype) if param is not None else "torch.float32"}
+    tensors = {"input": example.detach().cpu().clone().contiguous()}
+    tensors.update({f"output.{i}": t.clone().contiguous() for i, t in enumerate(outputs)})
+    return info, tensors
+
+
+def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of ``model`` that are not attention weights (the base's, gates aside)."""
+    attention = attention_state_dict(model)
+    return {k: v for k, v in model.state_dict().items() if k not in attention}
 
 
 def _set_default_permissions(directory: Path) -> None:
@@ -327,24 +447,29 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise WeightsError(f"{file} is not valid JSON: {error}") from None
-    if config.get("format") != FORMAT:
+    if config.get("format") not in READABLE_FORMATS:
         raise WeightsError(f"{file} has format {config.get('format')!r}, expected {FORMAT!r}")
     return config
 
 
 def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
-         weights: str = "full", trust_code: bool = False) -> nn.Module:
-    """Rebuild a model saved by :func:`save`.
+         weights: str = "full", trust_code: bool = False, verify: bool = True) -> nn.Module:
+    """Rebuild a model saved by :func:`save`, and prove it is the saved one.
 
     Args:
         path: the saved directory.
-        base_model: a model to edit (copied, never changed); by default the base is re-created
-            from the config, with no download.
+        base_model: the plain base model to edit (copied, never changed; not a model edited already,
+            which would get the attention twice); by default the base is re-created from the config,
+            with no download.
         weights: ``full`` loads every weight; ``attention`` loads only the attention weights onto
             ``base_model``'s own weights (the adapter use).
         trust_code: import the module the config names for a user-registered attention type that is
             not registered yet. Off by default: loading reads safetensors and JSON and runs no code
             named by the files (built-in types never import anything).
+        verify: check that the rebuilt module tree is the saved one, path by path, and that the model
+            computes the saved outputs on the saved probe input (for ``weights="attention"``: the
+            tree, and the probe only when ``base_model`` has the saved base weights). A
+            :class:`VerificationError` says where they differ. ``False`` skips both.
 
     Example:
         >>> import tempfile, timm, torch, se_retrofit
@@ -357,19 +482,105 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
     """
     if weights not in ("full", "attention"):
         raise SaveError(f"weights must be 'full' or 'attention', not {weights!r}")
-    config = read_config(path)
+    directory = Path(path)
+    config = read_config(directory)
     record = RetrofitRecord.from_dict(config, trust_code=trust_code)
+    if base_model is not None:
+        refuse_edited_base(base_model)
     model = deepcopy_module(base_model) if base_model is not None else _fresh_base(record, weights)
     apply_record(model, record)
-    _set_gates(model, config.get("gates", {}), Path(path) / CONFIG_FILE)
+    _set_gates(model, config.get("gates", {}), directory / CONFIG_FILE)
+    checks = _checks(config, directory) if verify else None
+    if checks is not None:
+        check_module_tree(model, checks, record, base_model is not None)
     if weights == "full":
-        state = load_file(str(Path(path) / MODEL_FILE))
-        check_state_dict(model, state, str(Path(path) / MODEL_FILE))
+        state = load_file(str(directory / MODEL_FILE))
+        check_state_dict(model, state, str(directory / MODEL_FILE))
         _match_saved_dtype(model, state)
         model.load_state_dict(state, strict=True)
     else:
-        _load_attention(model, Path(path) / ATTENTION_FILE)
+        _load_attention(model, directory / ATTENTION_FILE)
+    if checks is not None and (weights == "full" or _has_saved_base_weights(model, checks)):
+        check_probe(model, checks, directory)
     return model
+
+
+def refuse_edited_base(base_model: nn.Module) -> None:
+    """Refuse a ``base_model`` that se_retrofit edited already: loading would apply the saved attention
+    a second time (each block's attention would run twice per forward)."""
+    record = getattr(base_model, RECORD_ATTR, None)
+    inserted = [site.module_path for site in record.all_sites] if isinstance(record, RetrofitRecord) else [
+        path for path, module in base_model.named_modules()
+        if type(module).__module__.startswith("se_retrofit.attention")]
+    if inserted:
+        raise SaveError(f"base_model was edited by se_retrofit already (attention at {', '.join(inserted[:2])}"
+                        f"{', …' if len(inserted) > 2 else ''}): loading onto it would apply the saved attention a "
+                        "second time. Pass the plain base model, built as the one given to retrofit() was (e.g. "
+                        "timm.create_model(name, ...)), or no base_model to rebuild it from the config")
+
+
+def _checks(config: dict[str, Any], directory: Path) -> dict[str, Any] | None:
+    """The ``verify`` entry of the config; None (with a warning) for a directory saved before
+    verification existed."""
+    if config.get("format") == UNVERIFIED_FORMAT or "verify" not in config:
+        warnings.warn(f"{directory} was saved by an se_retrofit without verification ({config.get('format')}): "
+                      "it loads, but nothing proves it is the model that was saved; save it again to add the "
+                      "proof", UnverifiedLoadWarning, stacklevel=3)
+        return None
+    return config["verify"]
+
+
+def check_module_tree(model: nn.Module, checks: dict[str, Any], record: RetrofitRecord, given: bool) -> None:
+    """Refuse (:class:`VerificationError`) a rebuilt model whose module tree is not the saved one."""
+    saved = checks["module_tree"]["modules"]
+    rebuilt = fingerprint.module_tree(model)
+    if fingerprint.tree_digest(rebuilt) == checks["module_tree"]["sha256"] and rebuilt == saved:
+        return
+    differences = fingerprint.tree_differences(saved, rebuilt)
+    where = fingerprint.describe_differences(differences)
+    if given:
+        hint = ("the base_model passed is not built like the saved model's base; pass one built as that was "
+                "(the same constructor options and layers)")
+    else:
+        base = record.base
+        built = f"{base.get('source')}:{base.get('name')} with {base.get('create_kwargs') or 'its defaults'}"
+        hint = (f"the config rebuilds the base as {built}, and the saved model was not that (built with other "
+                "constructor options, or changed after it was built); pass base_model= a model built as the "
+                "saved one was (e.g. timm.create_model(name, global_pool=..., act_layer=...))")
+    raise VerificationError(f"the model rebuilt from the saved directory is not the saved model: {where}. {hint}, "
+                            "or verify=False to load it anyway")
+
+
+def _has_saved_base_weights(model: nn.Module, checks: dict[str, Any]) -> bool:
+    return fingerprint.weights_digest(_base_state(model)) == checks.get("base_weights_sha256")
+
+
+def check_probe(model: nn.Module, checks: dict[str, Any], directory: Path) -> None:
+    """Refuse (:class:`VerificationError`) a loaded model whose outputs on the saved probe input are
+    not the saved outputs (within the rounding of the device and dtype the probe ran on)."""
+    probe = checks.get("probe") or {}
+    if "skipped" in probe:
+        return
+    saved = load_file(str(directory / PROBE_FILE))
+    outputs = [saved[f"output.{i}"] for i in range(int(probe["outputs"]))]
+    try:
+        actual = fingerprint.probe_outputs(model, fingerprint.as_model_input(model, saved["input"]))
+    except Exception as error:
+        raise VerificationError(f"the loaded model does not run on the saved probe input ({type(error).__name__}: "
+                                f"{first_sentence(error)}), which the saved model ran on; pass verify=False to load "
+                                "it anyway") from None
+    difference = fingerprint.probe_difference(outputs, actual)
+    if difference is None:
+        raise VerificationError(f"the loaded model's outputs on the saved probe input have other shapes than the "
+                                f"saved model's ({[tuple(t.shape) for t in actual]} against "
+                                f"{[tuple(t.shape) for t in outputs]}); pass verify=False to load it anyway")
+    delta, scale = difference
+    allowed = fingerprint.tolerance(probe.get("device", "cpu"), probe.get("dtype", "")) * max(scale, 1e-6)
+    if not delta <= allowed:
+        raise VerificationError(f"the loaded model does not compute what the saved model computed: on the saved probe "
+                                f"input its outputs differ by max |Δ| {delta:.3g} (largest saved value {scale:.3g}, "
+                                f"allowed {allowed:.2g}); the base was rebuilt or loaded differently from the one "
+                                "saved (pass base_model= the model you edited), or verify=False to load it anyway")
 
 
 def _match_saved_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -399,7 +610,20 @@ def _fresh_base(record: RetrofitRecord, weights: str) -> nn.Module:
         raise WeightsError("the config does not say which timm/torchvision/transformers model is the base; pass "
                            "base_model= to load onto your own model")
     model, _ = create(ModelRef(name, source), weights="none", **safe_create_kwargs(record.base.get("create_kwargs")))
+    _set_global_pool(model, record.base.get("global_pool"))
     return model
+
+
+def _set_global_pool(model: nn.Module, pool: Any) -> None:
+    """Give a rebuilt timm model the global pooling recorded at save time (``reset_classifier(n,
+    global_pool=...)`` after the edit, or a ``global_pool=`` constructor keyword); a model that cannot
+    take it is left as it is, and the module tree check then says where it differs."""
+    if not isinstance(pool, str) or global_pool_of(model) in (None, pool):
+        return
+    try:
+        model.reset_classifier(model.num_classes, global_pool=pool)
+    except Exception:  # the tree check reports the difference with its paths
+        pass
 
 
 #: constructor keywords that make a library read a file or the network (timm's checkpoint_path loads a pickle)
@@ -408,17 +632,26 @@ _LOADING_WORDS = ("path", "file", "url", "pretrained", "checkpoint", "cache", "w
 
 def safe_create_kwargs(kwargs: Any) -> dict[str, Any]:
     """Constructor keywords from a saved config, refused where they would make the library load
-    something (``checkpoint_path``, ``pretrained_cfg_overlay``, ``weights``…) or are not plain values."""
+    something (``checkpoint_path``, ``pretrained_cfg_overlay``, ``weights``…) or are not plain values.
+    A loading keyword set to None or False loads nothing (``weights_backbone: null`` turns the
+    backbone's download off) and is kept, except ``pretrained``/``weights``: load sets those itself."""
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict):
         raise WeightsError(f"base.create_kwargs in the config must be a mapping, not {type(kwargs).__name__}")
+    kept = {}
     for key, value in kwargs.items():
-        if any(word in str(key).lower() for word in _LOADING_WORDS) or not _plain(value):
+        loads = any(word in str(key).lower() for word in _LOADING_WORDS)
+        if loads and (value is None or value is False):
+            if key not in ("pretrained", "weights"):
+                kept[key] = value
+            continue
+        if loads or not _plain(value):
             raise WeightsError(f"base.create_kwargs.{key} in the config is refused: loading only passes plain "
                                "constructor values (num_classes, in_chans…), never what makes a library read a "
                                "file or the network")
-    return dict(kwargs)
+        kept[key] = value
+    return kept
 
 
 def _plain(value: Any) -> bool:

@@ -24,7 +24,7 @@ def edited():
 def test_round_trip_recreates_the_base(tmp_path, edited):
     path = se_retrofit.save(edited, tmp_path / "out")
     assert sorted(p.name for p in path.iterdir()) == [
-        "attention.safetensors", "model.safetensors", "retrofit_config.json"]
+        "attention.safetensors", "model.safetensors", "probe.safetensors", "retrofit_config.json"]
     again = se_retrofit.load(path).eval()
     assert type(again) is type(edited)
     x = small_input(1)
@@ -63,8 +63,11 @@ def test_attention_only_load_onto_a_given_base(tmp_path, edited):
 
 def test_loading_onto_a_mismatched_base_names_the_keys(tmp_path, edited):
     path = se_retrofit.save(edited, tmp_path / "out")
-    with pytest.raises(WeightsError, match=r"do not match the model: missing 96 \(layer1\.2\.bn1\.bias"):
+    with pytest.raises(se_io.VerificationError, match=r"not the saved model: layer1\.2: saved no module, rebuilt "
+                                                      r"BasicBlock\(\).*base_model passed is not built like"):
         se_retrofit.load(path, base_model=timm.create_model("resnet34"))
+    with pytest.raises(WeightsError, match=r"do not match the model: missing 96 \(layer1\.2\.bn1\.bias"):
+        se_retrofit.load(path, base_model=timm.create_model("resnet34"), verify=False)
     with pytest.raises(ValueError, match="the model has no module 'layer3.0'"):
         se_retrofit.load(path, base_model=timm.create_model("vgg11"))
 
@@ -172,8 +175,8 @@ def test_a_target_appearing_during_the_save_is_never_replaced(tmp_path, edited, 
     target = tmp_path / "out"
     real = se_io._write
 
-    def another_run_finishes_first(model, record, directory):
-        real(model, record, directory)
+    def another_run_finishes_first(*args):
+        real(*args)
         target.mkdir()
         (target / "retrofit_config.json").write_text("the other run's")
 
@@ -187,7 +190,7 @@ def test_a_target_appearing_during_the_save_is_never_replaced(tmp_path, edited, 
 def test_an_empty_directory_appearing_is_not_replaced_either(tmp_path, edited, monkeypatch):
     target = tmp_path / "out"
     real = se_io._write
-    monkeypatch.setattr(se_io, "_write", lambda m, r, d: (real(m, r, d), target.mkdir()))
+    monkeypatch.setattr(se_io, "_write", lambda *args: (real(*args), target.mkdir()))
     with pytest.raises(se_io.SaveError, match="appeared"):
         se_retrofit.save(edited, target)
     assert list(target.iterdir()) == []
@@ -242,9 +245,9 @@ import os, signal, sys, timm, se_retrofit
 from se_retrofit import io
 model = se_retrofit.retrofit(timm.create_model("resnet18"))
 real = io._write
-def write_then_die(model, record, directory):
-    real(model, record, directory)
-    print(directory, flush=True)
+def write_then_die(*args):
+    real(*args)
+    print(args[-1], flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # killed mid-save: no finally runs
 io._write = write_then_die
 se_retrofit.save(model, sys.argv[1])
