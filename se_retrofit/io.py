@@ -162,9 +162,11 @@ def _record_holder(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def _peft_layers(model: nn.Module) -> list[str]:
-    """Paths of the modules of the ``peft`` package inside ``model`` (its wrapper and LoRA layers)."""
-    return [path or type(module).__name__ for path, module in model.named_modules()
-            if type(module).__module__.split(".")[0] == "peft"]
+    """Paths of the innermost modules of the ``peft`` package inside ``model`` (its LoRA layers, not
+    the wrappers around them)."""
+    paths = [path for path, module in model.named_modules() if type(module).__module__.split(".")[0] == "peft"]
+    return [path or type(model).__name__ for path in paths
+            if not any(other.startswith(f"{path}.") or (not path and other) for other in paths)]
 
 
 def _refuse_meta(model: nn.Module) -> None:
