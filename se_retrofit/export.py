@@ -253,7 +253,7 @@ def save_and_export(model: nn.Module, directory: str | os.PathLike, format: str 
         >>> model = se_retrofit.retrofit(timm.create_model("resnet18"))
         >>> out, result = save_and_export(model, tempfile.mkdtemp() + "/r18", "export", torch.randn(1, 3, 32, 32))
         >>> sorted(p.name for p in out.iterdir()), result.max_abs_diff
-        (['attention.safetensors', 'model.pt2', 'model.safetensors', 'retrofit_config.json'], 0.0)
+        (['attention.safetensors', 'model.pt2', 'model.safetensors', 'probe.safetensors', 'retrofit_config.json'], 0.0)
     """
     spec = format_spec(format)
     directory = Path(directory)

@@ -160,7 +160,8 @@ def _half_write(model, path, example, dynamic):
 def test_save_and_export_is_all_or_nothing(edited, tmp_path):
     out, result = save_and_export(edited, tmp_path / "r18", "torchscript", small_input(1, 32))
     assert sorted(p.name for p in out.iterdir()) == ["attention.safetensors", "model.safetensors",
-                                                     "model.torchscript.pt", "retrofit_config.json"]
+                                                     "model.torchscript.pt", "probe.safetensors",
+                                                     "retrofit_config.json"]
     assert result.path == out / "model.torchscript.pt" and result.max_abs_diff == 0.0
     post = se_retrofit.retrofit(timm.create_model("test_resnet"), position="post", example_input=SMALL)
     with pytest.raises(ExportError, match="needs an exact timm native model"):
@@ -226,7 +227,8 @@ def test_cli_timm_format(capsys, tmp_path, monkeypatch):
     assert ("load without se_retrofit: timm.create_model('seresnet18', pretrained=True, "
             "pretrained_cfg_overlay=dict(file='X/seresnet18.safetensors'))") in out
     assert sorted(p.name for p in (tmp_path / "X").iterdir()) == [
-        "attention.safetensors", "model.safetensors", "retrofit_config.json", "seresnet18.safetensors"]
+        "attention.safetensors", "model.safetensors", "probe.safetensors", "retrofit_config.json",
+        "seresnet18.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["X"]
 
 
