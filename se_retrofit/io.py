@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -529,7 +530,23 @@ def _checks(config: dict[str, Any], directory: Path) -> dict[str, Any] | None:
                       "it loads, but nothing proves it is the model that was saved; save it again to add the "
                       "proof", UnverifiedLoadWarning, stacklevel=3)
         return None
-    return config["verify"]
+    checks = config["verify"]
+    if not _well_formed(checks):
+        raise WeightsError(f"{directory / CONFIG_FILE}: its 'verify' entry is not what save writes (a module_tree of "
+                           "[path, class, description] rows with its sha256, and a probe); pass verify=False to "
+                           "load without it")
+    return checks
+
+
+def _well_formed(checks: Any) -> bool:
+    tree = checks.get("module_tree") if isinstance(checks, dict) else None
+    probe = checks.get("probe") if isinstance(checks, dict) else None
+    return (isinstance(tree, dict) and isinstance(tree.get("sha256"), str) and isinstance(tree.get("modules"), list)
+            and all(isinstance(row, list) and len(row) == 3 and all(isinstance(v, str) for v in row)
+                    for row in tree["modules"])
+            and isinstance(probe, dict) and ("skipped" in probe or (
+                type(probe.get("outputs")) is int and 0 <= probe["outputs"] <= 10_000
+                and isinstance(probe.get("device"), str) and isinstance(probe.get("dtype"), str))))
 
 
 def check_module_tree(model: nn.Module, checks: dict[str, Any], record: RetrofitRecord, given: bool) -> None:
@@ -563,10 +580,18 @@ def check_probe(model: nn.Module, checks: dict[str, Any], directory: Path) -> No
     probe = checks.get("probe") or {}
     if "skipped" in probe:
         return
-    saved = load_file(str(directory / PROBE_FILE))
-    outputs = [saved[f"output.{i}"] for i in range(int(probe["outputs"]))]
+    file = directory / PROBE_FILE
     try:
-        actual = fingerprint.probe_outputs(model, fingerprint.as_model_input(model, saved["input"]))
+        if not file.is_file():
+            raise OSError(f"{PROBE_FILE} is missing or not a file")
+        saved = load_file(str(file))
+        example = saved["input"]
+        outputs = [saved[f"output.{i}"] for i in range(probe["outputs"])]
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as error:
+        raise WeightsError(f"cannot read the probe {file} ({type(error).__name__}: {first_sentence(error)}); pass "
+                           "verify=False to load without it") from None
+    try:
+        actual = fingerprint.probe_outputs(model, fingerprint.as_model_input(model, example))
     except Exception as error:
         raise VerificationError(f"the loaded model does not run on the saved probe input ({type(error).__name__}: "
                                 f"{first_sentence(error)}), which the saved model ran on; pass verify=False to load "

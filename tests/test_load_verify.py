@@ -218,3 +218,33 @@ def test_a_transformers_base_is_verified_too(tmp_path):
     _write_config(directory, saved)
     with pytest.raises(se_io.VerificationError, match=r"embedder\.embedder\.activation: saved ReLU"):
         se_retrofit.load(directory)
+
+
+def test_a_plain_wrapper_is_unwrapped(tmp_path):
+    edited = _edited(timm.create_model("resnet18"))
+    directory = se_retrofit.save(torch.compile(edited), tmp_path / "m")  # compiled lazily: nothing runs here
+    assert torch.equal(run(se_retrofit.load(directory), X, False), run(edited, X, False))
+
+
+@pytest.mark.parametrize("tamper", ["verify_list", "rows_not_strings", "outputs_text", "probe_file_gone",
+                                    "probe_output_gone"])
+def test_a_tampered_proof_is_a_retrofit_error(tmp_path, tamper):
+    from safetensors.torch import load_file, save_file
+
+    directory = se_retrofit.save(_edited(timm.create_model("resnet18")), tmp_path / "m")
+    config = _config(directory)
+    if tamper == "verify_list":
+        config["verify"] = []
+    elif tamper == "rows_not_strings":
+        config["verify"]["module_tree"]["modules"][0] = [1, 2, 3]
+    elif tamper == "outputs_text":
+        config["verify"]["probe"]["outputs"] = "1"
+    elif tamper == "probe_file_gone":
+        (directory / se_io.PROBE_FILE).unlink()
+    else:
+        tensors = load_file(str(directory / se_io.PROBE_FILE))
+        del tensors["output.0"]
+        save_file(tensors, str(directory / se_io.PROBE_FILE))
+    _write_config(directory, config)
+    with pytest.raises(se_retrofit.RetrofitError, match="verify"):
+        se_retrofit.load(directory)
