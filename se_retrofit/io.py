@@ -101,9 +101,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) 
     model = edited_model(model)
     record = record_of(model)
     _refuse_meta(model)
-    base = base_at_save(model, record)
-    verification, probe = _verification(model, record)
     path = Path(path)
+    check_target(path, overwrite)  # before the probe runs; checked again as the files are written
+    base = base_at_save(model, record)
+    verification, probe = _verification(model)
     with staging_dir(path, overwrite) as staging:
         _write(model, record, base, verification, probe, staging)
         _set_default_permissions(staging)
@@ -178,7 +179,7 @@ def _refuse_meta(model: nn.Module) -> None:
                         "load_state_dict, or load_state_dict(..., assign=True))")
 
 
-def _verification(model: nn.Module, record: RetrofitRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _verification(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The ``verify`` entry of the config (module tree, base weights digest, probe description) and
     the probe tensors (input and outputs) for :data:`PROBE_FILE`; the probe is described as skipped,
     with the reason, for a model that does not run on its default input."""
