@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import RetrofitError
@@ -40,8 +40,8 @@ from .core import apply_record, record_of
 from .training import attention_state_dict
 from .hub import ModelRef, WeightsError, check_state_dict, create, first_sentence
 
-CONFIG_FILE, MODEL_FILE, ATTENTION_FILE = "retrofit_config.json", "model.safetensors", "attention.safetensors"
-FORMAT = "se_retrofit/1"
+from .saved_format import (ATTENTION_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, check_dtypes, read_config_file,
+                           read_weights, record_mismatch)
 
 
 class SaveError(RetrofitError):
@@ -319,17 +319,9 @@ def library_versions() -> dict[str, str]:
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON config of a saved directory, checked for format."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise WeightsError(f"{path} is not a saved se_retrofit model: {CONFIG_FILE} is missing")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise WeightsError(f"{file} is not valid JSON: {error}") from None
-    if config.get("format") != FORMAT:
-        raise WeightsError(f"{file} has format {config.get('format')!r}, expected {FORMAT!r}")
-    return config
+    """The JSON config of a saved directory, read strictly and checked against the saved format's
+    schema (:mod:`se_retrofit.saved_format`); anything malformed is a ``SavedFormatError``."""
+    return read_config_file(path)
 
 
 def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
@@ -359,13 +351,20 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
         raise SaveError(f"weights must be 'full' or 'attention', not {weights!r}")
     config = read_config(path)
     record = RetrofitRecord.from_dict(config, trust_code=trust_code)
-    model = deepcopy_module(base_model) if base_model is not None else _fresh_base(record, weights)
-    apply_record(model, record)
+    where = str(Path(path) / CONFIG_FILE)
+    if base_model is not None:
+        model = deepcopy_module(base_model)
+    else:
+        with record_mismatch(where, "base (its name and create_kwargs)"):
+            model = _fresh_base(record, weights)
+    with record_mismatch(where, "sites"):
+        apply_record(model, record)
     _set_gates(model, config.get("gates", {}), Path(path) / CONFIG_FILE)
     if weights == "full":
-        state = load_file(str(Path(path) / MODEL_FILE))
+        state = read_weights(Path(path) / MODEL_FILE)
         check_state_dict(model, state, str(Path(path) / MODEL_FILE))
         _match_saved_dtype(model, state)
+        check_dtypes(model, state, str(Path(path) / MODEL_FILE))
         model.load_state_dict(state, strict=True)
     else:
         _load_attention(model, Path(path) / ATTENTION_FILE)
@@ -428,7 +427,8 @@ def _plain(value: Any) -> bool:
 
 
 def _load_attention(model: nn.Module, file: Path) -> None:
-    state = load_file(str(file))
+    state = read_weights(file)
+    check_dtypes(model, state, str(file))
     expected = attention_state_dict(model)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
