@@ -40,8 +40,8 @@ from .core import apply_record, record_of
 from .training import attention_state_dict
 from .hub import ModelRef, WeightsError, check_state_dict, create, first_sentence
 
-from .saved_format import (ATTENTION_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, check_dtypes, read_config_file,
-                           read_weights, record_mismatch)
+from .saved_format import (ATTENTION_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, check_base, check_dtypes,
+                           read_config_file, read_weights, record_mismatch)
 
 
 class SaveError(RetrofitError):
@@ -355,6 +355,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
     if base_model is not None:
         model = deepcopy_module(base_model)
     else:
+        check_base(record.base, where)
         with record_mismatch(where, "base (its name and create_kwargs)"):
             model = _fresh_base(record, weights)
     with record_mismatch(where, "sites"):

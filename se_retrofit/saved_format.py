@@ -60,15 +60,16 @@ MAX_DEPTH = 64
 MAX_HEADER_BYTES = 100_000_000
 
 FIX = "the saved directory was changed or damaged: save the model again (or restore its files)"
+FIX_BASE = "pass base_model= to load onto your own model (or save the model again)"
 
 
 class SavedFormatError(WeightsError):
     """A saved directory (its config or weights files) is malformed, or does not fit the model."""
 
 
-def refuse(where: str, problem: str) -> SavedFormatError:
+def refuse(where: str, problem: str, fix: str = FIX) -> SavedFormatError:
     """The error for ``problem`` in ``where`` (a file), on one line."""
-    text = f"{where}: {problem}; {FIX}"
+    text = f"{where}: {problem}; {fix}"
     return SavedFormatError(" ".join(text.split()))
 
 
@@ -81,12 +82,12 @@ def invalid(key: str, problem: str) -> Invalid:
 
 
 @contextlib.contextmanager
-def reported(where: str) -> Iterator[None]:
+def reported(where: str, fix: str = FIX) -> Iterator[None]:
     """Checks run inside report their first problem as a :class:`SavedFormatError` about ``where``."""
     try:
         yield
     except Invalid as error:
-        raise refuse(where, str(error)) from None
+        raise refuse(where, str(error), fix) from None
 
 
 # --- reading files ---------------------------------------------------------------------------------
@@ -556,12 +557,17 @@ GATE: dict[str, Field] = {"scale": Field(number(-1e30, 1e30)), "offset": Field(n
 
 FILES: dict[str, Field] = {"model": Field(one_of(MODEL_FILE)), "attention": Field(one_of(ATTENTION_FILE))}
 
+def an_object(value: Any, key: str) -> None:
+    if not isinstance(value, dict):
+        raise invalid(key, f"must be an object, got {_shown(value)}")
+
+
 #: the whole retrofit_config.json
 TOP_LEVEL: dict[str, Field] = {
     "format": Field(one_of(FORMAT)),
     "config": Field(section(CONFIG)),
     "sites": Field(sites),
-    "base": Field(section(BASE), required=False),
+    "base": Field(an_object, required=False),  # checked by check_base where load rebuilds the base from it
     "earlier": Field(list_of(section(EARLIER), max_length=1000), required=False),
     "gates": Field(mapping(module_path, mapping(module_path, section(GATE), max_length=100)), required=False),
     "versions": Field(mapping(string(max_length=100), string(max_length=200), max_length=100), required=False),
@@ -577,7 +583,8 @@ RECORD: dict[str, Field] = {key: TOP_LEVEL[key] for key in ("config", "sites", "
 def check_saved_config(config: Any, where: str = CONFIG_FILE) -> None:
     """Refuse (:class:`SavedFormatError`) a saved config that is not what :func:`se_retrofit.save`
     writes: unknown or missing keys, wrong types, numbers out of range, names that are not allowed,
-    sites on one module twice, gates of modules that no site adds, a base model the library lacks."""
+    sites on one module twice, gates of modules that no site adds (the ``base`` section is checked
+    by :func:`check_base`, where load rebuilds the base from it)."""
     with reported(where):
         if not isinstance(config, dict):
             raise invalid("the config", f"must be a JSON object, got {_shown(config)}")
@@ -629,11 +636,18 @@ def _check_names(data: dict[str, Any]) -> None:
         if path in seen:
             raise invalid("sites", f"add the module {path!r} twice")
         seen.add(path)
-    _check_base_name(data.get("base") or {})
+
+
+def check_base(base: Any, where: str = CONFIG_FILE) -> None:
+    """The ``base`` section, checked where :func:`se_retrofit.load` rebuilds the base model from it (with
+    ``base_model=`` it is only a description): known keys, plain and bounded constructor keywords, and
+    a model name its library has (``os.system`` is not a timm model)."""
+    with reported(where, FIX_BASE):
+        section(BASE)(base, "base")
+        _check_base_name(base)
 
 
 def _check_base_name(base: dict[str, Any]) -> None:
-    """``os.system`` is not a timm model."""
     name, source = base.get("name"), base.get("source")
     if not name or source not in ("timm", "torchvision"):
         return
@@ -646,7 +660,7 @@ def _check_base_name(base: dict[str, Any]) -> None:
 
         known = name in torchvision.models.list_models()
     if not known:
-        raise invalid("base.name", f"{name!r} is not a {source} model; pass base_model= to load onto your own model")
+        raise invalid("base.name", f"{name!r} is not a {source} model")
 
 
 # --- building from a well-formed record ------------------------------------------------------------

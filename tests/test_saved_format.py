@@ -9,10 +9,12 @@ import shutil
 import struct
 
 import pytest
+import torch
+
 import se_retrofit
 from se_retrofit import saved_format
 from se_retrofit.config import RetrofitRecord
-from se_retrofit.saved_format import CONFIG_FILE, FIX, MODEL_FILE, SavedFormatError
+from se_retrofit.saved_format import CONFIG_FILE, FIX, FIX_BASE, MODEL_FILE, SavedFormatError
 from se_retrofit.site import Site
 
 from load_fuzzing import make_saved, time_limit
@@ -111,7 +113,21 @@ def test_a_malformed_config_is_refused_before_anything_is_built(copy, case, monk
     edit(copy, change)
     monkeypatch.setattr(se_retrofit.io, "_fresh_base", lambda *a: pytest.fail("built a model from a bad config"))
     message = refused(copy, match)
-    assert message.startswith(str(copy / CONFIG_FILE)) and message.endswith(FIX)
+    assert message.startswith(str(copy / CONFIG_FILE))
+    assert message.endswith(FIX_BASE if case in BASE_CASES else FIX)
+
+
+BASE_CASES = ("num_classes 1e13", "base.name os.system")
+
+
+@pytest.mark.parametrize("case", BASE_CASES)
+def test_the_base_section_is_only_checked_where_load_rebuilds_the_base(saved, copy, case):
+    import timm
+
+    edit(copy, CONFIG_CASES[case][0])
+    loaded = se_retrofit.load(copy, base_model=timm.create_model("test_resnet", num_classes=10)).eval()
+    directory, x, expected = saved
+    assert torch.equal(loaded(x), expected)
 
 
 def test_a_config_that_is_not_utf8_is_refused(copy):
