@@ -78,7 +78,7 @@ class Invalid(Exception):
 
 
 def invalid(key: str, problem: str) -> Invalid:
-    return Invalid(f"{key or 'the config'} {problem}")
+    return Invalid(f"{key or 'the file'} {problem}")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ before anything is built; a FIFO never hangs; a well-typed record that does not 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 
@@ -75,7 +74,7 @@ def refused(directory, match):
 
 CONFIG_CASES = {  # issue 18's list: what was written -> what the message names
     "config []": (lambda c: "[]", "the config must be a JSON object, got a list"),
-    "no config key": (drop("config"), "the config lacks the keys config"),
+    "no config key": (drop("config"), "the file lacks the keys config"),
     "sites: 5": (put("sites", 5), "sites must be a list"),
     "a site with an extra key": (put("sites", 0, "bogus", 1), r"sites\[0\] has unknown keys 'bogus'"),
     "a site without channels": (drop("sites", 0, "channels"), r"sites\[0\] lacks the keys channels"),
@@ -97,7 +96,7 @@ CONFIG_CASES = {  # issue 18's list: what was written -> what the message names
     "gate scale NaN": (lambda c: json.dumps(c).replace("1.75", "NaN"), "NaN is not a number JSON allows"),
     "a duplicate key": (lambda c: json.dumps(c).replace('"format"', '"format": "x", "format"', 1),
                         "the key 'format' appears twice"),
-    "an unknown top-level key": (put("bogus", 1), "the config has unknown keys 'bogus'"),
+    "an unknown top-level key": (put("bogus", 1), "the file has unknown keys 'bogus'"),
     "another format": (put("format", "se_retrofit/0"), "format is \"se_retrofit/0\", expected 'se_retrofit/1'"),
     "two sites on one module": (lambda c: c["sites"].append(dict(c["sites"][0])), "add the module .* twice"),
     "a gate of no site": (lambda c: c["gates"].update({"head.se": {"gate": {"scale": 1.0, "offset": 0.0}}}),
