@@ -9,6 +9,7 @@ from .errors import RetrofitError
 from .attention import INITS, get_attention, is_registered
 from .positions import POSITION_HELP, POSITIONS, UNIT_KINDS
 from .positions.base import registered as registered_positions
+from .saved_format import check_record
 from .site import Site
 
 __all__ = ["ConfigError", "POSITIONS", "POSITION_HELP", "RetrofitConfig", "RetrofitRecord", "Site"]
@@ -111,6 +112,8 @@ class RetrofitConfig:
         """The config ``to_dict`` wrote. A user-registered attention type that is not registered yet is
         imported from the module the config names only with ``trust_code=True``: a file never makes
         se_retrofit run code of its own accord, and a built-in type never imports anything."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a retrofit config must be a mapping of options, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -180,6 +183,11 @@ class RetrofitRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, trust_code: bool = False) -> "RetrofitRecord":
+        """The record ``to_dict`` wrote (keys besides ``config``, ``sites``, ``base`` and ``earlier`` are
+        ignored), checked first against the saved format's schema (:mod:`se_retrofit.saved_format`):
+        anything malformed is a :class:`~se_retrofit.saved_format.SavedFormatError`."""
+        check_record(data)
+
         def config(entry: dict[str, Any]) -> RetrofitConfig:
             return RetrofitConfig.from_dict(entry, trust_code=trust_code)
 

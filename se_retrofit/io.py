@@ -31,7 +31,6 @@ model: merge or unload the adapter first), or an unedited model.
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import errno
 import json
@@ -46,8 +45,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import RetrofitError
@@ -62,12 +60,9 @@ from . import fingerprint
 from .training import attention_state_dict
 from .hub import ModelRef, WeightsError, check_state_dict, create, first_sentence
 
-CONFIG_FILE, MODEL_FILE, ATTENTION_FILE = "retrofit_config.json", "model.safetensors", "attention.safetensors"
-PROBE_FILE = "probe.safetensors"
-FORMAT = "se_retrofit/2"
-#: formats load reads: 1 (before verification: loads with an UnverifiedLoadWarning) and the current one
-UNVERIFIED_FORMAT = "se_retrofit/1"
-READABLE_FORMATS = (FORMAT, UNVERIFIED_FORMAT)
+from .saved_format import (ATTENTION_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, PROBE_FILE,
+                           UNVERIFIED_FORMAT, check_base, check_dtypes, read_config_file, read_weights,
+                           record_mismatch)
 
 
 class SaveError(RetrofitError):
@@ -443,17 +438,9 @@ def library_versions() -> dict[str, str]:
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON config of a saved directory, checked for format."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise WeightsError(f"{path} is not a saved se_retrofit model: {CONFIG_FILE} is missing")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise WeightsError(f"{file} is not valid JSON: {error}") from None
-    if config.get("format") not in READABLE_FORMATS:
-        raise WeightsError(f"{file} has format {config.get('format')!r}, expected {FORMAT!r}")
-    return config
+    """The JSON config of a saved directory, read strictly and checked against the saved format's
+    schema (:mod:`se_retrofit.saved_format`); anything malformed is a ``SavedFormatError``."""
+    return read_config_file(path)
 
 
 def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
@@ -489,18 +476,25 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
     directory = Path(path)
     config = read_config(directory)
     record = RetrofitRecord.from_dict(config, trust_code=trust_code)
+    where = str(directory / CONFIG_FILE)
     if base_model is not None:
         refuse_edited_base(base_model)
-    model = deepcopy_module(base_model) if base_model is not None else _fresh_base(record, weights)
-    apply_record(model, record)
+        model = deepcopy_module(base_model)
+    else:
+        check_base(record.base, where)
+        with record_mismatch(where, "base (its name and create_kwargs)"):
+            model = _fresh_base(record, weights)
+    with record_mismatch(where, "sites"):
+        apply_record(model, record)
     _set_gates(model, config.get("gates", {}), directory / CONFIG_FILE)
     checks = _checks(config, directory) if verify else None
     if checks is not None:
         check_module_tree(model, checks, record, base_model is not None)
     if weights == "full":
-        state = load_file(str(directory / MODEL_FILE))
+        state = read_weights(directory / MODEL_FILE)
         check_state_dict(model, state, str(directory / MODEL_FILE))
         _match_saved_dtype(model, state)
+        check_dtypes(model, state, str(Path(path) / MODEL_FILE))
         model.load_state_dict(state, strict=True)
     else:
         _load_attention(model, directory / ATTENTION_FILE)
@@ -531,23 +525,7 @@ def _checks(config: dict[str, Any], directory: Path) -> dict[str, Any] | None:
                       "it loads, but nothing proves it is the model that was saved; save it again to add the "
                       "proof", UnverifiedLoadWarning, stacklevel=3)
         return None
-    checks = config["verify"]
-    if not _well_formed(checks):
-        raise WeightsError(f"{directory / CONFIG_FILE}: its 'verify' entry is not what save writes (a module_tree of "
-                           "[path, class, description] rows with its sha256, and a probe); pass verify=False to "
-                           "load without it")
-    return checks
-
-
-def _well_formed(checks: Any) -> bool:
-    tree = checks.get("module_tree") if isinstance(checks, dict) else None
-    probe = checks.get("probe") if isinstance(checks, dict) else None
-    return (isinstance(tree, dict) and isinstance(tree.get("sha256"), str) and isinstance(tree.get("modules"), list)
-            and all(isinstance(row, list) and len(row) == 3 and all(isinstance(v, str) for v in row)
-                    for row in tree["modules"])
-            and isinstance(probe, dict) and ("skipped" in probe or (
-                type(probe.get("outputs")) is int and 0 <= probe["outputs"] <= 10_000
-                and isinstance(probe.get("device"), str) and isinstance(probe.get("dtype"), str))))
+    return config["verify"]  # its keys, types and ranges are checked with the rest (saved_format.VERIFY)
 
 
 def check_module_tree(model: nn.Module, checks: dict[str, Any], record: RetrofitRecord, given: bool) -> None:
@@ -581,16 +559,15 @@ def check_probe(model: nn.Module, checks: dict[str, Any], directory: Path) -> No
     probe = checks.get("probe") or {}
     if "skipped" in probe:
         return
-    file = directory / PROBE_FILE
     try:
-        if not file.is_file():
-            raise OSError(f"{PROBE_FILE} is missing or not a file")
-        saved = load_file(str(file))
-        example = saved["input"]
-        outputs = [saved[f"output.{i}"] for i in range(probe["outputs"])]
-    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as error:
-        raise WeightsError(f"cannot read the probe {file} ({type(error).__name__}: {first_sentence(error)}); pass "
-                           "verify=False to load without it") from None
+        saved = read_weights(directory / PROBE_FILE)
+    except RetrofitError as error:
+        raise WeightsError(f"{error}; or pass verify=False to load it without its proof") from None
+    names = ["input", *(f"output.{i}" for i in range(probe["outputs"]))]
+    if set(saved) != set(names):
+        raise WeightsError(f"{directory / PROBE_FILE} holds {sorted(saved)[:4]}, not the probe the config describes "
+                           f"({names[:4]}); pass verify=False to load without it")
+    example, outputs = saved["input"], [saved[name] for name in names[1:]]
     try:
         actual = fingerprint.probe_outputs(model, fingerprint.as_model_input(model, example))
     except Exception as error:
@@ -689,7 +666,8 @@ def _plain(value: Any) -> bool:
 
 
 def _load_attention(model: nn.Module, file: Path) -> None:
-    state = load_file(str(file))
+    state = read_weights(file)
+    check_dtypes(model, state, str(file))
     expected = attention_state_dict(model)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:

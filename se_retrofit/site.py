@@ -53,4 +53,15 @@ class Site:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Site":
+        """The site ``to_dict`` wrote, checked first (keys, types, ranges, allowed names): anything
+        else is a :class:`~se_retrofit.saved_format.SavedFormatError`.
+
+        Example:
+            >>> site = Site("layer1.0", 0, 1, "standard", 64, 2, 1, "se")
+            >>> Site.from_dict(site.to_dict()) == site
+            True
+        """
+        from .saved_format import check_site
+
+        check_site(data)
         return cls(**data)
