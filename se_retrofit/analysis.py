@@ -63,6 +63,7 @@ from .chains import find_chain_layers
 from .gates import Gate, gate_problem
 from .graph import dominated
 from .joins import find_joins
+from .copying import meta_copy
 from .recording import ModuleCall, Op, Recording, record
 from .tracing import TRACE_FAILURES, graph_cache, own_tensor_adds, restore_training, snapshot_training
 
@@ -431,40 +432,29 @@ def _record_symbolically(model: nn.Module, example: Any, probe: str, probes: dic
     return None
 
 
-class _Call(nn.Module):
-    """Records ``model`` when called: lets :func:`torch.func.functional_call` swap the parameters
-    and buffers of ``model`` for the duration of the recording."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, example: torch.Tensor) -> Recording:
-        return record(self.model, example)
-
-
 def _record_on_meta_tensors(model: nn.Module, example: torch.Tensor) -> Recording:
-    """Record ``model`` with its parameters and buffers swapped for meta tensors (shape and dtype,
-    no data) for the call: the cheapest run that gives every shape. The model is not changed.
+    """Record a copy of ``model``'s module tree whose parameters and buffers are meta tensors (shape and
+    dtype, no data): the cheapest run that gives every shape. ``model`` itself is never changed, not
+    even for the call (:func:`~se_retrofit.copying.meta_copy`): a module registered under two names, a
+    tied weight or a failure part-way cannot leave anything of it swapped.
 
     Norm and activation layers keep the shape of their input, and torch computes their shape on meta
-    tensors the long way (in Python, op by op): for the call they return an empty tensor like their
+    tensors the long way (in Python, op by op): in the copy they return an empty tensor like their
     input, and conv layers one of their output's shape. The recording holds each as one operation all
     the same (it sees layers, not their insides)."""
-    from torch.func import functional_call
-
-    state = {f"model.{name}": tensor.to("meta") for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
-    swapped = []
-    for module in model.modules():
+    try:
+        twin = meta_copy(model)
+    except Exception as error:  # a module deepcopy refuses (a lock, a non-leaf tensor attribute)
+        raise _Uncopyable(f"the model cannot be copied ({_reason(error)})") from error
+    for module in twin.modules():
         forward = _empty_like if _keeps_shape(module) else _activation_shape_only(module) or _conv_shape_only(module)
         if forward is not None:
             module.forward = forward
-            swapped.append(module)
-    try:
-        return functional_call(_Call(model), state, (example.to("meta"),), strict=False)
-    finally:
-        for module in swapped:
-            del module.forward
+    return record(twin, example.to("meta"))
+
+
+class _Uncopyable(RuntimeError):
+    """The meta copy of a model could not be made: the probe runs on fake or real tensors instead."""
 
 
 _SHAPE_KEEPING_FORWARDS = frozenset({nn.modules.batchnorm._BatchNorm.forward, nn.LayerNorm.forward,

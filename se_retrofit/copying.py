@@ -45,9 +45,42 @@ def deepcopy_module(module: nn.Module, memo: dict[int, object] | None = None) ->
     return new
 
 
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree whose parameters and buffers are meta tensors (shapes, dtypes,
+    ``requires_grad`` and the Parameter type kept; no data), made without touching ``module``: what
+    the analysis runs to learn shapes. Everything else is copied as :func:`deepcopy_module` copies
+    it, so modules registered under two names, tied weights and plain tensor attributes come out
+    shared where they were shared.
+
+    Example:
+        >>> import torchvision
+        >>> model = torchvision.models.resnet18()
+        >>> model.alias = model.fc
+        >>> twin = meta_copy(model)
+        >>> twin.fc.weight.device.type, type(twin.fc.weight).__name__, twin.alias is twin.fc
+        ('meta', 'Parameter', True)
+        >>> model.fc.weight.device.type
+        'cpu'
+    """
+    memo: dict[int, object] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        memo[id(tensor)] = _on_meta(tensor)
+    memo[id(memo)] = [module]  # copy.deepcopy's keep-alive list
+    return deepcopy_module(module, memo)
+
+
+def _on_meta(tensor: torch.Tensor) -> torch.Tensor:
+    meta = tensor.detach().to("meta")
+    return nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+
+
 #: what copy.deepcopy would call instead of reducing the module to its class and state
 _MODULE_COPY_METHODS = ("__deepcopy__", "__reduce_ex__", "__reduce__")
-_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+#: immutable values copy.deepcopy returns as they are (by exact type: a subclass may carry state of its own)
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
+#: plain containers whose empty instances are made directly (by exact type: a tensor, an array or a
+#: subclass has no plain truth value or copies by its own rules)
+_EMPTY_CONTAINERS = frozenset({dict, OrderedDict, set, list})
 
 
 def _copies_as_a_module(cls: type) -> bool:
@@ -55,12 +88,12 @@ def _copies_as_a_module(cls: type) -> bool:
 
 
 def _copied(value: object, memo: dict[int, object]) -> object:
-    if isinstance(value, _ATOMS):
-        return value
     kind = type(value)
-    if kind is tuple and all(isinstance(item, _ATOMS) for item in value):
+    if kind in _ATOMS:
         return value
-    if not value and kind in (dict, OrderedDict, set, list):
+    if kind is tuple and all(type(item) in _ATOMS for item in value):
+        return value
+    if kind in _EMPTY_CONTAINERS and not value:
         return kind()
     if kind is dict and all(isinstance(item, nn.Module) or item is None for item in value.values()):
         return {name: None if child is None else deepcopy_module(child, memo) for name, child in value.items()}

@@ -13,6 +13,7 @@ from . import hf
 from .analysis import Analysis, analyze
 from .config import RetrofitConfig, RetrofitRecord
 from .copying import deepcopy_module
+from .errors import RetrofitError
 from .hub import BUILT_ATTR
 from .planning import NoResidualBlocksError, Plan, nothing_editable, plan_sites
 from .surgery import apply_sites
@@ -36,6 +37,7 @@ def plan(model: nn.Module, config: RetrofitConfig | None = None, example_input: 
         ['layer4.0', 'layer4.1']
     """
     config = config or RetrofitConfig(**options)
+    refuse_scripted(model)
     analysis = analyze(model, example_input)
     return analysis, plan_sites(model, analysis, config)
 
@@ -105,6 +107,7 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
                   inplace: bool = False, analysis: Analysis | None = None) -> nn.Module:
     """:func:`retrofit` driven by a :class:`RetrofitConfig`; pass ``analysis`` (from :func:`plan`
     or :func:`se_retrofit.analyze` of this model) to skip analysing the model again."""
+    refuse_scripted(model)
     with graph_cache(), one_thread():  # analysis and surgery trace each block structure once
         if analysis is None:
             analysis = analyze(model, example_input)
@@ -130,6 +133,22 @@ def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis,
     setattr(target, RECORD_ATTR, record)
     hf.warn_on_save_pretrained(target)
     return target
+
+
+class ScriptedModelError(RetrofitError):
+    """The model (or a part of it) is TorchScript: compiled code, no Python forward to edit."""
+
+
+def refuse_scripted(model: nn.Module) -> None:
+    """A :class:`ScriptedModelError` for a ``torch.jit.script`` / ``torch.jit.trace`` model or one holding
+    such a part: its forward is TorchScript, which the analysis cannot see into nor surgery rewrite."""
+    if not isinstance(model, nn.Module):
+        raise RetrofitError(f"retrofit() takes a torch.nn.Module, not {type(model).__name__}")
+    scripted = next((path for path, module in model.named_modules() if isinstance(module, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        where = "the model is" if scripted == "" else f"its module {scripted!r} is"
+        raise ScriptedModelError(f"{where} TorchScript (torch.jit.script or torch.jit.trace), whose compiled forward "
+                                 "cannot be edited: retrofit the nn.Module before scripting it, then script the result")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from . import op_kinds as K
+from .copying import meta_copy
 from .recording import ModuleCall, Op, Recording
 from .tracing import TRACE_FAILURES, optional_arguments, trace
 
@@ -144,7 +145,8 @@ def _replay_problem(module: nn.Module, traced: nn.Module, call: ModuleCall) -> s
 
 
 def _call_as_probed(module: nn.Module, args: tuple, kwargs: dict):
-    """Call ``module`` the way the probe ran: with its parameters on the meta device for meta inputs,
+    """Call ``module`` the way the probe ran: a copy of it with its parameters on the meta device for
+    meta inputs (``module`` itself is never swapped: see :func:`~se_retrofit.copying.meta_copy`),
     inside their fake-tensor mode for fake ones."""
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     mode = getattr(tensors[0], "fake_mode", None) if tensors else None
@@ -152,8 +154,7 @@ def _call_as_probed(module: nn.Module, args: tuple, kwargs: dict):
         with mode:
             return module(*args, **kwargs)
     if tensors and tensors[0].device.type == "meta":
-        state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
-        return torch.func.functional_call(module, state, args, kwargs)
+        return meta_copy(module)(*args, **kwargs)
     return module(*args, **kwargs)
 
 

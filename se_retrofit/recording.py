@@ -105,7 +105,7 @@ class Recording:
 class _Recorder(TorchFunctionMode):
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+        self.paths = {id(m): p for p, m in reversed(list(model.named_modules(remove_duplicate=False)))}  # first names
         self.params = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
         self.ops: list[Op] = []
         self.values: dict[int, tuple[torch.Tensor, Op]] = {}   # id(tensor) -> (tensor kept alive, op)
