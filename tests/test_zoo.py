@@ -225,8 +225,11 @@ def test_modules_the_probe_never_ran_are_named_and_another_input_reaches_them():
     assert "example_input" in analysis.describe()
     assert sorted(s.block for s in se_retrofit.plan(model, example_input=small)[1].sites) == ["small.0", "small.1"]
     assert se_retrofit.analyze(model, large).never_run == ["small"]
-    edited = se_retrofit.retrofit(model, example_input=large)
-    assert sorted(s.block for s in edited.se_retrofit.edits[-1][1]) == ["large.0", "large.1"]
+    edited = se_retrofit.retrofit(se_retrofit.retrofit(model, example_input=small), example_input=large)
+    assert [sorted(s.block for s in sites) for _, sites in edited.se_retrofit.edits] == \
+        [["small.0", "small.1"], ["large.0", "large.1"]]  # the second input's edit stacks on the first
+    for x in (small, large):
+        assert torch.equal(run(edited, x, False), run(model, x, False))
 
 
 def test_nothing_is_listed_where_everything_ran():
