@@ -47,9 +47,9 @@ class ModelTimeout(Exception):
     pass
 
 
-def all_models(libraries=("timm", "torchvision")) -> list[tuple[str, str]]:
+def all_models(libraries=("timm", "torchvision"), hf_tasks=("classification",)) -> list[tuple[str, str]]:
     """(source, name) of every model of ``libraries``: timm's and torchvision's registries, and for
-    transformers every class of its image-classification and backbone mappings (named by class)."""
+    transformers every class of the mappings of ``hf_tasks`` (named by class; see :data:`HF_TASKS`)."""
     models = []
     if "timm" in libraries:
         import timm
@@ -60,21 +60,32 @@ def all_models(libraries=("timm", "torchvision")) -> list[tuple[str, str]]:
 
         models += [("torchvision", n) for n in torchvision.models.list_models()]
     if "transformers" in libraries:
-        models += [("transformers", n) for n in hf_architectures()]
+        models += [("transformers", n) for n in hf_architectures(hf_tasks)]
     return models
 
 
-def hf_architectures() -> dict[str, str]:
-    """{class name: model type} for every class in transformers' ``MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES``
-    and ``MODEL_FOR_BACKBONE_MAPPING_NAMES`` (a model type can map to several classes)."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_BACKBONE_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+#: transformers' auto mappings swept per task (``--hf-tasks``); ``classification`` is the original sweep.
+HF_TASKS: dict[str, tuple[str, ...]] = {
+    "classification": ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_BACKBONE_MAPPING_NAMES"),
+    "detection": ("MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES",),
+    "segmentation": ("MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES", "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES"),
+    "depth": ("MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES",),
+    "audio": ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",),
+}
+
+
+def hf_architectures(tasks=tuple(HF_TASKS)) -> dict[str, str]:
+    """{class name: model type} for every class in transformers' mappings of ``tasks`` (:data:`HF_TASKS`:
+    image classification and backbones, object detection, universal and semantic segmentation, depth
+    estimation, audio classification); a model type can map to several classes."""
+    from transformers.models.auto import modeling_auto
 
     classes: dict[str, str] = {}
-    for mapping in (MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, MODEL_FOR_BACKBONE_MAPPING_NAMES):
-        for model_type, names in mapping.items():
-            for cls in (names,) if isinstance(names, str) else names:
-                classes.setdefault(cls, model_type)
+    for task in tasks:
+        for mapping_name in HF_TASKS[task]:
+            for model_type, names in getattr(modeling_auto, mapping_name).items():
+                for cls in (names,) if isinstance(names, str) else names:
+                    classes.setdefault(cls, model_type)
     return classes
 
 
@@ -106,6 +117,8 @@ def _build_hf(name: str, **changes):
     config = AutoConfig.for_model(hf_architectures()[name])
     for key in HF_CONFIG_FIXES.get(name, {}):  # the default is a tuple; the class does `[h0] + hidden_sizes`
         setattr(config, key, list(getattr(config, key)))
+    if getattr(config, "use_pretrained_backbone", False):  # DETR-style configs download a timm backbone
+        config.use_pretrained_backbone = False
     for key, value in changes.items():
         if not hasattr(config, key):
             raise TypeError(f"{type(config).__name__} has no {key}")
@@ -229,7 +242,17 @@ def _hf_inputs(model, device: str, side: int | None):
         return (torch.randn(1, grid * grid, vision.num_channels * vision.patch_size ** 2, device=device),
                 torch.ones(1, grid * grid, dtype=torch.long, device=device),
                 torch.tensor([[grid, grid]], device=device))
-    if getattr(model, "main_input_name", "pixel_values") == "input_ids":
+    main_input = getattr(model, "main_input_name", "pixel_values")
+    if main_input == "input_values" and hasattr(config, "max_length"):  # AST: (frames, mels) spectrogram
+        return torch.randn(1, config.max_length, config.num_mel_bins, device=device)
+    if main_input == "input_values":  # raw audio: one second at 16 kHz
+        return torch.randn(1, 16000, device=device)
+    if main_input == "input_features":  # log-mel frames: Whisper (mels, 2 x positions), AST (frames, mels)
+        mels = getattr(config, "num_mel_bins", 80)
+        if hasattr(config, "max_source_positions"):
+            return torch.randn(1, mels, 2 * config.max_source_positions, device=device)
+        return torch.randn(1, getattr(config, "max_length", 1024), mels, device=device)
+    if main_input == "input_ids":
         length = min(getattr(config, "n_positions", 64) or 64, 64)
         return torch.zeros(1, length, dtype=torch.long, device=device)
     size = side or getattr(config, "image_size", None) or 224
@@ -343,8 +366,8 @@ def _analyse(source, name, se_retrofit):
 def _meta_model(source, name, **kwargs):
     """The model on the meta device; where the constructor itself computes with tensors (torchvision's
     RegNet widths), built on the CPU with meta parameters and then moved."""
-    try:
-        return _build(source, name, "meta", **kwargs).eval()
+    try:  # .to: a legacy torch.Tensor(...) parameter (Wav2Vec2's masked_spec_embed) ignores the device
+        return _build(source, name, "meta", **kwargs).to("meta").eval()
     except Exception:
         with _parameters_on_meta():
             return _build(source, name, "cpu", **kwargs).to("meta").eval()
@@ -560,6 +583,8 @@ def _residual_rule(module) -> tuple[int, str] | None:
             return 1, f"blocks with {flag}"
     if kind.endswith(("ResNetBasicLayer", "ResNetBottleNeckLayer")) or kind in ("RegNetXLayer", "RegNetYLayer"):
         return 1, "ResNet/RegNet layers"
+    if kind.endswith("PositionalConvEmbedding"):  # wav2vec2 family: hidden + conv(hidden) in the encoder
+        return 1, "convolutional position embeddings"
     if kind in ("LevitResidualLayer", "UVDocResidualBlock"):
         return 1, f"{kind}s"
     if kind == "EfficientNetFinalBlockLayer" and getattr(module, "apply_dropout", False):
@@ -567,6 +592,10 @@ def _residual_rule(module) -> tuple[int, str] | None:
     if kind.endswith("MultiheadAttentionPoolingHead") or kind == "AttentionPoolLatent":
         return 1, "attention-pooling heads"  # SigLIP's and timm's pooling heads: x + mlp(norm(x))
     norms = {n for n, _ in module.named_children()}
+    if {"self_attn_layer_norm", "final_layer_norm"} <= norms or {"layer_norm", "final_layer_norm"} <= norms:
+        if "encoder_attn_layer_norm" in norms or "cross_attn_layer_norm" in norms:
+            return 3, "encoder-decoder layers x3 (self-attention, cross-attention, MLP)"
+        return 2, "encoder layers x2 (attention, feed-forward)"
     if ({"layernorm_before", "layernorm_after"} <= norms or {"layer_norm1", "layer_norm2"} <= norms
             or {"ln_1", "ln_2"} <= norms):
         return 2, "pre-norm transformer layers x2"
@@ -748,6 +777,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", nargs="+", choices=LIBRARIES, default=["timm", "torchvision"],
                         help="which libraries to sweep (default: timm torchvision)")
+    parser.add_argument("--hf-tasks", nargs="+", choices=list(HF_TASKS), default=["classification"],
+                        help="transformers mappings to sweep (default: classification, i.e. image "
+                             "classification and backbones)")
     parser.add_argument("--models", nargs="*",
                         help="NAME (timm), torchvision:NAME or transformers:CLASS; default: all of --library")
     parser.add_argument("--limit", type=int, help="only this many models")
@@ -763,9 +795,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.csv is None:
         libraries = sorted(args.library)
+        tasks = "" if args.hf_tasks == ["classification"] or "transformers" not in libraries \
+            else "_" + "_".join(args.hf_tasks)
         args.csv = RESULTS / ("coverage.csv" if libraries == ["timm", "torchvision"]
-                              else f"coverage_{'_'.join(libraries)}.csv")
-    models = all_models(args.library)
+                              else f"coverage_{'_'.join(libraries)}{tasks}.csv")
+    models = all_models(args.library, tuple(args.hf_tasks))
     if args.models:
         models = [tuple(m.split(":", 1)) if ":" in m else ("timm", m) for m in args.models]
     if args.limit:

@@ -64,7 +64,7 @@ from .gates import Gate, gate_problem
 from .graph import dominated
 from .joins import find_joins
 from .copying import meta_copy
-from .recording import ModuleCall, Op, Recording, record
+from .recording import ModuleCall, Op, Recording, never_run, record
 from .tracing import TRACE_FAILURES, graph_cache, own_tensor_adds, restore_training, snapshot_training
 
 MAX_PROJECTION_OPS = 6
@@ -158,7 +158,8 @@ class Analysis:
     ``untraceable`` maps the blocks whose forward cannot be rewritten to the reason (they are
     found all the same: the analysis runs the model rather than tracing it). ``probes`` says how
     each probe ran (``meta``, ``fake`` or ``real`` tensors) or why the second one did not;
-    ``notes`` why a cheaper way of running a probe was given up.
+    ``notes`` why a cheaper way of running a probe was given up. ``never_run``: the outermost modules
+    with parameters the probe did not run (a stage picked by a condition): blocks there are not seen.
     """
 
     blocks: list[Block]
@@ -168,6 +169,7 @@ class Analysis:
     probes: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     units: list[Block] = field(default_factory=list)
+    never_run: list[str] = field(default_factory=list)
 
     @property
     def stages(self) -> list[int]:
@@ -190,7 +192,7 @@ class Analysis:
         if not self.additions:
             found = others or "no concatenation of branches and no conv → activation chain either"
             return f"the model has no additions at all ({found}; one forward pass on an input of shape " \
-                   f"{self.probe_shape} analysed)"
+                   f"{self.probe_shape} analysed)" + self.never_run_note()
         text = f"{len(self.blocks)} of its {self.additions} additions are residual connections"
         if others:
             text += f"; {others}"
@@ -201,7 +203,23 @@ class Analysis:
         second = self.probes.get(_SECOND, "")
         if second.startswith(NOT_RUN) and any(b.layout == UNKNOWN for b in self.blocks):
             text += f"; layout told from the layers alone: the second probe {second}"
-        return text
+        return text + self.never_run_note()
+
+    def never_run_note(self) -> str:
+        """``""``, or a clause naming the modules with parameters the probe did not run."""
+        return f"; {never_run_text(self.never_run)}" if self.never_run else ""
+
+
+def never_run_text(paths: list[str]) -> str:
+    """What to tell a user about modules with parameters the probe never ran (for messages and the CLI).
+
+    Example:
+        >>> never_run_text(["stages.2", "stages.3"])
+        '2 modules with parameters never ran on the probe input (stages.2, stages.3): blocks there are not seen; pass an example_input that runs them'
+    """
+    listed = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    return f"{len(paths)} module{'s' * (len(paths) != 1)} with parameters never ran on the probe input " \
+           f"({listed}): blocks there are not seen; pass an example_input that runs them"
 
 
 def find_blocks(model: nn.Module, example_input: Any = None) -> list[Block]:
@@ -325,7 +343,8 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     blocks = _to_blocks(found, shapes_b, modules)
     units = blocks + _other_units(recording, found, shapes_b, modules, has_residuals=bool(blocks))
     probes.setdefault(_SECOND, NOT_NEEDED)
-    return Analysis(blocks, len(adds), untraceable, tuple(_shape_of(example)), probes, notes, units)
+    return Analysis(blocks, len(adds), untraceable, tuple(_shape_of(example)), probes, notes, units,
+                    never_run(model, recording))
 
 
 def _shape_of(example: Any) -> tuple[int, ...]:

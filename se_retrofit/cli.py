@@ -24,7 +24,7 @@ from torch import nn
 
 from ._version import __version__
 from ._shell import Parser, UsageError, run_command
-from .analysis import UNIT_KINDS, default_example_input
+from .analysis import UNIT_KINDS, default_example_input, never_run_text
 from .attention import create_attention, list_attentions
 from .config import POSITION_HELP, POSITIONS, RetrofitConfig, import_attention_module
 from .errors import RetrofitError
@@ -339,7 +339,7 @@ def _report(ref, origin: str, config: RetrofitConfig, analysis, site_plan: Plan,
         "units_found": {kind: analysis.count(kind) for kind in UNIT_KINDS if analysis.count(kind)},
         "units_edited": _units_text(analysis.units_of(config.kinds)),
         "already_with_attention": site_plan.stacked, "skipped": site_plan.skipped,
-        "sites": sites, "params_before": _count(model),
+        "never_run": analysis.never_run, "sites": sites, "params_before": _count(model),
         "params_planned": sum(s["params"] for s in sites), "dry_run": True,
     }
 
@@ -376,6 +376,8 @@ def _print_report(report: dict, out: Console) -> None:
                   "attention; the new modules stack on top of it", highlight=False)
     for block, reason in report["skipped"].items():
         out.print(f"skipped {block}: {reason}", highlight=False, markup=False)
+    if report["never_run"]:
+        out.print(f"note: {never_run_text(report['never_run'])}", highlight=False, markup=False)
     if report["dry_run"]:
         out.print(f"parameters: {before:,} → {before + report['params_planned']:,} "
                   f"(+{100 * report['params_planned'] / before:.2f}%); dry run: nothing written", highlight=False)

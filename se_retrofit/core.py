@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from . import hf
 from .analysis import Analysis, analyze
@@ -24,6 +25,10 @@ RECORD_ATTR = "se_retrofit"
 
 class StackedAttentionWarning(UserWarning):
     """The blocks being edited already apply channel attention of their own."""
+
+
+class TokenModelError(RetrofitError):
+    """A model fed token ids: the squeeze would average over its padding tokens."""
 
 
 def plan(model: nn.Module, config: RetrofitConfig | None = None, example_input: Any = None,
@@ -46,7 +51,8 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
              reduction: int | None = None, stages: list[int] | None = None, blocks: list[str] | None = None,
              exclude: list[str] | None = None, init: str = "identity", divisor: int | None = None,
              every: int | None = None, kinds: list[str] | None = None, max_attention_mib: float = 64.0,
-             example_input: Any = None, inplace: bool = False, **options) -> nn.Module:
+             example_input: Any = None, inplace: bool = False, allow_token_models: bool = False,
+             **options) -> nn.Module:
     """Insert attention into every residual block of ``model`` (or the selected ones); into its joins of
     branches (Inception, DenseNet, ShuffleNet) or its conv chain layers (VGG, MobileNetV1) where it has no
     residual block.
@@ -77,6 +83,10 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
         max_attention_mib: refuse a site whose attention map (Non-local, PAM) would be larger at batch 1.
         example_input: an input the model accepts, for probing shapes (default: its input size).
         inplace: edit ``model`` itself instead of a copy.
+        allow_token_models: edit a model whose ``example_input`` holds integer tensors (token ids,
+            ``input_ids``) all the same. Refused by default: the squeeze averages over every position,
+            padding tokens included, and the tool cannot see the attention mask, so once fine-tuning
+            moves the gates, padding changes the real tokens' outputs. Safe where batches are unpadded.
         **options: further options of the attention type, e.g. ``squeeze="max"``, ``gate="tanh"``,
             ``act="silu"`` (SE), ``kernel_size=7`` (CBAM, ECA), ``dilation=4`` (BAM).
 
@@ -95,7 +105,8 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
                             blocks=_patterns(blocks), exclude=_patterns(exclude),
                             init=init, divisor=divisor, every=every, kinds=kinds, max_attention_mib=max_attention_mib,
                             options=options)
-    return retrofit_with(model, config, example_input=example_input, inplace=inplace)
+    return retrofit_with(model, config, example_input=example_input, inplace=inplace,
+                         allow_token_models=allow_token_models)
 
 
 def _patterns(value: Any) -> list[str] | None:
@@ -104,10 +115,13 @@ def _patterns(value: Any) -> list[str] | None:
 
 
 def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: Any = None,
-                  inplace: bool = False, analysis: Analysis | None = None) -> nn.Module:
+                  inplace: bool = False, analysis: Analysis | None = None,
+                  allow_token_models: bool = False) -> nn.Module:
     """:func:`retrofit` driven by a :class:`RetrofitConfig`; pass ``analysis`` (from :func:`plan`
     or :func:`se_retrofit.analyze` of this model) to skip analysing the model again."""
     refuse_scripted(model)
+    if not allow_token_models:
+        refuse_token_input(example_input)
     with graph_cache(), one_thread():  # analysis and surgery trace each block structure once
         if analysis is None:
             analysis = analyze(model, example_input)
@@ -149,6 +163,28 @@ def refuse_scripted(model: nn.Module) -> None:
         where = "the model is" if scripted == "" else f"its module {scripted!r} is"
         raise ScriptedModelError(f"{where} TorchScript (torch.jit.script or torch.jit.trace), whose compiled forward "
                                  "cannot be edited: retrofit the nn.Module before scripting it, then script the result")
+
+
+def refuse_token_input(example_input: Any) -> None:
+    """A :class:`TokenModelError` where ``example_input`` holds an integer tensor (token ids).
+
+    Example:
+        >>> import torch
+        >>> refuse_token_input(torch.randn(1, 3, 32, 32))  # images: nothing to say
+        >>> refuse_token_input({"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+        Traceback (most recent call last):
+        ...
+        se_retrofit.core.TokenModelError: the example input holds token ids ...
+    """
+    integer = [leaf for leaf in tree_leaves(example_input) if isinstance(leaf, torch.Tensor)
+               and not leaf.is_floating_point() and not leaf.is_complex() and leaf.dtype != torch.bool]
+    if integer:
+        raise TokenModelError(
+            f"the example input holds token ids (an integer tensor of shape {tuple(integer[0].shape)}): "
+            "attention squeezes over every position of a block's output, padding tokens included, and "
+            "se_retrofit cannot see the attention mask, so once fine-tuning moves the gates, appending "
+            "padding would change the real tokens' outputs; pass allow_token_models=True to edit it "
+            "anyway (safe where batches have no padding)")
 
 
 @contextlib.contextmanager

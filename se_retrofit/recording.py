@@ -100,6 +100,7 @@ class Recording:
     inputs: list[Op]
     calls: dict[int, ModuleCall]
     first_call: dict[str, ModuleCall]
+    parameters_read: set[str] = field(default_factory=set)  # names of parameters and buffers read directly
 
 
 class _Recorder(TorchFunctionMode):
@@ -117,6 +118,9 @@ class _Recorder(TorchFunctionMode):
         self.leaf_depth = 0
         self.counter = 0
         self.learned: dict[int, bool] = {}
+        self.parameters_read: set[str] = set()
+        self.param_names = {id(t): n for n, t in [*model.named_parameters(remove_duplicate=False),
+                                                   *model.named_buffers(remove_duplicate=False)]}
 
     # --- tensors -----------------------------------------------------------------------
     def lookup(self, tensor: torch.Tensor) -> Op | None:
@@ -125,6 +129,13 @@ class _Recorder(TorchFunctionMode):
 
     def is_weight(self, tensor: torch.Tensor) -> bool:
         return id(tensor) in self.params or self.param_views.get(id(tensor)) is tensor
+
+    def note_parameters(self, tensors: list[torch.Tensor]) -> None:
+        """Remember the parameters and buffers an operation reads, by name (see :func:`never_run`)."""
+        for tensor in tensors:
+            name = self.param_names.get(id(tensor))
+            if name is not None:
+                self.parameters_read.add(name)
 
     def has_parameters(self, module: nn.Module) -> bool:
         known = self.learned.get(id(module))
@@ -210,6 +221,7 @@ class _Recorder(TorchFunctionMode):
         tensors = _tensors((args, kwargs))
         if not tensors and not _tensors(result):
             return result
+        self.note_parameters(tensors)
         reads, weights = [], False
         for tensor in tensors:
             op = self.lookup(tensor)
@@ -314,4 +326,37 @@ def record(model: nn.Module, example: Any) -> Recording:
             if vars(module).keys() != attributes.keys() or any(vars(module)[k] is not v for k, v in attributes.items()):
                 vars(module).clear()
                 vars(module).update(attributes)
-    return Recording(recorder.ops, inputs, recorder.calls, recorder.first_call)
+    return Recording(recorder.ops, inputs, recorder.calls, recorder.first_call, recorder.parameters_read)
+
+
+def never_run(model: nn.Module, recording: Recording) -> list[str]:
+    """Paths of the outermost modules with parameters that the recorded forward never called: a
+    branch of the forward the probe did not take (a stage picked by a condition, an auxiliary
+    head in eval mode). A module inside one that ran as a leaf, or whose parameters the forward read
+    directly (``nn.MultiheadAttention``'s ``out_proj``), counts as run.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class Pick(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         return self.a(x) if x.shape[0] == 1 else self.b(x)
+        >>> model = Pick()
+        >>> never_run(model, record(model, torch.randn(1, 4)))
+        ['b']
+    """
+    paths = dict(model.named_modules(remove_duplicate=False))
+    leaves = {id(paths[op.module]) for op in recording.ops if op.module and op.module in paths}
+    called = leaves | {id(paths[call.path]) for call in recording.calls.values() if call.path in paths}
+    found: list[str] = []
+    for path, module in model.named_modules():  # a shared module once, under its first path
+        params = [f"{path}.{name}" for name, _ in module.named_parameters(remove_duplicate=False)]
+        if not path or id(module) in called or not params or recording.parameters_read.intersection(params):
+            continue
+        parent = paths[path.rpartition(".")[0]]
+        if (parent is model or id(parent) in called) and id(parent) not in leaves:
+            found.append(path)
+    return found
