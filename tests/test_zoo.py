@@ -128,10 +128,10 @@ def _xfail(reason: str):
 # (builder, xfail of the count, xfail of the edit)
 ROWS = [
     (yolov8n_cls, None, None),
-    (yolov8n_seg, None, _xfail(COPY_BUG)),
+    (yolov8n_seg, None, None),
     (monai_unet, None, None),
-    (monai_dynunet, None, _xfail(COPY_BUG)),
-    (monai_unetr, None, _xfail(COPY_BUG)),
+    (monai_dynunet, None, None),
+    (monai_unetr, None, _xfail(UNTRACEABLE)),
     (monai_swin_unetr, None, _xfail(UNTRACEABLE)),
     (smp_unet_resnet18, None, None),
     (smp_unet_efficientnet_b0, None, _xfail(UNTRACEABLE)),
