@@ -114,10 +114,11 @@ class Block:
             that directly follows it in the same forward), and which tensor of its output (pytree
             order) the sum is: ``post`` can be edited from outside that module's forward (see
             :mod:`.outside_edit`); None where no module returns it.
-        branch_leaf, branch_wrap_error: which tensor of ``branch_module``'s output is the branch
-            operand, and why ``standard`` cannot be edited from outside ``branch_module`` (its
-            output also feeds something other than the addition, or it runs more often than
-            ``path``); None where it can.
+        branch_wrap_module, branch_leaf, branch_wrap_error: the module inside ``path`` whose output
+            is the branch operand (``branch_module``, else a stochastic-depth or dropout module
+            right after the branch's last operation), which tensor of its output that is, and why
+            ``standard`` cannot be edited from outside it (its output also feeds something other
+            than the addition, or it runs more often than ``path``); None where it can.
     """
 
     path: str
@@ -143,6 +144,7 @@ class Block:
     in_place: bool = False
     output_module: str | None = None
     output_leaf: int = 0
+    branch_wrap_module: str | None = None
     branch_leaf: int = 0
     branch_wrap_error: str | None = None
     kind: str = RESIDUAL
@@ -761,7 +763,7 @@ def _traced_positions(model: nn.Module, recording: Recording, add: Op) -> list[i
 def _with_outside_edits(blocks: list[Block], found: list[tuple[Op, _Residual]], recording: Recording) -> list[Block]:
     """Each block with where an edit from outside its forward could put ``post`` and ``standard``."""
     calls = CallCounts(recording)
-    return [replace(block, **_output_place(add), **_branch_place(block, add, residual, calls))
+    return [replace(block, **_output_place(add), **_branch_place(add, residual, calls))
             for block, (add, residual) in zip(blocks, found)]
 
 
@@ -774,25 +776,31 @@ def _output_place(add: Op) -> dict[str, Any]:
     return {"output_module": add.scope, "output_leaf": leaf} if leaf >= 0 else {}
 
 
-def _branch_place(block: Block, add: Op, residual: _Residual, calls: CallCounts) -> dict[str, Any]:
-    """``branch_module``'s output reaches the addition and nothing else, through stochastic depth or
-    dropout only, and it runs as often as the adding module."""
-    path = block.branch_module
-    if path is None:
-        return {}
+def _branch_place(add: Op, residual: _Residual, calls: CallCounts) -> dict[str, Any]:
+    """The module (inside the adding one) whose output is the branch operand, nearest the branch's
+    last layer: the outermost call returning that layer's result, else a stochastic-depth or dropout
+    module after it; usable where that output reaches the addition and nothing else (through
+    stochastic depth or dropout only) and the module runs as often as the adding one. Where the
+    outermost one does not (a dropout shared by two branches), the next one in."""
+    inside = f"{add.scope}." if add.scope else ""
     chain = [residual.branch]
     while chain[-1].kind in K.PASSTHROUGH_KINDS and len(chain[-1].inputs) == 1 and len(chain[-1].inputs[0].users) == 1:
         chain.append(chain[-1].inputs[0])
-    inside = f"{add.scope}." if add.scope else ""
-    if residual.branch.users != [add] or any(not p.startswith(inside) for op in chain for p in op.returned_by):
-        return {"branch_wrap_error": f"the output of {path} is used elsewhere than in the addition"}
-    if calls.counts.get(path, 0) != max(calls.counts.get(add.scope, 0), 1):
-        return {"branch_wrap_error": f"{path} runs {calls.counts.get(path, 0)} times where {add.scope or 'the model'} "
-                                     f"runs {max(calls.counts.get(add.scope, 0), 1)}"}
-    leaf = chain[-1].returned_leaf.get(path, -1)
-    if leaf < 0:
-        return {"branch_wrap_error": f"{path} returns the branch more than once"}
-    return {"branch_leaf": leaf}
+    found = [(op, p) for op in reversed(chain) for p in reversed(op.returned_by) if p.startswith(inside) and p != add.scope]
+    if not found:
+        return {}
+    if residual.branch.users != [add] or any(not p.startswith(inside) for o in chain for p in o.returned_by):
+        return {"branch_wrap_module": found[0][1],
+                "branch_wrap_error": f"the output of {found[0][1]} is used elsewhere than in the addition"}
+    block_runs = max(calls.counts.get(add.scope, 0), 1)
+    problems = []
+    for op, path in found:
+        runs, leaf = calls.counts.get(path, 0), op.returned_leaf.get(path, -1)
+        if runs == block_runs and leaf >= 0:
+            return {"branch_wrap_module": path, "branch_leaf": leaf}
+        problems.append(f"{path} runs {runs} times where {add.scope or 'the model'} runs {block_runs}"
+                        if runs != block_runs else f"{path} returns the branch more than once")
+    return {"branch_wrap_module": found[0][1], "branch_wrap_error": problems[0]}
 
 
 # --- from matches to blocks --------------------------------------------------------------------

@@ -24,15 +24,13 @@ def place(graph, add, branch, shortcut, site, modules) -> None:
 
 def outside(block: Block) -> tuple[str, int] | str:
     """The branch's last module, where its output reaches the addition and nothing else."""
-    if block.branch_module is None:
-        return (f"its branch does not end in a module of its own for standard to gate from outside (it ends in "
-                f"{block.branch} inside {block.path or 'the model'}'s forward); post can still go there" if
-                block.output_module is not None else
-                f"its branch does not end in a module of its own for standard to gate from outside (it ends in "
-                f"{block.branch})")
+    if block.branch_wrap_module is None:
+        return (f"its branch ends in {block.branch}, an operation of {block.path or 'the model'}'s own forward, not in a "
+                "module whose output standard could gate from outside" + ("; post can go there" if
+                                                                          block.output_module is not None else ""))
     if block.branch_wrap_error:
         return f"standard cannot gate it from outside: {block.branch_wrap_error}"
-    return block.branch_module, block.branch_leaf
+    return block.branch_wrap_module, block.branch_leaf
 
 
 STANDARD = register_position(Position(
