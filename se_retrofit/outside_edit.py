@@ -16,7 +16,8 @@ block (:mod:`.edited`), the subclass is rebuilt by ``copy.deepcopy``, ``pickle``
 ``torch.save(model)`` from "class + which outputs are gated", never lost or applied twice, which a
 registered forward hook does not promise (``state_dict``-free save paths drop hooks, a second
 registration doubles them). ``torch.jit.trace`` (``export(format="torchscript")``), ``torch.export``
-and ONNX see through it; ``torch.jit.script`` cannot compile its ``forward(*args, **kwargs)``.
+and ONNX see through it; ``torch.jit.script`` is refused with that advice (it cannot compile the
+``forward(*args, **kwargs)``).
 
 Example:
     >>> import torch
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .errors import RetrofitError
 from .edited import SPEC_ATTR as REWRITE_SPEC_ATTR, EditSpec, edited_class
 
 SPEC_ATTR = "_se_retrofit_wrap"
@@ -103,12 +105,24 @@ def wrapped_class(spec: WrapSpec) -> type:
         name = base.__qualname__.split("<")[0]
         cls = type(base.__name__, (base,), {
             "forward": _forward(base.forward, spec.gates), SPEC_ATTR: spec, "__reduce_ex__": _reduce_wrapped,
+            "__prepare_scriptable__": _refuse_script,
             "__module__": base.__module__,
             # pickling the class object itself (not an instance) must fail loudly, not find the base
             "__qualname__": f"{name}<output edited by se_retrofit>",
         })
         _CLASSES[spec.key] = cls
     return cls
+
+
+class NotScriptableError(RetrofitError):
+    """``torch.jit.script`` of a module edited from outside its forward."""
+
+
+def _refuse_script(self: nn.Module) -> nn.Module:
+    raise NotScriptableError(
+        f"{type(self).__name__} was edited by se_retrofit from outside its forward (torch.fx cannot rewrite it), "
+        "which torch.jit.script cannot compile; use torch.jit.trace, or se_retrofit.export(model, path, "
+        "format='torchscript'), which traces")
 
 
 def _reduce_wrapped(self: nn.Module, protocol: int) -> tuple:

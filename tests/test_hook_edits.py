@@ -190,6 +190,8 @@ def test_an_outside_edit_survives_pickle_deepcopy_save_and_load_and_jit_trace(tm
     assert [s.edit for s in se_retrofit.record_of(loaded).sites] == ["wrap", "wrap"]
     traced = torch.jit.trace(model.eval(), X, check_trace=False)
     assert torch.equal(traced(X), expected)
+    with pytest.raises(se_retrofit.RetrofitError, match="from outside its forward.*torch.jit.trace"):
+        torch.jit.script(model)
     moved = copy.deepcopy(model).to(torch.float64)
     assert moved.blocks[0].se.fc1.weight.dtype == torch.float64 if position == "post" else \
         moved.blocks[0].bn2.se.fc1.weight.dtype == torch.float64
