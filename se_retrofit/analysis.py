@@ -60,7 +60,7 @@ from torch.utils._pytree import tree_leaves
 from .errors import RetrofitError
 from . import op_kinds as K
 from .chains import find_chain_layers
-from .gates import Gate, gate_problem
+from .gates import CallCounts, Gate, gate_problem
 from .graph import dominated
 from .joins import find_joins
 from .copying import meta_copy
@@ -111,6 +111,15 @@ class Block:
         in_place: the forward adds in place into its first operand (``x += shortcut``, ``add_``),
             which an fx trace does not keep: surgery writes the edited addition in place again
             where that is safe (see :mod:`.surgery`).
+        output_module, output_leaf: the module whose call returns the sum (after the activation
+            that directly follows it in the same forward), and which tensor of its output (pytree
+            order) the sum is: ``post`` can be edited from outside that module's forward (see
+            :mod:`.outside_edit`); None where no module returns it.
+        branch_wrap_module, branch_leaf, branch_wrap_error: the module inside ``path`` whose output
+            is the branch operand (``branch_module``, else a stochastic-depth or dropout module
+            right after the branch's last operation), which tensor of its output that is, and why
+            ``standard`` cannot be edited from outside it (its output also feeds something other
+            than the addition, or it runs more often than ``path``); None where it can.
     """
 
     path: str
@@ -134,6 +143,11 @@ class Block:
     rewrite_error: str | None = None
     branch_outside: str | None = None
     in_place: bool = False
+    output_module: str | None = None
+    output_leaf: int = 0
+    branch_wrap_module: str | None = None
+    branch_leaf: int = 0
+    branch_wrap_error: str | None = None
     kind: str = RESIDUAL
     gates: tuple[tuple[str, tuple[Gate, ...]], ...] = ()
     gate_errors: tuple[tuple[str, str], ...] = ()
@@ -341,6 +355,7 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     untraceable: dict[str, str] = {}
     _place_in_traced_forwards(model, recording, found, per_call, untraceable)
     blocks = _to_blocks(found, shapes_b, modules)
+    blocks = _with_outside_edits(blocks, found, recording)
     units = blocks + _other_units(recording, found, shapes_b, modules, has_residuals=bool(blocks))
     probes.setdefault(_SECOND, NOT_NEEDED)
     return Analysis(blocks, len(adds), untraceable, tuple(_shape_of(example)), probes, notes, units,
@@ -750,6 +765,51 @@ def _traced_positions(model: nn.Module, recording: Recording, add: Op) -> list[i
         return own_tensor_adds(module, args, kwargs)
     except TRACE_FAILURES as error:
         return _reason(error)
+
+
+# --- where a block can be edited from outside its forward (see :mod:`.outside_edit`) ------------
+
+def _with_outside_edits(blocks: list[Block], found: list[tuple[Op, _Residual]], recording: Recording) -> list[Block]:
+    """Each block with where an edit from outside its forward could put ``post`` and ``standard``."""
+    calls = CallCounts(recording)
+    return [replace(block, **_output_place(add), **_branch_place(add, residual, calls))
+            for block, (add, residual) in zip(blocks, found)]
+
+
+def _output_place(add: Op) -> dict[str, Any]:
+    """The adding module returns the sum (or the activation its forward applies right after it)."""
+    op = add
+    if len(add.users) == 1 and add.users[0].kind == K.ACT and add.users[0].scope == add.scope:
+        op = add.users[0]
+    leaf = op.returned_leaf.get(add.scope, -1)
+    return {"output_module": add.scope, "output_leaf": leaf} if leaf >= 0 else {}
+
+
+def _branch_place(add: Op, residual: _Residual, calls: CallCounts) -> dict[str, Any]:
+    """The module (inside the adding one) whose output is the branch operand, nearest the branch's
+    last layer: the outermost call returning that layer's result, else a stochastic-depth or dropout
+    module after it; usable where that output reaches the addition and nothing else (through
+    stochastic depth or dropout only) and the module runs as often as the adding one. Where the
+    outermost one does not (a dropout shared by two branches), the next one in."""
+    inside = f"{add.scope}." if add.scope else ""
+    chain = [residual.branch]
+    while chain[-1].kind in K.PASSTHROUGH_KINDS and len(chain[-1].inputs) == 1 and len(chain[-1].inputs[0].users) == 1:
+        chain.append(chain[-1].inputs[0])
+    found = [(op, p) for op in reversed(chain) for p in reversed(op.returned_by) if p.startswith(inside) and p != add.scope]
+    if not found:
+        return {}
+    if residual.branch.users != [add] or any(not p.startswith(inside) for o in chain for p in o.returned_by):
+        return {"branch_wrap_module": found[0][1],
+                "branch_wrap_error": f"the output of {found[0][1]} is used elsewhere than in the addition"}
+    block_runs = max(calls.counts.get(add.scope, 0), 1)
+    problems = []
+    for op, path in found:
+        runs, leaf = calls.counts.get(path, 0), op.returned_leaf.get(path, -1)
+        if runs == block_runs and leaf >= 0:
+            return {"branch_wrap_module": path, "branch_leaf": leaf}
+        problems.append(f"{path} runs {runs} times where {add.scope or 'the model'} runs {block_runs}"
+                        if runs != block_runs else f"{path} returns the branch more than once")
+    return {"branch_wrap_module": found[0][1], "branch_wrap_error": problems[0]}
 
 
 # --- from matches to blocks --------------------------------------------------------------------

@@ -213,6 +213,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
                 warnings.simplefilter("always")
                 edited = edit_with_plan(model, config, analysis, site_plan)
             _report_warnings(caught, err)
+            report = _report(ref, origin, config, analysis, site_plan, model)  # sites found not editable: skipped
     if not args.dry_run:
         getattr(edited, RECORD_ATTR).base.update(name=ref.name, source=ref.source, weights=origin)
         check = check_identity(model, edited, example, random_weights=origin.startswith("random"))

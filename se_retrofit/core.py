@@ -140,7 +140,10 @@ def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis,
                       f"(first: {site_plan.stacked[0]}); {config.attention} will be stacked on top of it",
                       StackedAttentionWarning, stacklevel=4)
     target = model if inplace else deepcopy_module(model)
-    apply_sites(target, site_plan.sites, config)
+    # a block that turns out not to be editable is skipped with its reason, never an error
+    site_plan.sites[:] = apply_sites(target, site_plan.sites, config, skipped=site_plan.skipped)
+    if not site_plan.sites:
+        raise NoResidualBlocksError(nothing_editable(analysis, site_plan))
     previous = getattr(model, RECORD_ATTR, None)
     record = previous.followed_by(config, site_plan.sites) if isinstance(previous, RetrofitRecord) \
         else RetrofitRecord(config, site_plan.sites, describe_base(model))

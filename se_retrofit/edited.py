@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -101,14 +103,79 @@ def edited_class(spec: EditSpec) -> type:
     cls = _CLASSES.get(spec.key)
     if cls is None:
         base = spec.base
+        forward = _forward(spec)
         cls = type(base.__name__, (base,), {
-            "forward": _forward(spec), SPEC_ATTR: spec, "__reduce_ex__": _reduce_edited,
+            "forward": forward, SPEC_ATTR: spec, "__reduce_ex__": _reduce_edited,
+            **({"__prepare_scriptable__": _prepare_scriptable} if forward is not next(iter(forward.variants.values()))
+               else {}),
             "__module__": base.__module__,
             # pickling the class object itself (not an instance) must fail loudly, not find the base
             "__qualname__": f"{base.__qualname__}<edited by se_retrofit>",
         })
         _CLASSES[spec.key] = cls
     return cls
+
+
+_SCRIPTABLE: dict[type, type | None] = {}
+_VARIANT = "_se_retrofit_variant_{}"
+
+
+def _prepare_scriptable(self: nn.Module) -> nn.Module:
+    """For ``torch.jit.script``: the block as an instance of a class whose ``forward`` dispatches between
+    the traced variants in code TorchScript compiles (the Python dispatcher takes ``*args, **kwargs``);
+    the block itself where that cannot be written (keyword arguments passed on, arguments fixed)."""
+    cls = type(self)
+    if cls not in _SCRIPTABLE:
+        _SCRIPTABLE[cls] = _scriptable_class(cls)
+    scriptable = _SCRIPTABLE[cls]
+    if scriptable is None:
+        return self
+    copy = scriptable.__new__(scriptable)
+    copy.__dict__ = self.__dict__  # shares parameters, buffers, children and flags with the block
+    return copy
+
+
+def _scriptable_class(cls: type) -> type | None:
+    from torch.fx.graph_module import _method_from_src
+
+    spec: EditSpec = getattr(cls, SPEC_ATTR)
+    given = next((key for key in spec.sources if not any(key[1])), None)
+    if spec.fixed or spec.var_keyword or given is None:
+        return None
+    methods, names = {}, {}
+    for key, src in spec.sources.items():
+        if src not in names:
+            names[src] = _VARIANT.format(len(names))
+            methods[names[src]] = _method_from_src(names[src], _scriptable_variant(src, names[src]),
+                                                   {**spec.globals[key], "typing": typing})
+    header = spec.sources[given].strip().splitlines()[0]
+    params = [p.name for p in list(inspect.signature(spec.base.forward).parameters.values())[1:]]
+    if not header.startswith("def forward(self") or any(p.kind not in (p.POSITIONAL_OR_KEYWORD,)
+                                                        for p in list(inspect.signature(spec.base.forward).parameters.values())[1:]):
+        return None
+    lines = [header]
+    for training in (True, False):
+        lines.append(f"    if {'' if training else 'not '}self.training:")
+        for key in (k for k in spec.sources if k[0] == training):
+            test = " and ".join(f"{name} is {'' if none else 'not '}None" for name, none in zip(spec.optional, key[1]))
+            call = ", ".join("None" if name in spec.optional and key[1][spec.optional.index(name)] else name
+                             for name in params)
+            lines.append(f"        if {test or 'True'}:")
+            lines.append(f"            return self.{names[spec.sources[key]]}({call})")
+    lines.append("    raise RuntimeError('se_retrofit: no traced variant of this block takes these arguments')")
+    globals_ = {**spec.globals[given], "typing": typing}
+    methods["forward"] = _method_from_src("forward", "\n".join(lines) + "\n", globals_)
+    return type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def _scriptable_variant(src: str, name: str) -> str:
+    """A variant's code as a method TorchScript compiles: under its own name, without fx's check that an
+    argument specialised to None is None (the dispatcher calls it with None), that argument typed."""
+    lines = [line for line in src.splitlines() if "_assert_is_none(" not in line]
+    text = "\n".join(lines).replace("def forward(", f"def {name}(", 1)
+    head, _, body = text.partition(") -> ")
+    head = re.sub(r"(\w+) = None", r"\1 : typing.Optional[torch.Tensor] = None", head)
+    return f"{head}) -> {body}" if body else text
 
 
 def _reduce_edited(self: nn.Module, protocol: int) -> tuple:

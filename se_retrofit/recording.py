@@ -55,6 +55,8 @@ class Op:
         shape: shape of its (first) tensor result.
         users: operations that take its result.
         returned_by: modules (innermost first) whose call returned this result.
+        returned_leaf: for each of those modules, which tensor of its output (in pytree order) this
+            result is; -1 where the output holds it more than once.
     """
 
     index: int
@@ -69,6 +71,7 @@ class Op:
     shape: tuple[int, ...] | None = None
     users: list["Op"] = field(default_factory=list)
     returned_by: list[str] = field(default_factory=list)
+    returned_leaf: dict[str, int] = field(default_factory=dict)
     kwargs: tuple[str, ...] = ()
 
     @property
@@ -182,10 +185,14 @@ class _Recorder(TorchFunctionMode):
             return
         if self.stack[-1][0] == path:
             self.stack.pop()
-        for tensor in _tensors(output):
+        for leaf, tensor in enumerate(_tensors(output)):
             op = self.lookup(tensor)
             if op is not None:
+                if path in op.returned_leaf:
+                    op.returned_leaf[path] = -1
+                    continue
                 op.returned_by.append(path)
+                op.returned_leaf[path] = leaf
 
     def _leaf_args(self, args, kwargs) -> None:
         for tensor in _tensors((args, kwargs)):
@@ -206,6 +213,7 @@ class _Recorder(TorchFunctionMode):
         weights = weights or self.has_parameters(module)
         op = self._new_op(K.module_kind(module), path, reads, weights, output, module=path)
         op.returned_by.append(path)
+        op.returned_leaf[path] = 0
 
     # --- functions ---------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):

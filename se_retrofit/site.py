@@ -39,6 +39,9 @@ class Site:
     operand: int = 0
     unit: str = ""
     in_place: bool = False
+    edit: str = "rewrite"
+    wrap_module: str | None = None
+    output_leaf: int = 0
 
     def __post_init__(self) -> None:
         if not self.gate and self.position == "inner":  # records written before gates existed

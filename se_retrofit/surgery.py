@@ -25,26 +25,80 @@ from .config import RetrofitConfig
 from .placement import GATES, SurgeryError
 from .positions import get_position
 from .site import Site
+from .outside_edit import OutputGate, is_wrapped, wrap_output
+from .positions.base import WRAP
 from .hub import first_sentence
 from .edited import EditSpec, Variant, base_class, install, takes_var_keyword
 from .tracing import (TRACE_FAILURES, cache_memo, forward_function, is_shared, optional_arguments, trace,
                       trace_fixing_defaults)
 
 
-def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig) -> None:
-    """Insert one attention module per site into ``model`` (edited in place)."""
+def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig,
+                skipped: dict[str, str] | None = None) -> list[Site]:
+    """Insert one attention module per site into ``model`` (edited in place); return the sites as
+    edited. A site whose block's forward cannot be rewritten after all (fx fails on a mode or on an
+    argument the analysis did not try, or finds other additions than the model ran) is edited from
+    outside instead where its ``wrap_module`` says how (see :mod:`.outside_edit`). Where ``skipped``
+    is given, a site that cannot be edited either way is left out and its unit noted there with the
+    reason; else that raises :class:`SurgeryError` (replaying a record must edit every site)."""
+    build = attention_builder(config.attention, init=config.init, **config.attention_options())
+    edited: list[Site] = []
+    outside: list[Site] = [s for s in sites if s.edit == WRAP]
+    for path, block_sites in _by_block(s for s in sites if s.edit != WRAP).items():
+        try:
+            block = _module(model, path)
+            edit_block(block, block_sites, {s.module_name: _new_attention(build, s, block) for s in block_sites})
+            edited += block_sites
+        except SurgeryError as error:
+            for site in block_sites:
+                fallback = _outside_instead(model, site, outside)
+                if fallback is not None and skipped is not None:
+                    outside.append(fallback)
+                elif skipped is not None:
+                    skipped[site.unit or site.block] = str(error)
+                else:
+                    raise
+    for path, block_sites in _by_block(outside).items():
+        try:
+            module = _module(model, path)
+            wrap_output(module, [OutputGate(s.module_name, s.output_leaf, s.channel_dim) for s in block_sites],
+                        {s.module_name: _new_attention(build, s, module) for s in block_sites})
+            edited += block_sites
+        except SurgeryError as error:
+            if skipped is None:
+                raise
+            skipped.update({site.unit or site.block: str(error) for site in block_sites})
+    order = {id(s): i for i, s in enumerate(sites)}
+    return sorted(edited, key=lambda s: order.get(id(s), len(order)))
+
+
+def _by_block(sites) -> dict[str, list[Site]]:
     by_block: dict[str, list[Site]] = defaultdict(list)
     for site in sites:
         by_block[site.block].append(site)
-    build = attention_builder(config.attention, init=config.init, **config.attention_options())
-    for path, block_sites in by_block.items():
-        try:
-            block = model.get_submodule(path)
-        except AttributeError:
-            raise SurgeryError(f"the model has no module {path!r}: it does not match the sites planned "
-                               "for it") from None
-        attention = {s.module_name: _new_attention(build, s, block) for s in block_sites}
-        edit_block(block, block_sites, attention)
+    return by_block
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise SurgeryError(f"the model has no module {path!r}: it does not match the sites planned "
+                           "for it") from None
+
+
+def _outside_instead(model: nn.Module, site: Site, planned: list[Site]) -> Site | None:
+    """The site edited from outside ``site.wrap_module`` (under a name free there), or None where it
+    names none."""
+    if site.wrap_module is None or site.gate:
+        return None
+    owner = _module(model, site.wrap_module)
+    taken = {s.module_name for s in planned if s.block == site.wrap_module}
+    index, name = 0, site.module_name
+    while name in taken or getattr(owner, name, None) is not None:
+        index += 1
+        name = f"{site.module_name}{index}"
+    return replace(site, block=site.wrap_module, edit=WRAP, wrap_module=None, module_name=name, in_place=False)
 
 
 def _new_attention(build: Callable[[int, int], nn.Module], site: Site, block: nn.Module) -> nn.Module:
@@ -56,6 +110,9 @@ def _new_attention(build: Callable[[int, int], nn.Module], site: Site, block: nn
 
 def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Module]) -> None:
     """Give ``block`` the attention modules (by attribute name) and a forward that calls them."""
+    if is_wrapped(block):
+        raise SurgeryError(f"{type(block).__name__} at {sites[0].block!r}: its forward cannot be rewritten: it was "
+                           "edited from outside its forward before")
     optional = _optional_arguments(block)
     try:
         graphs, fixed = _trace_variants(block, optional)
@@ -63,9 +120,21 @@ def edit_block(block: nn.Module, sites: list[Site], attention: dict[str, nn.Modu
         raise SurgeryError(f"{type(block).__name__} at {sites[0].block!r}: its forward cannot be rewritten "
                            f"(torch.fx: {type(error).__name__}: {first_sentence(error)}); leave it out with exclude=[{sites[0].block!r}] "
                            "(--exclude on the command line)") from None
+    before = {name: block._modules.get(name, vars(block).get(name, _ABSENT)) for name in attention}
     for name, module in attention.items():
         _attach(block, name, module)
-    _install_forward(block, _edited_code(block, graphs, sites), optional, fixed)
+    try:
+        code = _edited_code(block, graphs, sites)
+    except SurgeryError:
+        for name, module in before.items():  # the block as it was: the site may be edited another way
+            delattr(block, name)
+            if module is not _ABSENT:
+                setattr(block, name, module)
+        raise
+    _install_forward(block, code, optional, fixed)
+
+
+_ABSENT = object()
 
 
 def _edited_code(block: nn.Module, graphs: dict[Variant, fx.Graph], sites: list[Site]) -> dict[Variant, fx.graph.PythonCode]:

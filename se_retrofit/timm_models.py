@@ -189,10 +189,23 @@ def _create(name: str, pretrained: bool, **kwargs) -> nn.Module:
     out_indices = kwargs.pop("out_indices", None) if features else None
     if features:
         kwargs.pop("features_only")
+    elif kwargs.get("features_only") and "out_indices" not in kwargs:
+        # timm's default indices (0-4) are the base entry point's to narrow; it is not called here
+        kwargs["out_indices"] = tuple(range(_feature_count(architecture.base, kwargs)))
     model = build_model_with_cfg(functools.partial(_build_edited, architecture), name, pretrained,
                                  pretrained_filter_fn=functools.partial(_with_identity_attention, architecture),
                                  **kwargs)
     return _feature_getter(model, out_indices) if features else model
+
+
+def _feature_count(base: str, kwargs: dict) -> int:
+    """How many feature levels the base has (``len(feature_info)``), from a copy built on the meta device."""
+    import timm
+    import torch
+
+    options = {k: v for k, v in kwargs.items() if k not in ("features_only", "feature_cls", "out_indices", "feature_cfg")}
+    with torch.device("meta"):
+        return len(timm.create_model(base, pretrained=False, **options).feature_info)
 
 
 def _feature_getter(model: nn.Module, out_indices: Any) -> nn.Module:

@@ -328,3 +328,31 @@ def test_cli_dynamic_spatial(capsys, tmp_path, monkeypatch):
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert "a dynamic spatial size applies to the formats that trace a graph (export, onnx), not 'safetensors'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_an_edited_vit_scripts_with_the_same_output_in_train_and_eval():
+    """The dispatcher between a block's traced variants (ViT's Block takes attn_mask=None) is compiled for
+    torch.jit.script as code of its own; the block itself keeps its Python forward."""
+    import timm
+
+    torch.jit._recursive.concrete_type_store.type_store.clear()
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8).eval()
+    edited = se_retrofit.retrofit(base, example_input=torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        for p in se_retrofit.attention_parameters(edited):
+            p.add_(0.05)
+    scripted = torch.jit.script(edited)
+    x = torch.randn(2, 3, 32, 32)
+    for training in (False, True):
+        scripted.train(training), edited.train(training)
+        torch.manual_seed(0)
+        expected = edited(x)
+        torch.manual_seed(0)
+        assert torch.equal(scripted(x), expected)
+    mask = torch.zeros(17, 17)
+    block = edited.blocks[0].eval()
+    tokens = torch.randn(2, 17, 192)
+    assert torch.equal(torch.jit.script(block)(tokens, mask), block(tokens, mask))
+    assert type(edited.blocks[0]).forward.__name__ == "forward" and se_retrofit.edited.is_edited(edited.blocks[0])
+    torch.jit._recursive.concrete_type_store.type_store.clear()

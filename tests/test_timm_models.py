@@ -217,16 +217,19 @@ def test_launcher_runs_timm_style_train_and_validate_scripts_by_name(edited_file
     assert missing.returncode == 1 and "Unknown model (resnet18_se)" in missing.stderr  # without the launcher
 
 
-@pytest.mark.parametrize("base", ["efficientnet_b0", "convnext_atto"])
-def test_features_only_of_architectures_with_their_own_feature_settings(base):
+@pytest.mark.parametrize("base,feature_kwargs", [("efficientnet_b0", {}), ("convnext_atto", {}),
+                                                 ("convnext_atto", {"feature_cls": "getter"})])
+def test_features_only_of_architectures_with_their_own_feature_settings(base, feature_kwargs):
     """timm builds features_only for these with per-architecture settings; the registered name wraps the
-    edited model with FeatureGetterNet (forward_intermediates) instead."""
+    edited model with FeatureGetterNet (forward_intermediates) instead. With ``feature_cls`` given, timm
+    builds the wrapper, for every feature level of the base (its default 0-4 would be out of range on
+    ConvNeXt's four)."""
     name = f"{base}_se_features"
     register_timm_model(name, base, example_input=PROBE)
     try:
         torch.manual_seed(0)
         full = trained_attention(timm.create_model(name)).eval()
-        features = timm.create_model(name, features_only=True).eval()
+        features = timm.create_model(name, features_only=True, **feature_kwargs).eval()
         loaded = features.model.load_state_dict(full.state_dict(), strict=False)  # the pruned head's keys are extra
         assert not loaded.missing_keys and loaded.unexpected_keys
         x = small_input(1, 64)

@@ -1,13 +1,15 @@
 """The position registry: what a position is, and where positions are registered."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..analysis import CHANNELS_FIRST, RESIDUAL, SUPPORTED_LAYOUTS, Block
 from ..errors import RetrofitError
 from ..site import Site
 
+#: how a site is edited: its block's forward rewritten, or a module's output gated from outside
+REWRITE, WRAP = "rewrite", "wrap"
 #: (graph, addition node, branch node, shortcut node, site, modules) -> None
 Placer = Callable[..., None]
 
@@ -24,6 +26,9 @@ class Position:
         place: puts the module into a residual block's graph at its addition.
         select: narrows the selected units, given the model's stages (``stage``: the last one of each).
         gate_position: the position whose gates a join or chain layer uses (``stage`` uses ``post``'s).
+        outside: where a residual block's site can be edited from outside a forward (see
+            :mod:`se_retrofit.outside_edit`): the module whose output is gated and which tensor of
+            it, or why it cannot be; None where the position cannot be placed that way.
     """
 
     name: str
@@ -32,6 +37,7 @@ class Position:
     place: Placer | None = None
     select: Callable[[list[Block], list[int]], list[Block]] | None = None
     gate_position: str | None = None
+    outside: Callable[[Block], tuple[str, int] | str] | None = None
 
     def sites(self, unit: Block) -> list[Site] | str:
         """The sites for ``unit`` (names not yet chosen), or why the position does not apply to it."""
@@ -53,15 +59,30 @@ class Position:
     def _residual_sites(self, block: Block) -> list[Site] | str:
         if self.residual is None:
             return f"position {self.name!r} does not apply to residual blocks"
-        if block.rewrite_error:
-            return f"its forward cannot be rewritten ({block.rewrite_error})"
+        outside = self.outside_place(block)
+        if block.rewrite_error and isinstance(outside, str):
+            return f"its forward cannot be rewritten ({block.rewrite_error}), and {outside}"
         if block.layout not in SUPPORTED_LAYOUTS:
             return f"layout {block.layout}: the channel dimension could not be told from the probes"
         channels = block.in_channels if self.residual == "in" else block.channels
         channel_dim = 1 if block.layout == CHANNELS_FIRST else -1
-        return [Site(block=block.path, add_index=block.add_index, shortcut_arg=block.shortcut_arg,
-                     position=self.name, channels=channels, spatial_dims=len(block.spatial), stage=block.stage,
-                     module_name="", channel_dim=channel_dim, unit=block.name, in_place=block.in_place)]
+        site = Site(block=block.path, add_index=block.add_index, shortcut_arg=block.shortcut_arg,
+                    position=self.name, channels=channels, spatial_dims=len(block.spatial), stage=block.stage,
+                    module_name="", channel_dim=channel_dim, unit=block.name, in_place=block.in_place)
+        if isinstance(outside, str):
+            return [site]
+        module, leaf = outside
+        if block.rewrite_error:
+            return [replace(site, block=module, edit=WRAP, output_leaf=leaf, in_place=False)]
+        return [replace(site, wrap_module=module, output_leaf=leaf)]
+
+    def outside_place(self, block: Block) -> tuple[str, int] | str:
+        """Where an edit from outside a forward puts this position's module on ``block`` (the module
+        whose output is gated, and which tensor of it), or why it cannot."""
+        if self.outside is None:
+            return (f"{self.name} cannot be placed from outside a forward (standard and post can, where the "
+                    "block's modules allow)")
+        return self.outside(block)
 
 
 class PositionError(RetrofitError):

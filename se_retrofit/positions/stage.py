@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..analysis import Block
 from .base import Position, register_position
-from .post import place
+from .post import outside, place
 
 
 def last_of_each_stage(units: list[Block], stages: list[int]) -> list[Block]:
@@ -15,4 +15,4 @@ def last_of_each_stage(units: list[Block], stages: list[int]) -> list[Block]:
 
 STAGE = register_position(Position(
     "stage", "once per stage transition, after the last block of every stage but the last (BAM)",
-    place=place, select=last_of_each_stage, gate_position="post"))
+    place=place, outside=outside, select=last_of_each_stage, gate_position="post"))

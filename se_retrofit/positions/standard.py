@@ -7,6 +7,7 @@ from __future__ import annotations
 from .. import op_kinds as K
 from ..graph import dynamic_inputs
 from ..placement import wrap_output
+from ..analysis import Block
 from .base import Position, register_position
 
 
@@ -21,7 +22,18 @@ def place(graph, add, branch, shortcut, site, modules) -> None:
     wrap_output(graph, target, site)
 
 
+def outside(block: Block) -> tuple[str, int] | str:
+    """The branch's last module, where its output reaches the addition and nothing else."""
+    if block.branch_wrap_module is None:
+        return (f"its branch ends in {block.branch}, an operation of {block.path or 'the model'}'s own forward, not in a "
+                "module whose output standard could gate from outside" + ("; post can go there" if
+                                                                          block.output_module is not None else ""))
+    if block.branch_wrap_error:
+        return f"standard cannot gate it from outside: {block.branch_wrap_error}"
+    return block.branch_wrap_module, block.branch_leaf
+
+
 STANDARD = register_position(Position(
     "standard", "on the residual branch, after its last layer, before the addition (SE paper default); "
                 "on each new branch of a join, before the concatenation; after a chain layer's activation (SE-VGG)",
-    place=place))
+    place=place, outside=outside))
