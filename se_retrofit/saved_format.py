@@ -398,8 +398,9 @@ def section(table: dict[str, Field]) -> Check:
             raise invalid(key, f"must be an object, got {_shown(value)}")
         unknown = sorted(set(value) - set(table))
         if unknown:
+            known = list(table)
             raise invalid(key, f"has unknown keys {', '.join(map(repr, unknown[:5]))} (it takes "
-                              f"{', '.join(table)})")
+                              f"{', '.join(known[:8])}{f' and {len(known) - 8} more' if len(known) > 8 else ''})")
         missing = sorted(name for name, field in table.items() if field.required and name not in value)
         if missing:
             raise invalid(key, f"lacks the keys {', '.join(missing)}")
@@ -534,6 +535,9 @@ SITE: dict[str, Field] = {
     "operand": Field(integer(0, 100_000), required=False),
     "unit": Field(module_path, required=False),
     "in_place": Field(boolean, required=False),
+    "edit": Field(one_of("rewrite", "wrap"), required=False),
+    "wrap_module": Field(optional(module_path), required=False),
+    "output_leaf": Field(integer(0, 10_000), required=False),
 }
 
 sites = list_of(section(SITE), min_length=1)

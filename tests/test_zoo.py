@@ -134,7 +134,7 @@ ROWS = [
     (monai_unetr, None, _xfail(UNTRACEABLE)),
     (monai_swin_unetr, None, _xfail(UNTRACEABLE)),
     (smp_unet_resnet18, None, None),
-    (smp_unet_efficientnet_b0, None, _xfail(UNTRACEABLE)),
+    (smp_unet_efficientnet_b0, None, None),
     (smp_unet_timm_efficientnet_b0, None, None),
     (clip_resnet_visual, None, None),
     (clip_vit_visual, None, _xfail(LAYOUT)),
