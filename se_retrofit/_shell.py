@@ -49,6 +49,15 @@ WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quo
 _NATIVE_TRACE = re.compile(r"^(Exception raised from |frame #\d+|C\+\+ CapturedTraceback)")
 
 
+def path_argument(text: str):
+    """An argparse type for a path: refuses what no file system takes (empty, a NUL character)."""
+    from pathlib import Path
+
+    if not text or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"must be a path (not empty, no NUL character), got {text[:60]!r}")
+    return Path(text)
+
+
 def one_line(text: str) -> str:
     """``text`` on one line: its lines joined with ' / ' (a message never spreads over lines), without
     the C++ stack frames torch appends to some errors."""

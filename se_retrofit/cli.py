@@ -23,7 +23,7 @@ from rich.table import Table
 from torch import nn
 
 from ._version import __version__
-from ._shell import Parser, UsageError, run_command
+from ._shell import Parser, UsageError, path_argument, run_command
 from .analysis import UNIT_KINDS, default_example_input
 from .attention import create_attention, list_attentions
 from .config import POSITION_HELP, POSITIONS, RetrofitConfig, import_attention_module
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow a pickled .pth/.pt weights file (read with weights_only=True); "
                              ".safetensors never needs it")
     parser.add_argument("--input-size", type=_size, help="probe input size C,H,W (default: the model's own)")
-    parser.add_argument("--out", type=Path, help="output directory (default ./MODEL-ATTENTION-POSITION-rR)")
+    parser.add_argument("--out", type=path_argument, help="output directory (default ./MODEL-ATTENTION-POSITION-rR)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--format", choices=tuple(EXPORT_FORMATS), default="safetensors",
                         help="also write the model in this format inside the output directory, checked against "
@@ -201,7 +201,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             raise SaveError(f"output directory {out_dir} already exists; pass --overwrite or choose --out")
         check_target(out_dir, args.overwrite)
     if args.weights not in ("pretrained", "none"):
-        check_weights_path(Path(args.weights), allow_pickle=args.allow_pickle)
+        check_weights_path(args.weights, allow_pickle=args.allow_pickle)
     if args.input_size is not None:
         _check_input_memory(args.input_size)
     with warnings.catch_warnings(record=True) as caught:

@@ -320,6 +320,9 @@ def read_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
 
 def check_weights_path(path: Path, *, allow_pickle: bool = False) -> None:
     """Raise :class:`WeightsError` unless ``path`` is a weights file :func:`read_state_dict` may read."""
+    if not str(path) or "\x00" in str(path):
+        raise WeightsError(f"weights path {str(path)!r} is empty or holds a NUL character (use pretrained, none or "
+                           "a file path)")
     path = Path(path)
     if path.is_dir():
         if (path / "retrofit_config.json").is_file():
@@ -331,10 +334,27 @@ def check_weights_path(path: Path, *, allow_pickle: bool = False) -> None:
         hint = f" such as {path / inside[0]}" if inside else " (a .safetensors state dict of the model)"
         raise WeightsError(f"weights path {path} is a directory; pass the weights file inside it{hint}")
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist (use pretrained, none or a file path)")
+        raise WeightsError(f"weights file {path} {_not_a_file(path)} (use pretrained, none or a file path)")
     if path.suffix != ".safetensors" and not allow_pickle:
         raise WeightsError(f"weights file {path} is not .safetensors; pickled torch files are read only when "
                            "you allow it (--allow-pickle, or allow_pickle=True; loaded with weights_only=True)")
+
+
+def _not_a_file(path: Path) -> str:
+    """What ``path`` is, when it is not a regular file: 'does not exist', 'is a FIFO', …"""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if os.path.lexists(path):
+            return f"cannot be read ({error.strerror or error}{', a symbolic link' if path.is_symlink() else ''})"
+        return "does not exist"
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"is {kind}, not a regular file"
+    return "is not a regular file"
 
 
 def first_sentence(error: BaseException, limit: int = 160) -> str:

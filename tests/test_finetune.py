@@ -76,8 +76,9 @@ def test_loss_falls_and_accuracy_rises_above_chance(trained):
 
 def test_run_writes_checkpoint_csv_plot_and_recipe(trained):
     out = trained.out
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.csv", "model",
-                                                     "recipe.yaml"]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == [".se-retrofit-manifest.json", "checkpoint.pt", "curves.png",
+                                                     "metrics.csv", "model", "recipe.yaml"]  # no temporary files,
+    # no lock left
     rows = read_rows(out / "metrics.csv")
     assert tuple(rows[0]) == COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3]
     png = (out / "curves.png").read_bytes()

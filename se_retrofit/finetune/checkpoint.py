@@ -178,7 +178,8 @@ def check_state(state: dict[str, Any], path: Path, recipe: Recipe) -> None:
          "the phase of its epoch"),
         ("model", _tensor_dict, "a state dict of tensors"),
         ("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
-         and isinstance(v.get("param_groups"), list) and all(isinstance(g, dict) for g in v["param_groups"]),
+         and isinstance(v.get("param_groups"), list) and len(v["param_groups"]) > 0
+         and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"]),
          "an optimiser state dict"),
         ("scheduler", lambda v: isinstance(v, dict) and _is_int(v.get("last_epoch")) and v["last_epoch"] >= 0,
          "a scheduler state dict"),

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from rich.console import Console
 
-from .._shell import Parser, run_command
+from .._shell import Parser, path_argument, run_command
 from .distributed import main_process_from_env
 from .recipe import LIMITS, load_recipe
 from .trainer import Options, plan_run, run
@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "DIR/val, or one DIR of class folders split per class (a fixed hash of each path picks "
                     "val_fraction of every class). Phase 1 trains the new attention modules and the head, "
                     "phase 2 the whole network at a lower rate. Under torchrun it runs DistributedDataParallel.")
-    parser.add_argument("recipe", type=Path, help="recipe file (see recipes/)")
-    parser.add_argument("--data", type=Path, help="ImageFolder directory (required unless --export-only)")
-    parser.add_argument("--out", type=Path, help="output directory (default runs/RECIPE_NAME)")
+    parser.add_argument("recipe", type=path_argument, help="recipe file (see recipes/)")
+    parser.add_argument("--data", type=path_argument, help="ImageFolder directory (required unless --export-only)")
+    parser.add_argument("--out", type=path_argument, help="output directory (default runs/RECIPE_NAME)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out after its last finished epoch (same recipe and overrides)")
     parser.add_argument("--overwrite", action="store_true", help="start again where --out already holds a run")

@@ -115,7 +115,7 @@ def plan_run(recipe: Recipe, options: Options) -> Plan:
     """Check the job and decide its data, classes, output directory and starting epoch."""
     ref = resolve(recipe.model)
     if recipe.weights not in ("pretrained", "none"):
-        check_weights_path(Path(recipe.weights), allow_pickle=options.allow_pickle)
+        check_weights_path(recipe.weights, allow_pickle=options.allow_pickle)
     out = Path(options.out) if options.out is not None else Path("runs") / recipe.name
     if options.export_only:
         return _plan_export(recipe, ref, out, options)
