@@ -33,7 +33,11 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class CheckpointError(RetrofitError):
-    """A checkpoint is missing, unreadable, or belongs to another recipe."""
+    """A checkpoint is missing, unreadable, or belongs to another recipe (its message is always one line,
+    whatever values of a damaged file it quotes)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
