@@ -335,3 +335,29 @@ def test_fuzz_mutated_checkpoints_resume_or_fail_in_one_line(stopped_run, worksp
     check()
     print(outcomes)
     assert outcomes["RetrofitError"] > 0 and sum(outcomes.values()) >= 50
+
+
+# --- item 9: --weights none reads no weights from anywhere ---------------------------------------------
+
+@pytest.mark.parametrize("name", ["torchvision:fasterrcnn_resnet50_fpn", "torchvision:resnet18", "resnet18"])
+def test_weights_none_downloads_nothing_for_any_builder_keyword(monkeypatch, name):
+    import urllib.request
+
+    import torch.hub
+
+    from se_retrofit.hub import create, resolve
+
+    def offline(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    model, origin = create(resolve(name), "none")
+    assert origin == "random initialisation (weights: none)" and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_a_model_option_that_would_download_is_refused():
+    from se_retrofit.hub import WeightsError, create, resolve
+
+    with pytest.raises(WeightsError, match="'weights_backbone' would make the library load weights itself"):
+        create(resolve("torchvision:fasterrcnn_resnet50_fpn"), "none", weights_backbone="DEFAULT")
