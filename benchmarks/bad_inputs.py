@@ -48,6 +48,8 @@ class Case:
     pending: str = ""  # fixed on another branch: shown, not counted
     fast: bool = True  # part of the pytest subset
     runs: int = 1  # started at the same moment (the concurrent-save case)
+    env: tuple[tuple[str, str], ...] = ()  # extra environment variables
+    leaves: tuple[str, ...] = ()  # concurrent runs: what the one that succeeds writes (default: a main save)
 
 
 @dataclass
@@ -190,6 +192,53 @@ def images(tmp: Path, corrupt: bool = False) -> None:
         (tmp / "data" / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
 
 
+_STOPPED: dict[str, bytes] = {}
+_STOPPED_LOCK = __import__("threading").Lock()
+
+
+def stopped_run(tmp: Path) -> None:
+    """``run/``: a finetune run stopped after epoch 1 of 2 (made once, copied into each case)."""
+    with _STOPPED_LOCK:
+        if "dir" not in _STOPPED:
+            home = Path(tempfile.mkdtemp(prefix="se-bad-stopped-"))
+            recipe(RECIPE2)(home)
+            images(home)
+            subprocess.run([sys.executable, "-m", "se_retrofit", "finetune", "r.yaml", "--data", "data", "--out",
+                            "run", "--stop-after-epoch", "1", "--no-progress", "--device", "cpu"], cwd=home,
+                           env=environment(), check=True, capture_output=True, timeout=TIMEOUT)
+            _STOPPED["dir"] = str(home)
+    shutil.copytree(_STOPPED["dir"], tmp, dirs_exist_ok=True)
+
+
+def damaged_checkpoint(change: Callable[[dict], None]) -> Setup:
+    def setup(tmp: Path) -> None:
+        torch = _torch()
+        stopped_run(tmp)
+        state = torch.load(tmp / "run" / "checkpoint.pt", weights_only=True)
+        change(state)
+        torch.save(state, tmp / "run" / "checkpoint.pt")
+    return setup
+
+
+def bomb_images(tmp: Path) -> None:
+    from PIL import Image
+
+    images(tmp)
+    for image in sorted((tmp / "data").rglob("*.png")):
+        Image.new("1", (20000, 20000)).save(image)
+
+
+def fifo(name: str) -> Setup:
+    return lambda tmp: os.mkfifo(tmp / name)
+
+
+RECIPE2 = RECIPE + "  - {name: full, trainable: all, epochs: 1, lr: 0.001}\n"
+RUN_FILES = ("run", "run/.se-retrofit-manifest.json", "run/checkpoint.pt", "run/curves.png", "run/metrics.csv",
+             "run/model", "run/recipe.yaml")
+FT = ("finetune", "r.yaml", "--data", "data", "--no-progress", "--device", "cpu")
+FTR = FT + ("--out", "run", "--resume")
+
+
 # --- the cases --------------------------------------------------------------------------------------
 
 def cases() -> list[Case]:
@@ -322,6 +371,62 @@ def cases() -> list[Case]:
         Case("finetune: --device cuda:7 on this machine", ("finetune", "r.yaml", "--data", "data", "--device",
                                                             "cuda:7", "--out", "run"),
              setup=both(recipe(RECIPE), lambda tmp: images(tmp)), contains="cuda"),
+        # issue 18: one run per --out, --overwrite removes only what the tool wrote
+        Case("finetune: two runs on one --out at once", FT + ("--out", "run"), setup=both(recipe(RECIPE), images),
+             runs=2, fast=False, leaves=RUN_FILES),
+        Case("finetune: --overwrite of a user's model/src/train.py", FT + ("--out", "run", "--overwrite"),
+             setup=both(recipe(RECIPE), images, make_dirs("run/model/src"), write_file("run/model/src/train.py",
+                                                                                        b"print(1)")),
+             contains="not written by se-retrofit"),
+        Case("finetune: --overwrite of a user's metrics.csv", FT + ("--out", "run", "--overwrite"),
+             setup=both(recipe(RECIPE), images, make_dirs("run"), write_file("run/metrics.csv", b"a,b")),
+             contains="not written by se-retrofit"),
+        Case("finetune: --overwrite with OUT/model a symlink", FT + ("--out", "run", "--overwrite"),
+             setup=both(recipe(RECIPE), images, make_dirs("run", "elsewhere"),
+                        lambda tmp: (tmp / "run" / "model").symlink_to(tmp / "elsewhere")),
+             contains="not written by se-retrofit"),
+        # issue 18: a damaged checkpoint
+        *[Case(f"finetune --resume: checkpoint with {label}", FTR, setup=damaged_checkpoint(change),
+               contains="checkpoint", fast=False)
+          for label, change in (("no fingerprint", lambda s: s.pop("fingerprint")),
+                                ("run: []", lambda s: s.update(run=[])),
+                                ("a wrong fc.weight shape", lambda s: s["model"].update({"fc.weight": _torch().zeros(3, 7)})),
+                                ("epoch: -5", lambda s: s.update(epoch=-5)),
+                                ("garbage rng", lambda s: s.update(rng=[{"python": "x", "torch": 5}])),
+                                ("metrics: 'abc'", lambda s: s.update(metrics="abc")))],
+        # issue 18: numbers where they enter, names, the environment
+        Case("finetune: --batch-size 1e20", FT + ("--batch-size", "100000000000000000000"),
+             setup=both(recipe(RECIPE), images), contains="--batch-size"),
+        Case("finetune: --seed 1e20", FT + ("--seed", "100000000000000000000"), setup=both(recipe(RECIPE), images),
+             contains="--seed"),
+        Case("finetune: --num-classes 1e20", FT + ("--num-classes", "100000000000000000000"),
+             setup=both(recipe(RECIPE), images), contains="--num-classes"),
+        Case("--dilation 99999999999999999999 (bam)", r18 + ("--attention", "bam", "--dilation",
+                                                             "99999999999999999999"), contains="--dilation"),
+        Case("--divisor 1e20", r18 + ("--divisor", "100000000000000000000"), contains="--divisor"),
+        Case("finetune: a 300-character --out", FT + ("--out", "o" * 300), setup=both(recipe(RECIPE), images),
+             contains="name too long"),
+        Case("finetune: a 300-character recipe name", ("finetune", "r.yaml", "--export-only"),
+             setup=recipe(RECIPE.replace("name: tiny", "name: " + "n" * 300)), contains="name"),
+        Case("finetune: a NUL in the recipe name", ("finetune", "r.yaml", "--export-only"),
+             setup=recipe(RECIPE.replace("name: tiny", 'name: "a\\0b"')), contains="NUL"),
+        Case("finetune: an empty --out", FT + ("--out", ""), setup=both(recipe(RECIPE), images), contains="--out"),
+        Case("finetune: an unknown model_kwargs key", ("finetune", "r.yaml", "--export-only", "--out", "run"),
+             setup=recipe(RECIPE + "model_kwargs: {bogus_option: 1}\n"), contains="bogus_option"),
+        Case("finetune: a duplicate key in the recipe", ("finetune", "r.yaml", "--dry-run", "--data", "data"),
+             setup=both(recipe(RECIPE + "name: other\n"), images), contains="duplicate key"),
+        Case("finetune: a decompression-bomb PNG", FT + ("--out", "run"), setup=both(recipe(RECIPE), bomb_images),
+             contains="too large to decode", fast=False),
+        Case("finetune: RANK=abc", FT + ("--out", "run"), setup=both(recipe(RECIPE), images),
+             env=(("RANK", "abc"),), contains="RANK"),
+        Case("finetune: RANK=1 and a user error", ("finetune", "nowhere.yaml", "--data", "."), env=(("RANK", "1"),),
+             contains="does not exist"),
+        # issue 18: what a weights path really is
+        Case("--weights /dev/zero", ("resnet18", "--weights", "/dev/zero", "--input-size", "3,64,64"),
+             contains="character device"),
+        Case("--weights a FIFO", ("resnet18", "--weights", "pipe.safetensors", "--input-size", "3,64,64"),
+             setup=fifo("pipe.safetensors"), contains="FIFO"),
+        Case("--weights ''", ("resnet18", "--weights", "", "--input-size", "3,64,64"), contains="empty"),
     ]
 
 
@@ -351,7 +456,7 @@ def run_case(case: Case) -> Outcome:
             case.setup(tmp)
         before = snapshot(tmp)
         command = [sys.executable, "-m", "se_retrofit", *case.args]
-        processes = [subprocess.Popen(command, cwd=tmp, env=environment(), stdout=subprocess.PIPE,
+        processes = [subprocess.Popen(command, cwd=tmp, env={**environment(), **dict(case.env)}, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True) for _ in range(case.runs)]
         results = [(p.wait(timeout=TIMEOUT), *p.communicate()) for p in processes]
         after = snapshot(tmp)
@@ -397,8 +502,11 @@ def _check_concurrent(outcome: Outcome, results: list[tuple], before: dict, afte
             outcome.problems.append(f"the refused run printed {len(lines)} lines: {refused[0][:200]!r}")
         outcome.lines = lines
     new = sorted(set(after) - set(before))
-    expected = ["same", "same/attention.safetensors", "same/model.safetensors", "same/retrofit_config.json"]
-    if new != expected:
+    expected = list(outcome.case.leaves) or ["same", "same/attention.safetensors", "same/model.safetensors",
+                                             "same/retrofit_config.json"]
+    stray = [p for p in new if p.endswith(".lock") or p.endswith(".tmp") or ".partial" in p]
+    if (not outcome.case.leaves and new != expected or outcome.case.leaves and not set(expected) <= set(new)
+            or stray):
         outcome.problems.append(f"left {new}, expected the one save {expected}")
 
 

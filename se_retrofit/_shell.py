@@ -19,7 +19,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 from typing import Callable
 
 from .errors import RetrofitError
@@ -39,9 +41,43 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+#: what an OS error while writing means to the user (a full disk is not a bug)
+WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.ENAMETOOLONG: "file name too long",
+                errno.EFBIG: "file too large", errno.EMLINK: "too many links", errno.ELOOP: "too many symbolic links"}
+_NATIVE_TRACE = re.compile(r"^(Exception raised from |frame #\d+|C\+\+ CapturedTraceback)")
+
+
+def path_argument(text: str):
+    """An argparse type for a path: refuses what no file system takes (empty, a NUL character)."""
+    from pathlib import Path
+
+    if not text or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"must be a path (not empty, no NUL character), got {text[:60]!r}")
+    return Path(text)
+
+
 def one_line(text: str) -> str:
-    """``text`` on one line: its lines joined with ' / ' (a message never spreads over lines)."""
-    return " / ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+    """``text`` on one line: its lines joined with ' / ' (a message never spreads over lines), without
+    the C++ stack frames torch appends to some errors."""
+    lines = []
+    for line in str(text).strip().splitlines():
+        if _NATIVE_TRACE.match(line.strip()):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " / ".join(lines)
+
+
+def os_error_message(error: OSError) -> str | None:
+    """One line for an OS error the user can act on (full disk, read-only or forbidden place, name too
+    long), naming the file; None for any other OS error."""
+    reason = WRITE_ERRORS.get(error.errno)
+    if reason is None:
+        return None
+    where = error.filename if error.filename is not None else "a file"
+    return f"cannot write {where}: {reason} ({error.strerror or error})"
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -64,19 +100,29 @@ def run_command(prog: str, body: Callable[[], int], *, interrupted: str = "inter
     except RetrofitError as error:
         _say(speak, f"{prog}: error: {one_line(error)}")
         return EXIT_USER_ERROR
+    except OSError as error:
+        message = os_error_message(error)
+        if message is None:
+            return _internal(prog, error)
+        _say(True, f"{prog}: error: {one_line(message)}")
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         _say(speak, f"{prog}: {interrupted}")
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - a bug, or memory: one line, traceback only on request
-        if os.environ.get(DEBUG_VARIABLE):
-            raise
-        if is_out_of_memory(error):
-            _say(speak, f"{prog}: error: out of memory ({one_line(error)[:160]}); use a smaller --input-size, "
-                        "model or batch")
-            return EXIT_USER_ERROR
-        _say(True, f"{prog}: internal error: {type(error).__name__}: {one_line(error)} "
-                   f"(set {DEBUG_VARIABLE}=1 for the traceback)")
-        return EXIT_INTERNAL
+        return _internal(prog, error, speak)
+
+
+def _internal(prog: str, error: Exception, speak: bool = True) -> int:
+    if os.environ.get(DEBUG_VARIABLE):
+        raise error
+    if is_out_of_memory(error):
+        _say(speak, f"{prog}: error: out of memory ({one_line(error)[:160]}); use a smaller --input-size, "
+                    "model or batch")
+        return EXIT_USER_ERROR
+    _say(True, f"{prog}: internal error: {type(error).__name__}: {one_line(error)} "
+               f"(set {DEBUG_VARIABLE}=1 for the traceback)")
+    return EXIT_INTERNAL
 
 
 def _say(speak: bool, line: str) -> None:

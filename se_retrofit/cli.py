@@ -23,7 +23,7 @@ from rich.table import Table
 from torch import nn
 
 from ._version import __version__
-from ._shell import Parser, UsageError, run_command
+from ._shell import Parser, UsageError, path_argument, run_command
 from .analysis import UNIT_KINDS, default_example_input, never_run_text
 from .attention import create_attention, list_attentions
 from .config import POSITION_HELP, POSITIONS, RetrofitConfig, import_attention_module
@@ -65,15 +65,20 @@ def _units_text(units) -> str:
     return f"{counts} (stages {_stage_text(sorted({u.stage for u in units}))})"
 
 
-def _positive_int(text: str) -> int:
-    if not re.fullmatch(r"\d+", text.strip()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
+def _positive_int(high: int):
+    """A parser of a whole number from 1 to ``high`` (every option has a ceiling: a typo such as 1e20
+    must not reach a constructor)."""
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"\d{1,12}", text.strip()) or not 1 <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be a positive integer up to {high}, got {text[:40]!r}")
+        return int(text)
+    return parse
 
 
 def _stage_list(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts or not all(re.fullmatch(r"\d+", p) and int(p) >= 1 for p in parts):
+    if not parts or not all(re.fullmatch(r"\d{1,4}", p) and 1 <= int(p) <= 1000 for p in
+                                    parts):
         raise argparse.ArgumentTypeError(f"must be comma-separated stage numbers such as 3,4, got {text!r}")
     return sorted({int(p) for p in parts})
 
@@ -87,7 +92,7 @@ def _patterns(text: str) -> list[str]:
 
 def _size(text: str) -> tuple[int, ...]:
     parts = text.split(",")
-    if not all(re.fullmatch(r"\d+", p.strip()) and int(p) > 0 for p in parts):
+    if not all(re.fullmatch(r"\d{1,9}", p.strip()) and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"must be C,H,W (or C,L / C,D,H,W) such as 3,224,224, got {text!r}")
     return tuple(int(p) for p in parts)
 
@@ -105,14 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--position", choices=POSITIONS,
                         help="; ".join(f"{k}: {v}" for k, v in POSITION_HELP.items())
                         + " (default: the attention's own: standard, stage for bam)")
-    parser.add_argument("--r", type=_positive_int, help="reduction ratio r (default: the type's, 16)")
-    parser.add_argument("--divisor", type=_positive_int,
+    parser.add_argument("--r", type=_positive_int(4096), help="reduction ratio r (default: the type's, 16)")
+    parser.add_argument("--divisor", type=_positive_int(4096),
                         help="round hidden widths to a multiple of this (default: timm's; 1: exact C/r)")
     parser.add_argument("--squeeze", choices=("avg", "max", "avg+max"), help="se: how channels are pooled")
     parser.add_argument("--gate", choices=("sigmoid", "hard_sigmoid", "tanh"), help="se, cbam, eca: the gate")
     parser.add_argument("--act", help="se, cbam, bam: hidden activation by timm name (relu, silu, gelu, …)")
-    parser.add_argument("--kernel-size", type=_positive_int, help="cbam: spatial kernel (7); eca: 1-D kernel (adaptive)")
-    parser.add_argument("--dilation", type=_positive_int, help="bam: dilation of the spatial convs (4)")
+    parser.add_argument("--kernel-size", type=_positive_int(255), help="cbam: spatial kernel (7); eca: 1-D kernel (adaptive)")
+    parser.add_argument("--dilation", type=_positive_int(64), help="bam: dilation of the spatial convs (4)")
     parser.add_argument("--mode", choices=("embedded_gaussian", "dot", "gaussian"),
                         help="nonlocal: pairwise function (embedded_gaussian)")
     parser.add_argument("--sub-sample", action=argparse.BooleanOptionalAction,
@@ -122,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kinds of unit to edit, comma-separated: residual (blocks with a residual addition), "
                              "join (branches concatenated: Inception, DenseNet, ShuffleNet), chain (conv → "
                              "activation layers: VGG, MobileNetV1); default: the first of these the model has")
-    parser.add_argument("--every", type=_positive_int,
+    parser.add_argument("--every", type=_positive_int(10000),
                         help="every N-th selected block of each stage, from its first (default: every block)")
     parser.add_argument("--stages", type=_stage_list, help="stages to edit, e.g. 3,4 (default: all)")
     parser.add_argument("--blocks", type=_patterns, help="glob patterns of blocks to edit, e.g. 'layer3.*,layer4.0'")
@@ -138,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow a pickled .pth/.pt weights file (read with weights_only=True); "
                              ".safetensors never needs it")
     parser.add_argument("--input-size", type=_size, help="probe input size C,H,W (default: the model's own)")
-    parser.add_argument("--out", type=Path, help="output directory (default ./MODEL-ATTENTION-POSITION-rR)")
+    parser.add_argument("--out", type=path_argument, help="output directory (default ./MODEL-ATTENTION-POSITION-rR)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--format", choices=tuple(EXPORT_FORMATS), default="safetensors",
                         help="also write the model in this format inside the output directory, checked against "
@@ -196,7 +201,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             raise SaveError(f"output directory {out_dir} already exists; pass --overwrite or choose --out")
         check_target(out_dir, args.overwrite)
     if args.weights not in ("pretrained", "none"):
-        check_weights_path(Path(args.weights), allow_pickle=args.allow_pickle)
+        check_weights_path(args.weights, allow_pickle=args.allow_pickle)
     if args.input_size is not None:
         _check_input_memory(args.input_size)
     with warnings.catch_warnings(record=True) as caught:

@@ -7,12 +7,15 @@ clear warning. Every model comes back with a sentence saying where its weights c
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
+import re
 import socket
 import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -155,7 +158,7 @@ def loading_kwargs(create_kwargs: dict) -> list[str]:
     """The options in ``create_kwargs`` that would load weights: any of :data:`WEIGHT_LOADING_KWARGS`
     with a value other than None or False (``weights_backbone: null`` turns a download off), and
     ``pretrained`` / ``weights`` always (se_retrofit sets those from ``weights``)."""
-    return [key for key in WEIGHT_LOADING_KWARGS if key in create_kwargs
+    return [key for key in create_kwargs if (key in WEIGHT_LOADING_KWARGS or _WEIGHT_PARAMETER.match(str(key)))
             and (key in ("pretrained", "weights") or create_kwargs[key] not in (None, False))]
 
 
@@ -171,14 +174,74 @@ def _check_create_kwargs(create_kwargs: dict) -> None:
 
 
 def _build(ref: ModelRef, pretrained: bool, create_kwargs: dict | None = None) -> nn.Module:
-    kwargs = create_kwargs or {}
+    kwargs = dict(create_kwargs or {})
+    if not pretrained:  # "none" means no weights from anywhere: the backbone's too
+        quiet = {k: v for k, v in no_weight_kwargs(_builder(ref)).items() if k not in ("pretrained", "weights")}
+        kwargs = {**quiet, **kwargs}
+    try:
+        if ref.source == "timm":
+            import timm
+
+            return timm.create_model(ref.name, pretrained=pretrained, **kwargs)
+        import torchvision
+
+        return torchvision.models.get_model(ref.name, weights="DEFAULT" if pretrained else None, **kwargs)
+    except TypeError as error:
+        unknown = re.search(r"unexpected keyword argument '([^']+)'", str(error))
+        if not unknown:
+            raise
+        raise WeightsError(f"model option {unknown.group(1)!r} is not accepted by {ref}; it accepts "
+                           f"{', '.join(accepted_kwargs(ref)) or 'no options'}") from None
+
+
+def _builder(ref: ModelRef) -> Callable[..., nn.Module]:
     if ref.source == "timm":
         import timm
 
-        return timm.create_model(ref.name, pretrained=pretrained, **kwargs)
+        return timm.models.model_entrypoint(ref.name)
     import torchvision
 
-    return torchvision.models.get_model(ref.name, weights="DEFAULT" if pretrained else None, **kwargs)
+    return torchvision.models.get_model_builder(ref.name)
+
+
+_WEIGHT_PARAMETER = re.compile(r"^(weights.*|.*_weights|pretrained.*)$")
+
+
+def no_weight_kwargs(builder: Callable[..., nn.Module]) -> dict[str, Any]:
+    """Keyword arguments that keep ``builder`` from reading weights: every parameter named ``weights*``,
+    ``*_weights`` (None) or ``pretrained*`` (False), found from its signature (torchvision's
+    ``weights_backbone`` of the detectors, ``pretrained_backbone`` of older builders, …).
+
+    Example:
+        >>> import torchvision
+        >>> no_weight_kwargs(torchvision.models.detection.fasterrcnn_resnet50_fpn)
+        {'weights': None, 'weights_backbone': None}
+    """
+    try:
+        parameters = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: (False if p.name.startswith("pretrained") else None) for p in parameters
+            if _WEIGHT_PARAMETER.match(p.name) and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def accepted_kwargs(ref: ModelRef) -> list[str]:
+    """The constructor options ``ref`` accepts: its builder's and (behind ``**kwargs``) its class's."""
+    names: list[str] = []
+    targets: list[Any] = [_builder(ref)]
+    try:
+        with torch.device("meta"):
+            targets.append(type(_builder(ref)(**no_weight_kwargs(_builder(ref)))).__init__)
+    except Exception:  # noqa: BLE001 - only a hint for the message
+        pass
+    for target in targets:
+        try:
+            parameters = inspect.signature(target).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        names += [p.name for p in parameters if p.name != "self" and p.name not in names
+                  and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and not _WEIGHT_PARAMETER.match(p.name)]
+    return names
 
 
 def _pretrained(ref: ModelRef, create_kwargs: dict) -> tuple[nn.Module, str]:
@@ -295,6 +358,9 @@ def read_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
 
 def check_weights_path(path: Path, *, allow_pickle: bool = False) -> None:
     """Raise :class:`WeightsError` unless ``path`` is a weights file :func:`read_state_dict` may read."""
+    if not str(path) or "\x00" in str(path):
+        raise WeightsError(f"weights path {str(path)!r} is empty or holds a NUL character (use pretrained, none or "
+                           "a file path)")
     path = Path(path)
     if path.is_dir():
         if (path / "retrofit_config.json").is_file():
@@ -306,10 +372,27 @@ def check_weights_path(path: Path, *, allow_pickle: bool = False) -> None:
         hint = f" such as {path / inside[0]}" if inside else " (a .safetensors state dict of the model)"
         raise WeightsError(f"weights path {path} is a directory; pass the weights file inside it{hint}")
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist (use pretrained, none or a file path)")
+        raise WeightsError(f"weights file {path} {_not_a_file(path)} (use pretrained, none or a file path)")
     if path.suffix != ".safetensors" and not allow_pickle:
         raise WeightsError(f"weights file {path} is not .safetensors; pickled torch files are read only when "
                            "you allow it (--allow-pickle, or allow_pickle=True; loaded with weights_only=True)")
+
+
+def _not_a_file(path: Path) -> str:
+    """What ``path`` is, when it is not a regular file: 'does not exist', 'is a FIFO', …"""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if os.path.lexists(path):
+            return f"cannot be read ({error.strerror or error}{', a symbolic link' if path.is_symlink() else ''})"
+        return "does not exist"
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"is {kind}, not a regular file"
+    return "is not a regular file"
 
 
 def first_sentence(error: BaseException, limit: int = 160) -> str:

@@ -99,8 +99,8 @@ def _mismatched(tmp_path):
 
 ERRORS = [
     (["resnet5O"], "unknown model 'resnet5O' in timm or torchvision; did you mean resnet50"),
-    (["resnet18", "--r", "0"], "argument --r: must be a positive integer, got '0'"),
-    (["resnet18", "--r", "abc"], "argument --r: must be a positive integer, got 'abc'"),
+    (["resnet18", "--r", "0"], "argument --r: must be a positive integer up to 4096, got '0'"),
+    (["resnet18", "--r", "abc"], "argument --r: must be a positive integer up to 4096, got 'abc'"),
     (["resnet18", "--weights", "none", "--stages", "7"], "stage(s) 7 out of range: this model's residual "
                                                          "blocks are in stages 1-4"),
     (["resnet18", "--position", "middle"], "argument --position: invalid choice: 'middle'"),

@@ -76,8 +76,9 @@ def test_loss_falls_and_accuracy_rises_above_chance(trained):
 
 def test_run_writes_checkpoint_csv_plot_and_recipe(trained):
     out = trained.out
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.csv", "model",
-                                                     "recipe.yaml"]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == [".se-retrofit-manifest.json", "checkpoint.pt", "curves.png",
+                                                     "metrics.csv", "model", "recipe.yaml"]  # no temporary files,
+    # no lock left
     rows = read_rows(out / "metrics.csv")
     assert tuple(rows[0]) == COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3]
     png = (out / "curves.png").read_bytes()
@@ -220,7 +221,7 @@ BAD_RECIPES = {
     "unknown key": ("name: x\nmodel: resnet18\nretrofit: {}\nphases: [{name: a, epochs: 1, lrr: 0.1}]\n",
                     "unknown key 'phases[0].lrr'; did you mean 'lr'?"),
     "bad value": ("name: x\nmodel: resnet18\nretrofit: {}\nphases: [{name: a, epochs: two, lr: 0.1}]\n",
-                  "phases[0].epochs must be a positive integer, got 'two'"),
+                  "phases[0].epochs must be a whole number from 1 to 100000, got 'two'"),
     "missing key": ("name: x\nmodel: resnet18\nretrofit: {}\n", "missing key 'phases'"),
     "r alias": ("name: x\nmodel: resnet18\nretrofit: {r: 8}\nphases: [{name: a, epochs: 1, lr: 0.1}]\n",
                 "unknown key 'retrofit.r'; did you mean 'reduction'?"),
@@ -348,8 +349,8 @@ def test_a_corrupt_image_is_one_line_and_leaves_nothing(workers, tmp_path, capsy
     broken.unlink()
     code, stdout, err = cli(capsys, *args)  # the retry is not refused
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.csv", "model",
-                                                     "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [".se-retrofit-manifest.json", "checkpoint.pt", "curves.png",
+                                                     "metrics.csv", "model", "recipe.yaml"]
 
 
 def test_checkpoint_path_in_model_kwargs_never_reaches_torch_load(tmp_path, monkeypatch):

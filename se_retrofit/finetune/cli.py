@@ -16,23 +16,28 @@ from typing import Sequence
 
 from rich.console import Console
 
-from .._shell import Parser, run_command
+from .._shell import Parser, path_argument, run_command
 from .distributed import main_process_from_env
-from .recipe import load_recipe
+from .recipe import LIMITS, load_recipe
 from .trainer import Options, plan_run, run
 
 
-def _int_at_least(low: int):
+def _int_in(low: int, high: int):
     def parse(text: str) -> int:
-        if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        if not re.fullmatch(r"\s*\d{1,12}\s*", text) or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text[:40]!r}")
         return int(text)
     return parse
 
 
+def _limited(key: str):
+    return _int_in(*LIMITS[key])
+
+
 def _epochs(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",")]
-    if not all(re.fullmatch(r"\d+", p) and int(p) >= 1 for p in parts):
+    low, high = LIMITS["epochs"]
+    if not all(re.fullmatch(r"\d{1,12}", p) and low <= int(p) <= high for p in parts):
         raise argparse.ArgumentTypeError(f"must be a total such as 10, or one count per phase such as 2,8; "
                                          f"got {text!r}")
     return [int(p) for p in parts]
@@ -55,27 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "DIR/val, or one DIR of class folders split per class (a fixed hash of each path picks "
                     "val_fraction of every class). Phase 1 trains the new attention modules and the head, "
                     "phase 2 the whole network at a lower rate. Under torchrun it runs DistributedDataParallel.")
-    parser.add_argument("recipe", type=Path, help="recipe file (see recipes/)")
-    parser.add_argument("--data", type=Path, help="ImageFolder directory (required unless --export-only)")
-    parser.add_argument("--out", type=Path, help="output directory (default runs/RECIPE_NAME)")
+    parser.add_argument("recipe", type=path_argument, help="recipe file (see recipes/)")
+    parser.add_argument("--data", type=path_argument, help="ImageFolder directory (required unless --export-only)")
+    parser.add_argument("--out", type=path_argument, help="output directory (default runs/RECIPE_NAME)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out after its last finished epoch (same recipe and overrides)")
     parser.add_argument("--overwrite", action="store_true", help="start again where --out already holds a run")
     parser.add_argument("--epochs", type=_epochs,
                         help="total epochs shared out in proportion to the recipe's phases, or one per phase (2,8)")
-    parser.add_argument("--batch-size", type=_int_at_least(1), help="batch size per process")
+    parser.add_argument("--batch-size", type=_limited("batch_size"), help="batch size per process")
     parser.add_argument("--lr", type=_positive_float,
                         help="the first phase's learning rate; later phases keep their ratio to it")
     parser.add_argument("--weights", help="pretrained (random with a warning when offline), none, or PATH "
                                           "of a state dict of the library's model (.safetensors)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow a pickled .pth/.pt weights file")
-    parser.add_argument("--num-classes", type=_int_at_least(2), help="outputs of the head (default: class folders)")
-    parser.add_argument("--workers", type=_int_at_least(0), help="data loading processes per training process")
+    parser.add_argument("--num-classes", type=_limited("num_classes"), help="outputs of the head (default: class folders)")
+    parser.add_argument("--workers", type=_limited("workers"), help="data loading processes per training process")
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N")
-    parser.add_argument("--image-size", type=_int_at_least(8), help="train and evaluate at this size (default: "
+    parser.add_argument("--image-size", type=_limited("image_size"), help="train and evaluate at this size (default: "
                                                                      "the recipe's, else the model's)")
-    parser.add_argument("--seed", type=_int_at_least(0), help="random seed (default: the recipe's)")
-    parser.add_argument("--stop-after-epoch", type=_int_at_least(1), metavar="K",
+    parser.add_argument("--seed", type=_limited("seed"), help="random seed (default: the recipe's)")
+    parser.add_argument("--stop-after-epoch", type=_limited("epochs"), metavar="K",
                         help="stop after epoch K as if interrupted (the run continues with --resume)")
     parser.add_argument("--export-only", action="store_true",
                         help="retrofit the recipe's model and save it to OUT/model; no data, no training")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -137,8 +138,15 @@ class ImageList(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
+        from PIL import Image
+
         try:
-            image = default_loader(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is an error, not a warning
+                image = default_loader(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise DataError(f"cannot read image {path}: it is too large to decode safely ({_first_line(error)}); "
+                            "remove or shrink the file") from None
         except (OSError, ValueError, SyntaxError) as error:  # PIL: unidentified, truncated or broken files
             raise DataError(f"cannot read image {path}: {type(error).__name__}: {_first_line(error)}; remove or "
                             "replace the file") from None

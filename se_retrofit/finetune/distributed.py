@@ -48,14 +48,39 @@ class Context:
     def from_env(cls, env: Mapping[str, str] | None = None, device: str = "auto") -> "Context":
         """Read torchrun's variables (none: one process) and pick the device (``auto``: this
         process's GPU when CUDA is there, else the CPU)."""
-        env = os.environ if env is None else env
-        rank, world, local = (int(env.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+        rank, world, local = ranks_from_env(env)
         return cls(rank, world, local, pick_device(device, local))
 
 
+def ranks_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """``(RANK, WORLD_SIZE, LOCAL_RANK)`` as torchrun sets them (0, 1, 0 when unset); a value that is not
+    a whole number in range is a :class:`RetrofitError` naming the variable.
+
+    Example:
+        >>> ranks_from_env({"RANK": "1", "WORLD_SIZE": "2"})
+        (1, 2, 0)
+    """
+    env = os.environ if env is None else env
+    values = {}
+    for key, default, low in (("RANK", 0, 0), ("WORLD_SIZE", 1, 1), ("LOCAL_RANK", 0, 0)):
+        text = env.get(key, "").strip() or str(default)
+        if not text.isdigit() or not low <= int(text) < 65536:
+            raise RetrofitError(f"environment variable {key}={env.get(key)!r} is not a whole number from {low} to "
+                                "65535 (torchrun sets it; unset it to run one process)")
+        values[key] = int(text)
+    if values["RANK"] >= values["WORLD_SIZE"]:
+        raise RetrofitError(f"environment variable RANK={values['RANK']} is not below WORLD_SIZE="
+                            f"{values['WORLD_SIZE']} (torchrun sets both; unset them to run one process)")
+    return values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+
+
 def main_process_from_env() -> bool:
-    """Whether this is rank 0 (true outside torchrun); readable before anything is set up."""
-    return os.environ.get("RANK", "0") == "0"
+    """Whether this process reports errors: rank 0 of a valid torchrun group, or any process whose
+    RANK / WORLD_SIZE are unset or invalid (then it is the only one to say so)."""
+    try:
+        return ranks_from_env()[0] == 0
+    except RetrofitError:
+        return True
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:

@@ -71,14 +71,27 @@ _string = _accepting(lambda v: isinstance(v, str), "a string")
 _boolean = _accepting(lambda v: isinstance(v, bool), "true or false")
 _positive_int = _accepting(lambda v: _is_int(v) and v >= 1, "a positive integer")
 _count = _accepting(lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+
+
+def _int_in(low: int, high: int) -> Callable[[Any, str], Any]:
+    """A check for a whole number in [low, high] (every count has a sane ceiling: 1e20 is a typo)."""
+    return _accepting(lambda v: _is_int(v) and low <= v <= high, f"a whole number from {low} to {high}")
+
+
+#: ceilings of the recipe's counts, shared with the command line's options
+LIMITS = {"epochs": (1, 100_000), "batch_size": (1, 65_536), "workers": (0, 256), "seed": (0, 2 ** 32 - 1),
+          "image_size": (8, 16_384), "num_classes": (2, 1_000_000)}
+NAME_BYTES = 200  # a directory name (runs/NAME) with room for what is put beside it
 _mapping = _accepting(lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
                       "a mapping of names to values")
 
 
 def _name(value: Any, where: str) -> str:
     value = _text(value, where)
-    if any(c in value for c in "/\\") or value.startswith("."):
-        raise _fail(where, "a name usable as a directory name (no '/', not starting with '.')", value)
+    if (any(c in value for c in "/\\") or value.startswith(".") or any(ord(c) < 32 or c == "\x7f" for c in value)
+            or len(value.encode("utf-8", "surrogatepass")) > NAME_BYTES):
+        raise _fail(where, f"a name usable as a directory name (no '/', no control characters such as NUL, not "
+                           f"starting with '.', at most {NAME_BYTES} bytes)", value[:80])
     return value
 
 
@@ -165,7 +178,7 @@ class Phase:
     """
 
     name: str = _check(_name, help="a name for the phase, such as new-modules or full")
-    epochs: int = _check(_positive_int, help="how many epochs the phase lasts")
+    epochs: int = _check(_int_in(*LIMITS["epochs"]), help="how many epochs the phase lasts")
     lr: float = _check(_number(0.0, low_open=True), help="the phase's base learning rate")
     trainable: str = _check(_choice(TRAINABLE), default="all")
     new_lr_scale: float = _check(_number(0.0, low_open=True), default=1.0)
@@ -178,7 +191,7 @@ class Phase:
 class DataSpec:
     """Images and their augmentation. ``image_size`` None: the model's own (timm data config)."""
 
-    image_size: int | None = _check(_optional(_positive_int), default=None)
+    image_size: int | None = _check(_optional(_int_in(*LIMITS["image_size"])), default=None)
     val_fraction: float = _check(_number(0.0, 1.0, low_open=True, high_open=True), default=0.2)
     scale: tuple[float, float] = _check(_scale_range, default=(0.08, 1.0))
     hflip: float = _check(_number(0.0, 1.0), default=0.5)
@@ -189,15 +202,15 @@ class DataSpec:
 class TrainSpec:
     """Optimiser and loop settings shared by the phases. ``batch_size`` is per process."""
 
-    batch_size: int = _check(_positive_int, default=64)
+    batch_size: int = _check(_int_in(*LIMITS["batch_size"]), default=64)
     optimizer: str = _check(_choice(OPTIMIZERS), default="sgd")
     momentum: float = _check(_number(0.0, 1.0, high_open=True), default=0.9)
     weight_decay: float = _check(_number(0.0), default=1e-4)
     label_smoothing: float = _check(_number(0.0, 1.0, high_open=True), default=0.1)
     amp: bool = _check(_boolean, default=True)
     channels_last: bool = _check(_boolean, default=True)
-    workers: int = _check(_count, default=4)
-    seed: int = _check(_count, default=0)
+    workers: int = _check(_int_in(*LIMITS["workers"]), default=4)
+    seed: int = _check(_int_in(*LIMITS["seed"]), default=0)
 
 
 def _retrofit(value: Any, where: str) -> RetrofitConfig:
@@ -300,7 +313,7 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "") -> "Recipe":
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as error:
             where = getattr(error, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -345,7 +358,8 @@ class Recipe:
         train = replace(self.train, **{k: v for k, v in (("batch_size", batch_size), ("seed", seed),
                                                           ("workers", workers)) if v is not None})
         data = replace(self.data, image_size=image_size) if image_size is not None else self.data
-        return replace(self, phases=tuple(phases), train=train, data=data, weights=weights or self.weights)
+        changed = replace(self, phases=tuple(phases), train=train, data=data, weights=weights or self.weights)
+        return changed if changed == self else Recipe.from_dict(changed.to_dict(), source="the recipe with overrides")
 
 
 def split_epochs(epochs: list[int], phases: list[Phase]) -> list[int]:
@@ -364,6 +378,24 @@ def split_epochs(epochs: list[int], phases: list[Phase]) -> list[int]:
         order = sorted((i for i in range(len(out)) if step > 0 or out[i] > 1), key=lambda i: out[i] - shares[i])
         out[order[0] if step > 0 else order[-1]] += step
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import shutil
 import time
@@ -41,9 +42,9 @@ from ..hub import ModelRef, OfflineWarning, check_weights_path, create, resolve
 from ..io import save
 from ..tracing import training_mode
 from ..training import freeze_backbone, head_module_names, param_groups, unfreeze
-from . import distributed
-from .checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, make_state, rng_state, save_checkpoint, \
-    set_rng_state
+from . import distributed, outdir
+from .checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, make_state, restoring, rng_state, \
+    save_checkpoint, set_rng_state
 from .data import (DataError, Splits, build_loaders, build_transforms, channels_last_input, data_config, find_splits,
                    worker_error_message)
 from .plot import plot_curves, write_csv
@@ -114,7 +115,7 @@ def plan_run(recipe: Recipe, options: Options) -> Plan:
     """Check the job and decide its data, classes, output directory and starting epoch."""
     ref = resolve(recipe.model)
     if recipe.weights not in ("pretrained", "none"):
-        check_weights_path(Path(recipe.weights), allow_pickle=options.allow_pickle)
+        check_weights_path(recipe.weights, allow_pickle=options.allow_pickle)
     out = Path(options.out) if options.out is not None else Path("runs") / recipe.name
     if options.export_only:
         return _plan_export(recipe, ref, out, options)
@@ -146,18 +147,22 @@ def _plan_export(recipe: Recipe, ref: ModelRef, out: Path, options: Options) -> 
     if recipe.task != "classification" and options.num_classes:
         raise FinetuneError(f"--num-classes applies to classification recipes; {recipe.name!r} is a "
                             f"{recipe.task} recipe (set model_kwargs in the recipe instead)")
-    if (out / "model").exists() and not options.overwrite:
-        raise FinetuneError(f"{out / 'model'} already exists; pass --overwrite or choose another --out")
+    if os.path.lexists(out / "model"):
+        if not options.overwrite:
+            raise FinetuneError(f"{out / 'model'} already exists; pass --overwrite or choose another --out")
+        outdir.check_replaceable(out, ["model"])
     return Plan(recipe, ref, out, None, options.num_classes)
 
 
 def _check_out_free(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"output path {out} exists and is not a directory")
-    used = [name for name in RUN_FILES if (out / name).exists()]
-    if used and not overwrite:
+    used = [name for name in RUN_FILES if os.path.lexists(out / name)]
+    if used and not overwrite and not outdir.unfinished(out, RUN_FILES, CHECKPOINT_FILE):
         raise FinetuneError(f"{out} already holds a run ({', '.join(used)}); pass --resume to continue it, "
                             "--overwrite to start again, or choose another --out")
+    if used:
+        outdir.check_replaceable(out, used)
 
 
 # --- building the model ---------------------------------------------------------------------------
@@ -372,6 +377,22 @@ def run(recipe: Recipe | str | Path, data: str | Path | None = None, *, out: str
     context = distributed.Context.from_env(device=opts.device)
     plan = plan_run(recipe, opts)
     reporter = reporter or Reporter(enabled=context.is_main, progress=opts.progress)
+    if not context.is_main:
+        return _run_plan(plan, opts, context, reporter)
+    existing = _nearest_existing(plan.out)
+    try:
+        with outdir.hold(plan.out):  # the whole run; a second run on this --out is refused here
+            if not opts.resume and not opts.export_only:
+                _check_out_free(plan.out, opts.overwrite)  # again, now that no other run can change it
+            return _run_plan(plan, opts, context, reporter)
+    except BaseException:
+        if not any(os.path.lexists(plan.out / name) for name in RUN_FILES):
+            (plan.out / outdir.MANIFEST_FILE).unlink(missing_ok=True)
+        _remove_empty_parents(plan.out, existing)
+        raise
+
+
+def _run_plan(plan: Plan, opts: Options, context: distributed.Context, reporter: Reporter) -> Result:
     if opts.export_only:
         return export(plan, opts, reporter)
     distributed.start(context)
@@ -398,7 +419,8 @@ def export(plan: Plan, options: Options, reporter: Reporter) -> Result:
         raise FinetuneError(f"identity check failed: max |Δ| = {check.max_abs_diff:.3g} (relative "
                             f"{check.max_rel_diff:.3g}) on {check.statistics}: {plan.recipe.retrofit.attention!r} at "
                             f"{plan.recipe.retrofit.position!r} does not start at identity; nothing was written")
-    final = save(model, plan.out / "model", overwrite=options.overwrite)  # makes plan.out; removes it on failure
+    outdir.record(plan.out, ["model"])
+    final = save(model, plan.out / "model", overwrite=options.overwrite)
     reporter.exported(plan, origin, model, check.max_abs_diff, final, statistics=check.statistics)
     return Result(model.eval(), [], plan.out, final, files={"model": final})
 
@@ -424,7 +446,8 @@ def _start_session(plan: Plan, options: Options, context: distributed.Context, r
     if resumed:
         origin = resumed["run"]["weights"]
         getattr(model, RECORD_ATTR).base["weights"] = origin
-        model.load_state_dict(resumed["model"])
+        with restoring(plan.out, "model weights"):
+            model.load_state_dict(resumed["model"])
     reporter.warnings(shown)
     model.to(context.device)
     if spec.channels_last:
@@ -434,11 +457,12 @@ def _start_session(plan: Plan, options: Options, context: distributed.Context, r
                             world_size=context.world_size, pin_memory=context.device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if spec.amp and context.device.type == "cuda" else None
     if resumed and scaler is not None and resumed.get("scaler"):
-        scaler.load_state_dict(resumed["scaler"])
+        with restoring(plan.out, "gradient scaler"):
+            scaler.load_state_dict(resumed["scaler"])
     run_info = {**plan.run_info, "weights": origin, "image_size": config["input_size"][-1],
                 "world_size": context.world_size}
     files = _prepare_out(plan, options, context)
-    _seed_process(spec.seed, context, resumed)
+    _seed_process(spec.seed, context, resumed, plan.out)
     reporter.start(plan, origin, model, context, run_info)
     return _Session(model, loaders, nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing), scaler, run_info,
                     files, list(resumed["metrics"]) if resumed else [])
@@ -447,12 +471,11 @@ def _start_session(plan: Plan, options: Options, context: distributed.Context, r
 def _train(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> Result:
     """:func:`_epochs`; a run that fails before its first checkpoint (nothing to resume) leaves no files:
     a ``recipe.yaml`` alone would make every retry refuse the directory."""
-    existing = _nearest_existing(plan.out)
     try:
         return _epochs(plan, options, context, reporter)
     except BaseException:
         if context.is_main and plan.checkpoint is None and not (plan.out / CHECKPOINT_FILE).exists():
-            _remove_run(plan.out, existing)
+            _remove_run(plan.out)
         raise
 
 
@@ -463,14 +486,22 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _remove_run(out: Path, existing: Path) -> None:
-    """Remove the run files in ``out``, and the directories down to ``existing`` the run created."""
-    for name in RUN_FILES:
+def _remove_run(out: Path) -> None:
+    """Remove the run files in ``out`` that its manifest names, and the manifest (the caller removes the
+    directories the run created once the lock is gone)."""
+    owned = outdir.read_manifest(out)
+    for name in RUN_FILES + (outdir.MANIFEST_FILE,):
         path = out / name
+        if name not in owned and name != outdir.MANIFEST_FILE:
+            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         elif path.exists() or path.is_symlink():
             path.unlink(missing_ok=True)
+
+
+def _remove_empty_parents(out: Path, existing: Path) -> None:
+    """Remove ``out`` and its parents down to ``existing`` where they are empty (a run created them)."""
     directory = out.absolute()
     while directory != existing and existing in directory.parents:
         try:
@@ -492,8 +523,9 @@ def _epochs(plan: Plan, options: Options, context: distributed.Context, reporter
                 ddp, optimizer, scheduler = start_phase(session.model, current, recipe, len(session.loaders[0]),
                                                         context)
                 if resumed and resumed["phase"] == current and resumed["epoch"] == epoch - 1:  # mid-phase
-                    optimizer.load_state_dict(resumed["optimizer"])
-                    scheduler.load_state_dict(resumed["scheduler"])
+                    with restoring(plan.out, "optimiser and schedule"):
+                        optimizer.load_state_dict(resumed["optimizer"])
+                        scheduler.load_state_dict(resumed["scheduler"])
             session.metrics.append(_epoch(epoch, ddp, optimizer, scheduler, session, context, plan, reporter))
             _write_epoch(plan, session, context, epoch=epoch, phase=current, optimizer=optimizer,
                          scheduler=scheduler)
@@ -547,19 +579,19 @@ def _prepare_out(plan: Plan, options: Options, context: distributed.Context) -> 
              "curves": plan.out / "curves.png", "recipe": plan.out / "recipe.yaml"}
     if context.is_main:
         plan.out.mkdir(parents=True, exist_ok=True)
-        if options.overwrite and not options.resume:
-            for name in RUN_FILES:
-                path = plan.out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if not options.resume:  # --overwrite, or a killed run's leftovers: only what this tool wrote
+            outdir.remove(outdir.check_replaceable(plan.out, RUN_FILES))
+        outdir.record(plan.out, RUN_FILES)
         atomic_write(files["recipe"], lambda f: f.write(plan.recipe.to_yaml().encode()))
     return files
 
 
-def _seed_process(seed: int, context: distributed.Context, resumed: dict[str, Any] | None) -> None:
+def _seed_process(seed: int, context: distributed.Context, resumed: dict[str, Any] | None, out: Path) -> None:
     """Random state for augmentation and dropout: per process; restored from the checkpoint on resume."""
     states = resumed["rng"] if resumed else None
     if states and len(states) == context.world_size:
-        set_rng_state(states[context.rank])
+        with restoring(out, "random states"):
+            set_rng_state(states[context.rank])
         return
     torch.manual_seed(seed + 1000 * context.rank + (resumed["epoch"] if resumed else 0))
     random.seed(seed + 1000 * context.rank)
