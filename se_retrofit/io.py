@@ -31,6 +31,7 @@ model: merge or unload the adapter first), or an unedited model.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ctypes
 import errno
 import json
@@ -252,8 +253,8 @@ def check_target(path: str | os.PathLike, overwrite: bool) -> None:
         if not overwrite:
             raise SaveError(f"{path} already exists; choose another directory or pass overwrite=True")
         if path.is_symlink() or not path.is_dir():
-            raise SaveError(f"{path} is a file, not a saved model directory; refusing to replace it (remove it "
-                            "yourself or choose another directory)")
+            raise SaveError(f"{path} {_what_is_there(path)}, not a saved model directory; refusing to replace it "
+                            "(remove it yourself or choose another directory)")
         if not _replaceable(path):
             raise SaveError(f"{path} is a directory that is not a saved se_retrofit model (no {CONFIG_FILE}); "
                             "refusing to replace it (remove it yourself or choose another directory)")
@@ -264,6 +265,28 @@ def check_target(path: str | os.PathLike, overwrite: bool) -> None:
         raise SaveError(f"cannot save to {path}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise SaveError(f"cannot save to {path}: {ancestor} is not writable")
+
+
+def _what_is_there(path: Path) -> str:
+    """'is a file', 'is a symbolic link (to …)', 'is a symbolic link in a loop', …, for messages."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:
+            return "is a symbolic link in a loop"
+        except OSError:
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        return f"is a symbolic link to {os.readlink(path)}"
+    return "is a file" if path.is_file() else "is not a regular directory (a FIFO, socket or device)"
+
+
+def _staging_prefix(path: Path) -> str:
+    """The start of a staging directory's name next to ``path``: ``.NAME.se-retrofit-PID-``; a long
+    NAME is cut and given a digest of itself, so a valid name never makes an invalid staging name."""
+    name = path.name
+    if len(name.encode()) > 120:
+        name = name.encode()[:80].decode(errors="ignore") + "~" + hashlib.sha256(path.name.encode()).hexdigest()[:16]
+    return f".{name}.{STAGING_TAG}-{os.getpid()}-"
 
 
 def _replaceable(path: Path) -> bool:
@@ -285,8 +308,7 @@ def staging_dir(path: Path, overwrite: bool) -> Iterator[Path]:
     staging = None
     try:
         remove_stale_staging(path.parent)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{STAGING_TAG}-{os.getpid()}-", suffix=".partial",
-                                        dir=path.parent))
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=".partial", dir=path.parent))
         yield staging
     except OSError as error:
         raise SaveError(f"cannot save to {path}: {error.strerror or error}") from None
@@ -340,7 +362,7 @@ def remove_stale_staging(parent: Path) -> list[Path]:
     for entry in entries:
         match = _STAGING_NAME.fullmatch(entry.name)
         if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(2))):
-            previous, place = entry / "previous", Path(parent) / match.group(1)
+            previous, place = entry / "previous", Path(parent) / _recorded_place(entry, match.group(1))
             if match.group(3) == "old" and previous.is_dir() and not os.path.lexists(place):
                 try:
                     _rename_noreplace(previous, place)
@@ -349,6 +371,15 @@ def remove_stale_staging(parent: Path) -> list[Path]:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
+
+
+def _recorded_place(old: Path, name: str) -> str:
+    """The name a moved-aside save had: recorded in the ``.old`` directory (its own name may be cut)."""
+    try:
+        recorded = (old / "place").read_text()
+    except (OSError, UnicodeDecodeError):
+        return name
+    return recorded if recorded and "/" not in recorded and recorded not in (".", "..") else name
 
 
 _STAGING_NAME = re.compile(rf"\.(.*)\.{STAGING_TAG}-(\d+)-[^.]*\.(partial|old)")
@@ -374,8 +405,9 @@ def _replace_dir(staging: Path, path: Path, overwrite: bool = True) -> None:
         _rename_noreplace(staging, path)
         return
     check_target(path, overwrite=True)
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{STAGING_TAG}-{os.getpid()}-", suffix=".old", dir=path.parent))
+    old = Path(tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=".old", dir=path.parent))
     try:
+        (old / "place").write_text(path.name)  # where a killed overwrite's previous save goes back
         os.replace(path, old / "previous")
         try:
             _rename_noreplace(staging, path)

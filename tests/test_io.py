@@ -282,3 +282,34 @@ def test_a_previous_save_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path,
     se_retrofit.save(edited, tmp_path / "other")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
     assert (tmp_path / "out" / "retrofit_config.json").is_file()
+
+
+def test_a_long_valid_name_saves_and_overwrites(tmp_path, edited):
+    """A 250-byte name is valid on Linux: the staging directory's own name must not push it past 255."""
+    target = tmp_path / ("m" * 250)
+    se_retrofit.save(edited, target)
+    se_retrofit.save(edited, target, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    x = small_input()
+    assert torch.equal(se_retrofit.load(target).eval()(x), edited.eval()(x))
+
+
+def test_a_killed_overwrite_of_a_long_name_puts_the_previous_save_back(tmp_path, edited):
+    target = tmp_path / ("m" * 250)
+    se_retrofit.save(edited, target)
+    old = tmp_path / (se_io._staging_prefix(target).replace(str(se_io.os.getpid()), "999999999") + "x.old")
+    old.mkdir()
+    (old / "place").write_text(target.name)
+    target.rename(old / "previous")
+    se_io.remove_stale_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_symbolic_link_is_named_for_what_it_is(tmp_path, edited, kind):
+    link = tmp_path / "link"
+    link.symlink_to(link if kind == "loop" else tmp_path / "gone")
+    expected = "symbolic link in a loop" if kind == "loop" else "symbolic link to .*, which does not exist"
+    with pytest.raises(se_retrofit.RetrofitError, match=expected):
+        se_retrofit.save(edited, link, overwrite=True)
+    assert link.is_symlink()
