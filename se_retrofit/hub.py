@@ -158,8 +158,9 @@ def loading_kwargs(create_kwargs: dict) -> list[str]:
     """The options in ``create_kwargs`` that would load weights: any of :data:`WEIGHT_LOADING_KWARGS`
     with a value other than None or False (``weights_backbone: null`` turns a download off), and
     ``pretrained`` / ``weights`` always (se_retrofit sets those from ``weights``)."""
-    return [key for key in create_kwargs if (key in WEIGHT_LOADING_KWARGS or _WEIGHT_PARAMETER.match(str(key)))
-            and (key in ("pretrained", "weights") or create_kwargs[key] not in (None, False))]
+    return sorted(key for key in create_kwargs
+                  if (key in WEIGHT_LOADING_KWARGS or _WEIGHT_PARAMETER.match(str(key)))
+                  and (key in ("pretrained", "weights") or create_kwargs[key] not in (None, False)))
 
 
 def _check_create_kwargs(create_kwargs: dict) -> None:

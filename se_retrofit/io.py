@@ -63,7 +63,8 @@ from .hub import ModelRef, WeightsError, check_state_dict, create, first_sentenc
 
 from .saved_format import (ATTENTION_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, PROBE_FILE,
                            UNVERIFIED_FORMAT, check_base, check_dtypes, read_config_file, read_weights,
-                           record_mismatch)
+                           record_mismatch, reported, FIX_BASE)
+from .saved_format import create_kwargs as check_create_kwargs
 
 
 class SaveError(RetrofitError):
@@ -664,37 +665,16 @@ def _set_global_pool(model: nn.Module, pool: Any) -> None:
 
 
 #: constructor keywords that make a library read a file or the network (timm's checkpoint_path loads a pickle)
-_LOADING_WORDS = ("path", "file", "url", "pretrained", "checkpoint", "cache", "weights", "overlay", "hub")
-
-
 def safe_create_kwargs(kwargs: Any) -> dict[str, Any]:
-    """Constructor keywords from a saved config, refused where they would make the library load
-    something (``checkpoint_path``, ``pretrained_cfg_overlay``, ``weights``…) or are not plain values.
-    A loading keyword set to None or False loads nothing (``weights_backbone: null`` turns the
-    backbone's download off) and is kept, except ``pretrained``/``weights``: load sets those itself."""
+    """Constructor keywords from a saved config, checked by the saved format's schema
+    (:func:`se_retrofit.saved_format.create_kwargs`: plain values, nothing that makes a library load
+    a file or the network; a loading keyword set to None or False loads nothing and is kept), less
+    ``pretrained``/``weights``, which load sets itself."""
     if kwargs is None:
         return {}
-    if not isinstance(kwargs, dict):
-        raise WeightsError(f"base.create_kwargs in the config must be a mapping, not {type(kwargs).__name__}")
-    kept = {}
-    for key, value in kwargs.items():
-        loads = any(word in str(key).lower() for word in _LOADING_WORDS)
-        if loads and (value is None or value is False):
-            if key not in ("pretrained", "weights"):
-                kept[key] = value
-            continue
-        if loads or not _plain(value):
-            raise WeightsError(f"base.create_kwargs.{key} in the config is refused: loading only passes plain "
-                               "constructor values (num_classes, in_chans…), never what makes a library read a "
-                               "file or the network")
-        kept[key] = value
-    return kept
-
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str))
+    with reported(CONFIG_FILE, FIX_BASE):
+        check_create_kwargs(kwargs, "base.create_kwargs")
+    return {key: value for key, value in kwargs.items() if key not in ("pretrained", "weights")}
 
 
 def _load_attention(model: nn.Module, file: Path) -> None:

@@ -482,8 +482,8 @@ def create_kwargs(value: Any, key: str) -> None:
     if not isinstance(value, dict) or len(value) > 100:
         raise invalid(key, f"must be an object of constructor keywords, got {_shown(value)}")
     for name, entry in value.items():
-        loads = any(word in name.lower() for word in LOADING_WORDS)
-        if loads or not name.isidentifier() or not _is_plain(entry):
+        loads = any(word in name.lower() for word in LOADING_WORDS) and entry is not None and entry is not False
+        if loads or not name.isidentifier() or not _is_plain(entry):  # weights_backbone: null loads nothing
             raise invalid(f"{key}.{name}", "in the config is refused: loading only passes plain constructor values "
                                            "(num_classes, in_chans…), never what makes a library read a file or "
                                            "the network")

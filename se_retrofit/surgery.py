@@ -164,9 +164,9 @@ def _edited_code(block: nn.Module, graphs: dict[Variant, fx.Graph], sites: list[
 
 def _place_of(site: Site) -> Site:
     """What of a site the edited code depends on (with the class of the module inserted, see
-    :func:`_writable`): where the module goes and its name, not the block path, the unit, the widths
-    or the stage."""
-    return replace(site, block="", unit="", channels=0, stage=0, attention_bytes=None)
+    :func:`_writable`): where the module goes and its name, not the block path, the unit, the widths,
+    the stage or the outside-edit fallback (a path of its own in each block)."""
+    return replace(site, block="", unit="", channels=0, stage=0, attention_bytes=None, wrap_module=None)
 
 
 def _free_root_name(graph: fx.Graph) -> None:

@@ -202,8 +202,8 @@ def test_two_processes_with_gloo(images, tmp_path):
     lines = result.stdout.splitlines()
     assert sum("2 processes" in line for line in lines) == 1  # only rank 0 prints
     assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/2", "2/2"]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.csv", "model",
-                                                     "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [".se-retrofit-manifest.json", "checkpoint.pt", "curves.png",
+                                                     "metrics.csv", "model", "recipe.yaml"]  # no lock left behind
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["run"]["world_size"] == 2 and len(state["rng"]) == 2 and state["epoch"] == 2
     assert [int(r["epoch"]) for r in read_rows(out / "metrics.csv")] == [1, 2]

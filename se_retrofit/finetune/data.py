@@ -147,7 +147,8 @@ class ImageList(Dataset):
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise DataError(f"cannot read image {path}: it is too large to decode safely ({_first_line(error)}); "
                             "remove or shrink the file") from None
-        except (OSError, ValueError, SyntaxError) as error:  # PIL: unidentified, truncated or broken files
+        except Exception as error:  # noqa: BLE001 -- PIL: unidentified, truncated or broken files; and whatever
+            # another library's patch of PIL.Image.open raises on them (ultralytics' tries to import pi_heif)
             raise DataError(f"cannot read image {path}: {type(error).__name__}: {_first_line(error)}; remove or "
                             "replace the file") from None
         return (self.transform(image) if self.transform else image), target
