@@ -97,3 +97,88 @@ def test_detection_backbone_with_frozen_norms_and_fpn():
     assert (len(analysis.blocks), analysis.additions) == (16, 19)
     assert all(b.path.startswith("body.layer") for b in analysis.blocks)
     assert sum(b.shortcut != "identity" for b in analysis.blocks) == 4
+
+
+def test_vit_b_16_every_add_has_a_layout_without_a_second_probe():
+    # torchvision's vit_b_16: 12 encoder layers, each x + attention and x + MLP = 24 residuals (the
+    # 25th addition is the position embedding); fixed to 224 px, so no second probe can run
+    model = torchvision.models.vit_b_16(weights=None)
+    analysis = se_retrofit.analyze(model)
+    assert (len(analysis.blocks), analysis.additions) == (24, 25)
+    assert {(b.layout, b.channel_dim, b.batch_dim) for b in analysis.blocks} == {(TOKENS, 2, 0)}
+    assert analysis.probes["second"].startswith("not run")
+
+
+@pytest.mark.parametrize("position", ["standard", "post"])
+def test_fixed_size_vit_is_edited_at_every_add(position):
+    torch.manual_seed(0)  # vit_b_16's class, narrow: 12 layers, 24 residuals
+    model = as_if_pretrained(torchvision.models.VisionTransformer(32, 8, 12, 2, 32, 64)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    edited = se_retrofit.retrofit(model, position=position, example_input=x[:1])
+    new = {n.rsplit(".", 2)[0] for n in edited.state_dict() if n not in model.state_dict()}
+    assert len(new) == 24
+    for training in (True, False):
+        torch.manual_seed(1)
+        a = edited.train(training)(x)
+        torch.manual_seed(1)
+        assert torch.equal(a, model.train(training)(x))
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def test_residual_mlp_on_tabular_input():
+    """A (B, C) sum has one candidate for its channels: no probe needed, and the squeeze of a
+    vector per sample is the vector itself (the batch is never averaged)."""
+    model = as_if_pretrained(nn.Sequential(_ResidualMLP(), _ResidualMLP(), nn.Linear(64, 2))).eval()
+    x = torch.randn(4, 64)
+    analysis = se_retrofit.analyze(model, x[:1])
+    assert [(b.layout, b.channel_dim, b.channels) for b in analysis.blocks] == [("features", 1, 64)] * 2
+    check_identity_and_liveness(model, x, 2)
+    edited = se_retrofit.retrofit(model, example_input=x[:1])
+    with torch.no_grad():
+        for name, param in edited.named_parameters():
+            if name not in model.state_dict():
+                param.normal_()
+        alone = edited(x[:1])
+        assert torch.allclose(edited(x)[:1], alone, atol=1e-6)  # sample 0 does not see the others
+
+
+@pytest.mark.parametrize("batch_first,batch_dim", [(False, 1), (True, 0)])
+def test_transformer_encoder_layout_from_its_attention(batch_first, batch_dim):
+    # nn.TransformerEncoder: 2 layers, x + self-attention and x + feed-forward each = 4 residuals; its
+    # layers refuse a wider input, and batch_first=False puts the batch on dimension 1
+    layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=batch_first)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    analysis = se_retrofit.analyze(model, torch.randn(5, 7, 32))
+    assert [(b.layout, b.channel_dim, b.batch_dim) for b in analysis.blocks] == [(TOKENS, 2, batch_dim)] * 4
+
+
+class _SequenceFirstBlock(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, 2)  # batch_first=False: (L, N, C)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.attn(h, h, h, need_weights=False)[0]
+
+
+def test_sequence_first_tokens_are_squeezed_per_sample():
+    model = nn.Sequential(_SequenceFirstBlock(), _SequenceFirstBlock()).eval()
+    x = torch.randn(6, 3, 16)  # 6 tokens, 3 samples
+    assert [b.batch_dim for b in se_retrofit.find_blocks(model, x)] == [1, 1]
+    check_identity_and_liveness(model, x, 2)
+    edited = se_retrofit.retrofit(model, example_input=x)
+    with torch.no_grad():
+        for name, param in edited.named_parameters():
+            if name not in model.state_dict():
+                param.normal_()
+        assert torch.allclose(edited(x)[:, :1], edited(x[:, :1]), atol=1e-5)  # samples stay apart

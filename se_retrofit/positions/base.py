@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..analysis import CHANNELS_FIRST, RESIDUAL, SUPPORTED_LAYOUTS, Block
+from ..analysis import CHANNELS_FIRST, FEATURES, RESIDUAL, SUPPORTED_LAYOUTS, Block
 from ..errors import RetrofitError
 from ..site import Site
 
@@ -59,9 +59,11 @@ class Position:
             return f"layout {block.layout}: the channel dimension could not be told from the probes"
         channels = block.in_channels if self.residual == "in" else block.channels
         channel_dim = 1 if block.layout == CHANNELS_FIRST else -1
+        vector = block.layout == FEATURES
         return [Site(block=block.path, add_index=block.add_index, shortcut_arg=block.shortcut_arg,
-                     position=self.name, channels=channels, spatial_dims=len(block.spatial), stage=block.stage,
-                     module_name="", channel_dim=channel_dim, unit=block.name, in_place=block.in_place)]
+                     position=self.name, channels=channels, spatial_dims=len(block.spatial),
+                     stage=block.stage, module_name="", channel_dim=channel_dim, unit=block.name,
+                     in_place=block.in_place, batch_dim=block.batch_dim, vector=vector)]
 
 
 class PositionError(RetrofitError):
