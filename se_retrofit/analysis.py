@@ -63,7 +63,7 @@ from .chains import find_chain_layers
 from .gates import Gate, gate_problem
 from .graph import dominated
 from .joins import find_joins
-from .recording import ModuleCall, Op, Recording, record
+from .recording import SHAPE_ONLY, ModuleCall, Op, Recording, record
 from .tracing import TRACE_FAILURES, graph_cache, own_tensor_adds, restore_training, snapshot_training
 
 MAX_PROJECTION_OPS = 6
@@ -313,13 +313,14 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     shapes_b = SecondProbe(model, recording, second_probe(example), probes, notes)
     modules = dict(model.named_modules(remove_duplicate=False))  # paths as the recording names them
     adds = [op for op in recording.ops if op.kind == K.ADD]
+    started = _started(recording)
     found: list[tuple[Op, _Residual]] = []
     seen: set[tuple[str, int]] = set()
     per_call: dict[int, int] = {}
     for add in adds:
         index = per_call.get(add.call, 0)
         per_call[add.call] = index + 1
-        residual = _match_residual(add, recording.calls)
+        residual = _match_residual(add, recording.calls, started)
         if residual is not None and (add.scope, index) not in seen:
             seen.add((add.scope, index))
             residual.add_index = index
@@ -574,9 +575,10 @@ class _Residual:
     rewrite_error: str | None = None
 
 
-def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None) -> _Residual | None:
+def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None,
+                    started: frozenset[Op] = frozenset()) -> _Residual | None:
     operands = add.args
-    if len(operands) != 2 or any(a is None or not a.dynamic for a in operands):
+    if len(operands) != 2 or any(a is None or not (a.dynamic or a in started) for a in operands):
         return None
     if operands[0].shape is None or operands[0].shape != operands[1].shape or operands[0].shape != add.shape:
         return None
@@ -588,10 +590,77 @@ def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None) -> _Res
         for depth, block_input in enumerate(chain):
             if block_input is branch:
                 continue
-            cone = _dominated_ops(branch, block_input)
+            cone = _dominated_ops(branch, block_input) or _attending_cone(branch, block_input, add)
             if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, depth > 0, add, calls or {}):
                 return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone)
     return None
+
+
+def _started(recording: Recording) -> frozenset[Op]:
+    """The values computed from a tensor made from a shape alone (``torch.zeros_like(queries)``: the
+    first target of DETR's decoder) and from learned tensors: a sequence the model starts itself,
+    which its decoder layers then transform as they would an input."""
+    seeds = [op for op in recording.ops if op.name in SHAPE_ONLY and op.shape and len(op.shape) >= 2]
+    found, stack = set(), seeds
+    while stack:
+        op = stack.pop()
+        if op not in found:
+            found.add(op)
+            stack.extend(op.users)
+    return frozenset(found)
+
+
+#: operations that attend: a product of two values computed from activations (queries and keys,
+#: weights and values) or a sampling of values at places computed from the queries (deformable
+#: attention), where a second sequence (a decoder's memory) enters a branch
+_ATTENDING = frozenset({"matmul", "__matmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention",
+                        "multi_head_attention_forward", "grid_sample"})
+
+
+def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
+    """The ops between ``block_input`` and ``branch`` where every input path to ``branch`` passes
+    through ``block_input``, except paths from other activations that enter an attention (a
+    decoder's cross-attention ``x + attn(q=x, k=v=memory)``; DETR's and RT-DETR's queries plus
+    position embeddings computed from reference boxes): they join the branch at an attending
+    operation, or inside the call of a layer below the adding module that attends. The memory is
+    then a side input, like a RoPE table; a concatenation or an addition of another activation in
+    the adding module itself (DPN's dual paths, DLA's roots) is not. Values the block input is
+    computed from count as its inputs (a decoder's first target, started as zeros); None where the
+    branch is no such cone."""
+    below = _descendants(block_input, branch.index)
+    if branch not in below:
+        return None
+    cone, entries, stack = set(), [], [branch]
+    while stack:
+        op = stack.pop()
+        if op is block_input or op in cone:
+            continue
+        cone.add(op)
+        reads = [a for a in op.args if a is not None and (a.dynamic or a in below)]
+        inside = [a for a in reads if a in below]
+        if len(inside) < len(reads):
+            entries.append(op)
+        stack.extend(inside)
+    attending = [op.scope for op in cone if op.name in _ATTENDING]
+    for entry in entries:
+        within = f"{entry.scope}."
+        in_a_layer = entry.scope != add.scope and (not add.scope or entry.scope.startswith(f"{add.scope}."))
+        if entry.name not in _ATTENDING and not (in_a_layer and any(
+                scope == entry.scope or scope.startswith(within) for scope in attending)):
+            return None
+    return cone
+
+
+def _descendants(op: Op, until: int) -> set[Op]:
+    """``op`` and every op computed from it, up to the op number ``until``; a detached value is
+    another input (RT-DETR's reference boxes, refined by each decoder layer and detached)."""
+    found, stack = set(), [op]
+    while stack:
+        node = stack.pop()
+        if node not in found and node.index <= until and (node is op or node.name != "detach"):
+            found.add(node)
+            stack.extend(node.users)
+    return found
 
 
 #: a shortcut may also scale (MetaFormer's res_scale: x · s) or apply a linear map (MViTv2's token projection)
