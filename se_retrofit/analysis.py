@@ -64,15 +64,16 @@ from .gates import CallCounts, Gate, gate_problem
 from .graph import dominated
 from .joins import find_joins
 from .copying import meta_copy
-from .recording import ModuleCall, Op, Recording, never_run, record
+from .recording import SHAPE_ONLY, ModuleCall, Op, Recording, never_run, record
 from .tracing import TRACE_FAILURES, graph_cache, own_tensor_adds, restore_training, snapshot_training
 
 MAX_PROJECTION_OPS = 6
 #: the kinds of unit: residual blocks, multi-branch joins (:mod:`.joins`), plain chain layers (:mod:`.chains`)
 RESIDUAL, JOIN, CHAIN = "residual", "join", "chain"
 UNIT_KINDS = (RESIDUAL, JOIN, CHAIN)
-CHANNELS_FIRST, CHANNELS_LAST, TOKENS, UNKNOWN = "channels_first", "channels_last", "tokens", "unknown"
-SUPPORTED_LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, TOKENS)
+CHANNELS_FIRST, CHANNELS_LAST, TOKENS, FEATURES, UNKNOWN = (
+    "channels_first", "channels_last", "tokens", "features", "unknown")
+SUPPORTED_LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, TOKENS, FEATURES)
 _SHAPE_A, _SHAPE_B = "shape", "shape_probe2"
 
 
@@ -87,8 +88,11 @@ class Block:
         in_channels: channel count of the block input (differs where the shortcut projects).
         stage: 1-based resolution level among the residual blocks (layer1 of a ResNet is 1).
         spatial: spatial size at the addition for the probe input.
-        layout: ``channels_first`` (N, C, *spatial), ``channels_last``, ``tokens`` or ``unknown``.
+        layout: ``channels_first`` (N, C, *spatial), ``channels_last``, ``tokens``, ``features``
+            (N, C: a vector per sample) or ``unknown``.
         channel_dim: index of the channel dimension at the addition.
+        batch_dim: index of the batch dimension (1 for the sequence-first tokens (L, N, C) of an
+            ``nn.MultiheadAttention`` with ``batch_first=False``).
         branch: the module or operation producing the branch operand.
         shortcut: ``identity``, or the module/operation ending the shortcut projection.
         shortcut_arg: which argument of the addition (0 or 1) is the shortcut.
@@ -149,6 +153,7 @@ class Block:
     branch_leaf: int = 0
     branch_wrap_error: str | None = None
     kind: str = RESIDUAL
+    batch_dim: int = 0
     gates: tuple[tuple[str, tuple[Gate, ...]], ...] = ()
     gate_errors: tuple[tuple[str, str], ...] = ()
     label: str | None = None
@@ -341,20 +346,21 @@ def _analyze(model: nn.Module, example: Any) -> Analysis:
     shapes_b = SecondProbe(model, recording, second_probe(example), probes, notes)
     modules = dict(model.named_modules(remove_duplicate=False))  # paths as the recording names them
     adds = [op for op in recording.ops if op.kind == K.ADD]
+    started = _started(recording)
     found: list[tuple[Op, _Residual]] = []
     seen: set[tuple[str, int]] = set()
     per_call: dict[int, int] = {}
     for add in adds:
         index = per_call.get(add.call, 0)
         per_call[add.call] = index + 1
-        residual = _match_residual(add, recording.calls)
+        residual = _match_residual(add, recording.calls, started)
         if residual is not None and (add.scope, index) not in seen:
             seen.add((add.scope, index))
             residual.add_index = index
             found.append((add, residual))
     untraceable: dict[str, str] = {}
     _place_in_traced_forwards(model, recording, found, per_call, untraceable)
-    blocks = _to_blocks(found, shapes_b, modules)
+    blocks = _to_blocks(found, shapes_b, modules, _sequence_first(recording, modules))
     blocks = _with_outside_edits(blocks, found, recording)
     units = blocks + _other_units(recording, found, shapes_b, modules, has_residuals=bool(blocks))
     probes.setdefault(_SECOND, NOT_NEEDED)
@@ -593,9 +599,10 @@ class _Residual:
     rewrite_error: str | None = None
 
 
-def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None) -> _Residual | None:
+def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None,
+                    started: frozenset[Op] = frozenset()) -> _Residual | None:
     operands = add.args
-    if len(operands) != 2 or any(a is None or not a.dynamic for a in operands):
+    if len(operands) != 2 or any(a is None or not (a.dynamic or a in started) for a in operands):
         return None
     if operands[0].shape is None or operands[0].shape != operands[1].shape or operands[0].shape != add.shape:
         return None
@@ -607,10 +614,77 @@ def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None) -> _Res
         for depth, block_input in enumerate(chain):
             if block_input is branch:
                 continue
-            cone = _dominated_ops(branch, block_input)
+            cone = _dominated_ops(branch, block_input) or _attending_cone(branch, block_input, add)
             if cone and not cone.intersection(chain[:depth]) and _is_branch(cone, depth > 0, add, calls or {}):
                 return _Residual(block_input, shortcut, branch, shortcut_arg, chain[:depth], cone)
     return None
+
+
+def _started(recording: Recording) -> frozenset[Op]:
+    """The values computed from a tensor made from a shape alone (``torch.zeros_like(queries)``: the
+    first target of DETR's decoder) and from learned tensors: a sequence the model starts itself,
+    which its decoder layers then transform as they would an input."""
+    seeds = [op for op in recording.ops if op.name in SHAPE_ONLY and op.shape and len(op.shape) >= 2]
+    found, stack = set(), seeds
+    while stack:
+        op = stack.pop()
+        if op not in found:
+            found.add(op)
+            stack.extend(op.users)
+    return frozenset(found)
+
+
+#: operations that attend: a product of two values computed from activations (queries and keys,
+#: weights and values) or a sampling of values at places computed from the queries (deformable
+#: attention), where a second sequence (a decoder's memory) enters a branch
+_ATTENDING = frozenset({"matmul", "__matmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention",
+                        "multi_head_attention_forward", "grid_sample"})
+
+
+def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
+    """The ops between ``block_input`` and ``branch`` where every input path to ``branch`` passes
+    through ``block_input``, except paths from other activations that enter an attention (a
+    decoder's cross-attention ``x + attn(q=x, k=v=memory)``; DETR's and RT-DETR's queries plus
+    position embeddings computed from reference boxes): they join the branch at an attending
+    operation, or inside the call of a layer below the adding module that attends. The memory is
+    then a side input, like a RoPE table; a concatenation or an addition of another activation in
+    the adding module itself (DPN's dual paths, DLA's roots) is not. Values the block input is
+    computed from count as its inputs (a decoder's first target, started as zeros); None where the
+    branch is no such cone."""
+    below = _descendants(block_input, branch.index)
+    if branch not in below:
+        return None
+    cone, entries, stack = set(), [], [branch]
+    while stack:
+        op = stack.pop()
+        if op is block_input or op in cone:
+            continue
+        cone.add(op)
+        reads = [a for a in op.args if a is not None and (a.dynamic or a in below)]
+        inside = [a for a in reads if a in below]
+        if len(inside) < len(reads):
+            entries.append(op)
+        stack.extend(inside)
+    attending = [op.scope for op in cone if op.name in _ATTENDING]
+    for entry in entries:
+        within = f"{entry.scope}."
+        in_a_layer = entry.scope != add.scope and (not add.scope or entry.scope.startswith(f"{add.scope}."))
+        if entry.name not in _ATTENDING and not (in_a_layer and any(
+                scope == entry.scope or scope.startswith(within) for scope in attending)):
+            return None
+    return cone
+
+
+def _descendants(op: Op, until: int) -> set[Op]:
+    """``op`` and every op computed from it, up to the op number ``until``; a detached value is
+    another input (RT-DETR's reference boxes, refined by each decoder layer and detached)."""
+    found, stack = set(), [op]
+    while stack:
+        node = stack.pop()
+        if node not in found and node.index <= until and (node is op or node.name != "detach"):
+            found.add(node)
+            stack.extend(node.users)
+    return found
 
 
 #: a shortcut may also scale (MetaFormer's res_scale: x · s) or apply a linear map (MViTv2's token projection)
@@ -814,15 +888,18 @@ def _branch_place(add: Op, residual: _Residual, calls: CallCounts) -> dict[str, 
 
 # --- from matches to blocks --------------------------------------------------------------------
 
-def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: Mapping[int, tuple], modules: dict[str, nn.Module]) -> list[Block]:
+def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: Mapping[int, tuple], modules: dict[str, nn.Module],
+               sequence_first: set[Op] = frozenset()) -> list[Block]:
     drafts = []
     for add, residual in found:
-        layout, channel_dim = _layout(add, residual, shapes_b, modules)
-        spatial = tuple(s for d, s in enumerate(add.shape) if d not in (0, channel_dim)) if channel_dim else ()
-        drafts.append((add, residual, layout, channel_dim, spatial))
-    sizes = sorted({math.prod(d[4]) for d in drafts if d[2] != UNKNOWN}, reverse=True)
+        layout, channel_dim, batch_dim = _layout(add, residual, shapes_b, modules)
+        batch_dim = 1 if layout == TOKENS and add in sequence_first else batch_dim
+        spatial = tuple(s for d, s in enumerate(add.shape) if d not in (batch_dim, channel_dim)) if channel_dim else ()
+        spatial = (1,) if layout == FEATURES else spatial  # a vector per sample: a map of one position
+        drafts.append((add, residual, layout, channel_dim, batch_dim, spatial))
+    sizes = sorted({math.prod(d[5]) for d in drafts if d[2] != UNKNOWN}, reverse=True)
     blocks = []
-    for add, residual, layout, channel_dim, spatial in drafts:
+    for add, residual, layout, channel_dim, batch_dim, spatial in drafts:
         shape = add.shape
         in_shape = residual.block_input.shape or shape
         stage = sizes.index(math.prod(spatial)) + 1 if layout != UNKNOWN else 0
@@ -835,6 +912,7 @@ def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: Mapping[int, tuple],
             spatial=spatial,
             layout=layout,
             channel_dim=channel_dim,
+            batch_dim=batch_dim,
             branch=_describe(residual.branch),
             shortcut=_describe(residual.projection[0]) if residual.projection else "identity",
             shortcut_arg=residual.shortcut_arg,
@@ -851,6 +929,23 @@ def _to_blocks(found: list[tuple[Op, _Residual]], shapes_b: Mapping[int, tuple],
 
 
 _IN_PLACE_ADDS = frozenset({"add_", "__iadd__"})
+
+
+def _sequence_first(recording: Recording, modules: dict[str, nn.Module]) -> set[Op]:
+    """The ops whose result holds sequence-first tokens ``(L, N, C)``: the outputs of the
+    ``nn.MultiheadAttention`` layers with ``batch_first=False`` and what is computed from them
+    without a reshape or a change of rank (the sums, norms and feed-forward layers after them)."""
+    seeds = [op for op in recording.ops if op.shape and len(op.shape) == 3 and any(
+        isinstance(modules.get(p), nn.MultiheadAttention) and not modules[p].batch_first for p in op.returned_by)]
+    found, stack = set(), seeds
+    while stack:
+        op = stack.pop()
+        if op in found:
+            continue
+        found.add(op)
+        stack.extend(u for u in op.users if u.kind != K.RESHAPE and u.shape and len(u.shape) == 3
+                     and u.shape[:2] == op.shape[:2])
+    return found
 
 
 def _where(op: Op) -> str:
@@ -915,37 +1010,107 @@ def _describe(op: Op) -> str:
     return f"{op.scope}:{op.name}" if op.scope else op.name
 
 
-def _layout(add: Op, residual: _Residual, shapes_b: Mapping[int, tuple], modules: dict[str, nn.Module]) -> tuple[str, int]:
-    """(layout, channel dim); 0 as channel dim means unknown.
+def _layout(add: Op, residual: _Residual, shapes_b: Mapping[int, tuple], modules: dict[str, nn.Module]) -> tuple[str, int, int]:
+    """(layout, channel dim, batch dim); 0 as channel dim means unknown.
 
-    A conv of the branch that produces the sum's very shape, with a channel count that no spatial
-    size shares, says channels-first with no second run (no permutation keeps that shape). Else the
-    two probes tell it: the dimensions that change are spatial. Where the second probe did not run,
-    or the model resized it back to its own size (CrossViT interpolates every input to ``img_size``),
-    or more than one dimension kept its size (MobileViTV2's (N, C, pixels per patch, patches)), the
-    layers of the branch decide."""
+    A ``(N, C)`` sum has one candidate. Else the layer that writes the branch (:func:`_writer_says`)
+    tells where its channels are: a conv of the branch that produces the sum's very shape, with a
+    channel count that no spatial size shares, says channels-first (no permutation keeps that shape);
+    a Linear, a LayerNorm or an ``nn.MultiheadAttention`` writing the sum says channels-last (the
+    attention also where the batch is). Where none does, the two probes tell it: the dimensions that
+    change are spatial. Where the second probe did not run, or the model resized it back to its own
+    size (CrossViT interpolates every input to ``img_size``), or more than one dimension kept its
+    size (MobileViTV2's (N, C, pixels per patch, patches)), the layers of the branch decide."""
     shape_a = add.shape
     rank = len(shape_a)
-    if rank < 3:
-        return UNKNOWN, 0
+    if rank == 2:
+        return FEATURES, 1, 0
+    if rank < 2:
+        return UNKNOWN, 0, 0
     if shape_a[1] not in shape_a[2:] and _conv_says_channels_first(residual, shape_a, modules, exact=True):
-        return CHANNELS_FIRST, 1
+        return CHANNELS_FIRST, 1, 0
+    written = _writer_says(residual, shape_a, modules)
+    if written is not None:
+        return written
     shape_b = shapes_b.get(add.index)
     if shape_b is not None and len(shape_b) == rank and shape_b != shape_a:
         constant = [d for d in range(1, rank) if shape_a[d] == shape_b[d]]
         if len(constant) == 1 and len(shape_a) - 2 == sum(shape_a[d] != shape_b[d] for d in range(1, rank)):
             dim = constant[0]
             if dim == 1:
-                return CHANNELS_FIRST, 1
+                return CHANNELS_FIRST, 1, 0
             if dim == rank - 1:
-                return (TOKENS if rank == 3 else CHANNELS_LAST), dim
+                return _channels_last(rank)
         if len(constant) != 2:
-            return UNKNOWN, 0
+            return UNKNOWN, 0, 0
     if _conv_says_channels_first(residual, shape_a, modules):
-        return CHANNELS_FIRST, 1
+        return CHANNELS_FIRST, 1, 0
     if _linear_says_channels_last(residual, shape_a, modules):
-        return (TOKENS if rank == 3 else CHANNELS_LAST), rank - 1
-    return UNKNOWN, 0
+        return _channels_last(rank)
+    return UNKNOWN, 0, 0
+
+
+def _channels_last(rank: int, batch_dim: int = 0) -> tuple[str, int, int]:
+    return (TOKENS if rank == 3 else CHANNELS_LAST), rank - 1, batch_dim
+
+
+#: ops a branch may end with after the layer that writes it: stochastic depth, dropout, activations
+_AFTER_WRITER = frozenset({K.DROPOUT, K.IDENTITY, K.ACT})
+
+
+def _writer_says(residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]
+                 ) -> tuple[str, int, int] | None:
+    """The layout the layer writing the branch operand says, where it says one: walking back from
+    the operand through dropout, activations and a layer scale (``γ · f(x)``) to the first layer,
+    that layer's output of the sum's shape carries its channels where its kind puts them."""
+    op, rank = residual.branch, len(shape)
+    for _ in range(8):
+        if op.shape != tuple(shape) or op not in residual.cone and op is not residual.branch:
+            return None
+        attention = next((modules[p] for p in op.returned_by if isinstance(modules.get(p), nn.MultiheadAttention)),
+                         None)
+        if attention is not None:
+            return _channels_last(rank) if attention.embed_dim == shape[-1] else None
+        said = _layer_says(op, shape, modules)
+        if said is not None or op.weights:
+            return said
+        if op.kind == K.MUL:  # a layer scale: follow the map it scales
+            maps = [i for i in op.inputs if i.shape == op.shape]
+            if len(maps) != 1:
+                return None
+            op = maps[0]
+        elif op.kind in _AFTER_WRITER and len(op.inputs) == 1:
+            op = op.inputs[0]
+        else:
+            return None
+    return None
+
+
+def _layer_says(op: Op, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> tuple[str, int, int] | None:
+    """Where this layer writes its channels: a Linear's ``out_features``, a one-dimensional
+    LayerNorm's ``normalized_shape`` or a functional linear map on the last dimension; a conv's
+    ``out_channels`` or a BatchNorm's / GroupNorm's channels on dimension 1."""
+    rank = len(shape)
+    layer = modules.get(op.module) if op.module else None
+    if isinstance(layer, nn.Linear) and layer.out_features == shape[-1]:
+        return _channels_last(rank)
+    if isinstance(layer, nn.LayerNorm) and tuple(layer.normalized_shape) == (shape[-1],):
+        return _channels_last(rank)
+    if not op.module and op.kind == K.LINEAR and op.weights and op.name in _LINEAR_MAPS:
+        return _channels_last(rank)
+    if isinstance(layer, nn.modules.conv._ConvNd) and not isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        channels = layer.out_channels if rank == len(layer.kernel_size) + 2 else None
+    elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        channels = layer.num_features
+    elif isinstance(layer, nn.GroupNorm):
+        channels = layer.num_channels
+    else:
+        return None
+    return (CHANNELS_FIRST, 1, 0) if channels == shape[1] else None
+
+
+#: functional maps that write the last dimension (``F.linear``; transformers' ``Conv1D`` as ``addmm``)
+_LINEAR_MAPS = frozenset({"linear", "addmm"})
 
 
 def _linear_says_channels_last(residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> bool:

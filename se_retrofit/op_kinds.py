@@ -114,7 +114,7 @@ _NAME_KINDS = {
     **dict.fromkeys(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "interpolate", "upsample",
                      "upsample_nearest", "upsample_bilinear", "pixel_shuffle", "repeat_interleave"), UPSAMPLE),
     **dict.fromkeys(("linear", "matmul", "mm", "bmm", "einsum", "addmm", "baddbmm", "__matmul__",
-                     "bilinear"), LINEAR),
+                     "bilinear", "multi_head_attention_forward"), LINEAR),
     **dict.fromkeys(("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
                      "local_response_norm"), NORM),
     **dict.fromkeys(("avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",

@@ -20,11 +20,17 @@ class SurgeryError(RetrofitError):
 def attend(graph: fx.Graph, source: fx.Node, site: Site) -> fx.Node:
     """Call the site's module on ``source`` at the graph's insertion point; channels-last maps and
     token sequences are moved to channels-first around the call."""
+    if site.vector:  # (N, C) -> (N, C, 1)
+        gated = graph.call_module(site.module_name, (graph.call_method("unsqueeze", (source, -1)),))
+        return graph.call_method("squeeze", (gated, -1))
+    if site.batch_dim:  # (L, N, C) -> (N, L, C)
+        source = graph.call_method("movedim", (source, site.batch_dim, 0))
     if site.channel_dim == 1:
-        return graph.call_module(site.module_name, (source,))
-    moved = graph.call_method("movedim", (source, site.channel_dim, 1))
-    gated = graph.call_module(site.module_name, (moved,))
-    return graph.call_method("movedim", (gated, 1, site.channel_dim))
+        gated = graph.call_module(site.module_name, (source,))
+    else:
+        moved = graph.call_method("movedim", (source, site.channel_dim, 1))
+        gated = graph.call_method("movedim", (graph.call_module(site.module_name, (moved,)), 1, site.channel_dim))
+    return graph.call_method("movedim", (gated, 0, site.batch_dim)) if site.batch_dim else gated
 
 
 def wrap_output(graph: fx.Graph, target: fx.Node, site: Site) -> None:

@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from . import op_kinds as K
+from .norms import channel_count, is_affine_per_channel
 
 #: functions whose tensor result depends only on the shape, dtype or device of their inputs
 SHAPE_ONLY = frozenset({
@@ -124,6 +125,7 @@ class _Recorder(TorchFunctionMode):
         self.parameters_read: set[str] = set()
         self.param_names = {id(t): n for n, t in [*model.named_parameters(remove_duplicate=False),
                                                    *model.named_buffers(remove_duplicate=False)]}
+        self.starts: dict[int, int] = {}   # call number -> index of its first op
 
     # --- tensors -----------------------------------------------------------------------
     def lookup(self, tensor: torch.Tensor) -> Op | None:
@@ -173,6 +175,7 @@ class _Recorder(TorchFunctionMode):
         self.calls[self.counter] = call
         self.first_call.setdefault(path, call)
         self.stack.append((path, self.counter))
+        self.starts[self.counter] = len(self.ops)
 
     def post_hook(self, module, args, output):
         path = self.paths.get(id(module))
@@ -184,7 +187,9 @@ class _Recorder(TorchFunctionMode):
                 self._end_leaf(module, path, output)
             return
         if self.stack[-1][0] == path:
-            self.stack.pop()
+            _, number = self.stack.pop()
+            if self._fold_norm(module, path, number, output):
+                return
         for leaf, tensor in enumerate(_tensors(output)):
             op = self.lookup(tensor)
             if op is not None:
@@ -214,6 +219,28 @@ class _Recorder(TorchFunctionMode):
         op = self._new_op(K.module_kind(module), path, reads, weights, output, module=path)
         op.returned_by.append(path)
         op.returned_leaf[path] = 0
+
+    def _fold_norm(self, module: nn.Module, path: str, number: int, output: Any) -> bool:
+        """Keep the call of a layer that computes a per-channel affine norm (:mod:`.norms`: a frozen
+        BatchNorm) as one ``norm`` operation, as a BatchNorm's is; False where it is none."""
+        start = self.starts.pop(number, len(self.ops))
+        outputs = _tensors(output)
+        ops = self.ops[start:]
+        if len(outputs) != 1 or not ops or channel_count(module) is None:
+            return False
+        sources = {a for op in ops for a in op.args if a is not None and a.dynamic and a.index < start}
+        result = self.lookup(outputs[0])
+        if len(sources) != 1 or not is_affine_per_channel(module, ops, *sources, result):
+            return False
+        (source,) = sources
+        del self.ops[start:]
+        source.users[:] = [user for user in source.users if user.index < start]
+        if self.first_call.get(path) is self.calls.pop(number):
+            del self.first_call[path]
+        op = self._new_op(K.NORM, path, [source], True, output, module=path)
+        op.returned_by.append(path)
+        op.returned_leaf[path] = 0
+        return True
 
     # --- functions ---------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -538,6 +538,8 @@ SITE: dict[str, Field] = {
     "edit": Field(one_of("rewrite", "wrap"), required=False),
     "wrap_module": Field(optional(module_path), required=False),
     "output_leaf": Field(integer(0, 10_000), required=False),
+    "batch_dim": Field(integer(0, 8), required=False),
+    "vector": Field(boolean, required=False),
 }
 
 sites = list_of(section(SITE), min_length=1)

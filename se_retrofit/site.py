@@ -21,6 +21,9 @@ class Site:
     intermediate at batch 1 in float32 (Non-local's and PAM's N×N map), None where the type does
     not tell. ``in_place``: the block's forward added in place into its first operand (``x +=
     shortcut``); surgery keeps it so where the module it inserts there returns a fresh tensor.
+    ``batch_dim``: where the batch is (1 for the sequence-first tokens of an ``nn.MultiheadAttention``
+    with ``batch_first=False``); ``vector``: the tensor is one vector per sample ``(N, C)``, given a
+    length-1 axis for the module (built for one spatial dimension).
     """
 
     block: str
@@ -42,6 +45,8 @@ class Site:
     edit: str = "rewrite"
     wrap_module: str | None = None
     output_leaf: int = 0
+    batch_dim: int = 0
+    vector: bool = False
 
     def __post_init__(self) -> None:
         if not self.gate and self.position == "inner":  # records written before gates existed

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from ..analysis import CHANNELS_FIRST, RESIDUAL, SUPPORTED_LAYOUTS, Block
+from ..analysis import CHANNELS_FIRST, FEATURES, RESIDUAL, SUPPORTED_LAYOUTS, Block
 from ..errors import RetrofitError
 from ..site import Site
 
@@ -68,7 +68,8 @@ class Position:
         channel_dim = 1 if block.layout == CHANNELS_FIRST else -1
         site = Site(block=block.path, add_index=block.add_index, shortcut_arg=block.shortcut_arg,
                     position=self.name, channels=channels, spatial_dims=len(block.spatial), stage=block.stage,
-                    module_name="", channel_dim=channel_dim, unit=block.name, in_place=block.in_place)
+                    module_name="", channel_dim=channel_dim, unit=block.name, in_place=block.in_place,
+                    batch_dim=block.batch_dim, vector=block.layout == FEATURES)
         if isinstance(outside, str):
             return [site]
         module, leaf = outside

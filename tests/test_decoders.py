@@ -1,0 +1,117 @@
+"""Decoder layers: sub-layers that read a second sequence are residual blocks (issue 19, item 3).
+
+``x + attn(q=x, k=v=memory)`` is a block of the decoder: the shortcut is ``x``, the branch reads
+``x`` through learned layers, and the memory enters only as keys and values, a side input like a
+RoPE table. A decoder that starts its target as ``zeros_like`` (DETR) has blocks from its first
+layer on. Fusions (FPN, U-Net, HRNet, DPN) stay out: tests/test_idioms.py and tests/test_joins.py.
+"""
+import pytest
+import torch
+from torch import nn
+
+import se_retrofit
+from se_retrofit.analysis import TOKENS
+
+from helpers import as_if_pretrained
+from test_any_model import check_identity_and_liveness
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_torch_transformer_decoder_has_three_blocks_per_layer(batch_first):
+    # nn.TransformerDecoderLayer: x + self-attention, x + cross-attention(memory), x + feed-forward
+    model = nn.TransformerDecoder(nn.TransformerDecoderLayer(32, 2, 64, batch_first=batch_first), 2).eval()
+    target, memory = (torch.randn(5, 7, 32), torch.randn(5, 9, 32)) if batch_first else \
+        (torch.randn(5, 7, 32), torch.randn(9, 7, 32))
+    analysis = se_retrofit.analyze(model, (target, memory))
+    assert [b.name for b in analysis.blocks] == [f"layers.{i}{a}" for i in range(2) for a in ("", "@1", "@2")]
+    assert {(b.layout, b.batch_dim) for b in analysis.blocks} == {(TOKENS, 0 if batch_first else 1)}
+
+
+class CrossAttentionDecoder(nn.Module):
+    """A DETR-like decoder: the target starts as zeros plus learned query embeddings; each layer adds
+    self-attention, cross-attention on the memory and a feed-forward layer."""
+
+    def __init__(self, width: int = 16, queries: int = 4, layers: int = 2):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, width, 4, 4)
+        self.queries = nn.Parameter(torch.randn(queries, width))
+        self.layers = nn.ModuleList(_DecoderLayer(width) for _ in range(layers))
+
+    def forward(self, image):
+        memory = self.encoder(image).flatten(2).transpose(1, 2)
+        position = self.queries.unsqueeze(0).expand(image.shape[0], -1, -1)
+        target = torch.zeros_like(position)
+        for layer in self.layers:
+            target = layer(target, memory, position)
+        return target
+
+
+class _DecoderLayer(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(3))
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
+
+    def forward(self, x, memory, position):
+        q = x + position
+        x = self.norms[0](x + self.self_attn(q, q, x, need_weights=False)[0])
+        x = self.norms[1](x + self.cross_attn(x + position, memory, memory, need_weights=False)[0])
+        return self.norms[2](x + self.mlp(x))
+
+
+def test_cross_attention_and_a_target_started_as_zeros():
+    model = as_if_pretrained(CrossAttentionDecoder()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    analysis = se_retrofit.analyze(model, x[:1])  # additions 0 and 2 of a layer add the query positions
+    assert [b.name for b in analysis.blocks] == [f"layers.{i}@{a}" for i in range(2) for a in (1, 3, 4)]
+    assert all(b.rewrite_error is None for b in analysis.blocks)
+    check_identity_and_liveness(model, x, 6)
+
+
+def _detr(model_class: str, **config):
+    transformers = pytest.importorskip("transformers")
+    backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                                         layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(getattr(transformers, config.pop("config"))(
+        backbone_config=backbone, use_pretrained_backbone=False, d_model=32, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=5, **config)).eval()
+
+
+def test_detr_counts_every_decoder_sub_layer():
+    # the ResNet backbone with frozen norms: 4 basic layers (depths 1, 1, 1, 1); encoder: 1 layer x
+    # (self-attention, feed-forward) = 2; decoder: 2 layers x (self-attention on queries started as
+    # zeros_like, cross-attention, feed-forward) = 6
+    model = _detr("DetrForObjectDetection", config="DetrConfig", use_timm_backbone=False, encoder_layers=1,
+                  encoder_ffn_dim=32, decoder_ffn_dim=32)
+    model.config.backbone_config.out_features = ["stage4"]
+    analysis = se_retrofit.analyze(model, torch.randn(1, 3, 64, 64))
+    names = [b.name for b in analysis.blocks]
+    assert len(names) == 12 and sum(n.startswith("model.backbone.") for n in names) == 4
+    assert names[-6:] == [f"model.decoder.layers.{i}{a}" for i in range(2) for a in ("", "@1", "@2")]
+    x = torch.randn(2, 3, 64, 64)
+    for position in ("standard", "post"):  # the encoder layer's forward checks isfinite: fx cannot rewrite it
+        edited = se_retrofit.retrofit(model, position=position, example_input=x[:1], exclude=["model.encoder.layers.0"])
+        with torch.no_grad():
+            assert torch.equal(edited(x).logits, model(x).logits)
+
+
+def test_rt_detr_counts_aifi_and_deformable_decoder_layers():
+    # backbone: 4 basic layers; hybrid encoder: AIFI, 1 layer x (self-attention, feed-forward) = 2
+    # (its RepVGG and CSP adds are multi-branch layers, its FPN/PAN adds fusions); decoder: 2 layers
+    # x (self-attention with positions from the reference boxes, deformable cross-attention on the
+    # multi-scale memory, feed-forward) = 6
+    model = _detr("RTDetrForObjectDetection", config="RTDetrConfig", encoder_hidden_dim=32,
+                  encoder_in_channels=[32, 64, 128], encoder_ffn_dim=64, decoder_ffn_dim=64,
+                  decoder_in_channels=[32, 32, 32], num_feature_levels=3, decoder_n_points=2, hidden_expansion=0.5)
+    analysis = se_retrofit.analyze(model, torch.randn(1, 3, 64, 64))
+    names = [b.name for b in analysis.blocks]
+    assert len(names) == 12 and sum(n.startswith("model.backbone.") for n in names) == 4
+    assert names[4:6] == ["model.encoder.aifi.0.layers.0", "model.encoder.aifi.0.layers.0@1"]
+    assert names[-6:] == [f"model.decoder.layers.{i}{a}" for i in range(2) for a in ("", "@1", "@2")]
+    x = torch.randn(2, 3, 64, 64)
+    edited = se_retrofit.retrofit(model, example_input=x[:1], exclude=["model.encoder.aifi.0.layers.0"])
+    with torch.no_grad():
+        assert torch.equal(edited(x).logits, model(x).logits)

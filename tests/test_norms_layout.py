@@ -1,0 +1,184 @@
+"""Norms told by what they compute (frozen, fused, a user's own), and layouts told by the layer that
+writes the sum where a second probe cannot run (issue 19, items 1 and 2)."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import se_retrofit
+from se_retrofit.analysis import CHANNELS_LAST, TOKENS
+from se_retrofit.recording import record
+
+from helpers import as_if_pretrained
+from test_any_model import check_identity_and_liveness
+
+
+@torch.no_grad()
+def _trained_frozen_norms(model: nn.Module) -> nn.Module:
+    """Frozen norms keep their statistics in buffers, which ``as_if_pretrained`` leaves alone."""
+    generator = torch.Generator().manual_seed(4)
+    for module in model.modules():
+        if isinstance(module, (FrozenBatchNorm2d, AffineNorm)):
+            for tensor in module.state_dict().values():
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+    return as_if_pretrained(model)
+
+
+class AffineNorm(nn.Module):
+    """A user's fused norm: a scale and a shift per channel, no torch base class."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return x * self.scale[:, None, None] + self.shift[:, None, None]
+
+
+class LayerScale(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), 0.5))
+
+    def forward(self, x):
+        return x * self.gamma[:, None, None]
+
+
+@pytest.mark.parametrize("norm,kind", [(FrozenBatchNorm2d, "norm"), (AffineNorm, "norm"), (LayerScale, "mul")])
+def test_a_norm_is_told_by_what_it_computes(norm, kind):
+    """A scale and a shift per channel from the layer's own tensors is one norm operation; a scale
+    alone (a layer scale) stays a multiplication."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), norm(8)).eval()
+    kinds = [op.kind for op in record(model, torch.randn(1, 3, 8, 8)).ops if op.dynamic]
+    assert kinds[-1] == kind and kinds.count("norm") == (kind == "norm")
+
+
+def test_frozen_batchnorm_resnet50_has_all_projection_shortcuts():
+    # torchvision's ResNet-50: 3 + 4 + 6 + 3 = 16 bottlenecks, layerN.0 projecting (conv1x1 → norm)
+    model = _trained_frozen_norms(torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d))
+    analysis = se_retrofit.analyze(model, torch.randn(1, 3, 32, 32))
+    assert (len(analysis.blocks), analysis.additions) == (16, 16)  # no addition inside a frozen norm counted
+    assert [b.shortcut for b in analysis.blocks if b.shortcut != "identity"] == [
+        f"layer{i}.0.downsample.1" for i in range(1, 5)]
+    check_identity_and_liveness(model, torch.randn(2, 3, 32, 32), 16)
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = AffineNorm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = AffineNorm(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), AffineNorm(cout))
+
+    def forward(self, x):
+        return torch.relu(self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x))))) + self.down(x))
+
+
+def test_a_users_affine_norm_on_a_projection_shortcut():
+    model = _trained_frozen_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Bottleneck(8, 16, 2),
+                                                _Bottleneck(16, 32, 2)))
+    blocks = se_retrofit.find_blocks(model, torch.randn(1, 3, 16, 16))
+    assert [(b.path, b.shortcut) for b in blocks] == [("1", "1.down.1"), ("2", "2.down.1")]
+    check_identity_and_liveness(model, torch.randn(2, 3, 16, 16), 2)
+
+
+def test_detection_backbone_with_frozen_norms_and_fpn():
+    # what torchvision's pretrained Faster/Mask R-CNN build: 16 bottlenecks; the FPN's top-down
+    # additions (3) are fusions, not blocks
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    model = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d).eval()
+    analysis = se_retrofit.analyze(model, torch.randn(1, 3, 64, 64))
+    assert (len(analysis.blocks), analysis.additions) == (16, 19)
+    assert all(b.path.startswith("body.layer") for b in analysis.blocks)
+    assert sum(b.shortcut != "identity" for b in analysis.blocks) == 4
+
+
+def test_vit_b_16_every_add_has_a_layout_without_a_second_probe():
+    # torchvision's vit_b_16: 12 encoder layers, each x + attention and x + MLP = 24 residuals (the
+    # 25th addition is the position embedding); fixed to 224 px, so no second probe can run
+    model = torchvision.models.vit_b_16(weights=None)
+    analysis = se_retrofit.analyze(model)
+    assert (len(analysis.blocks), analysis.additions) == (24, 25)
+    assert {(b.layout, b.channel_dim, b.batch_dim) for b in analysis.blocks} == {(TOKENS, 2, 0)}
+    assert analysis.probes["second"].startswith("not run")
+
+
+@pytest.mark.parametrize("position", ["standard", "post"])
+def test_fixed_size_vit_is_edited_at_every_add(position):
+    torch.manual_seed(0)  # vit_b_16's class, narrow: 12 layers, 24 residuals
+    model = as_if_pretrained(torchvision.models.VisionTransformer(32, 8, 12, 2, 32, 64)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    edited = se_retrofit.retrofit(model, position=position, example_input=x[:1])
+    new = {n.rsplit(".", 2)[0] for n in edited.state_dict() if n not in model.state_dict()}
+    assert len(new) == 24
+    for training in (True, False):
+        torch.manual_seed(1)
+        a = edited.train(training)(x)
+        torch.manual_seed(1)
+        assert torch.equal(a, model.train(training)(x))
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def test_residual_mlp_on_tabular_input():
+    """A (B, C) sum has one candidate for its channels: no probe needed, and the squeeze of a
+    vector per sample is the vector itself (the batch is never averaged)."""
+    model = as_if_pretrained(nn.Sequential(_ResidualMLP(), _ResidualMLP(), nn.Linear(64, 2))).eval()
+    x = torch.randn(4, 64)
+    analysis = se_retrofit.analyze(model, x[:1])
+    assert [(b.layout, b.channel_dim, b.channels) for b in analysis.blocks] == [("features", 1, 64)] * 2
+    check_identity_and_liveness(model, x, 2)
+    edited = se_retrofit.retrofit(model, example_input=x[:1])
+    with torch.no_grad():
+        for name, param in edited.named_parameters():
+            if name not in model.state_dict():
+                param.normal_()
+        alone = edited(x[:1])
+        assert torch.allclose(edited(x)[:1], alone, atol=1e-6)  # sample 0 does not see the others
+
+
+@pytest.mark.parametrize("batch_first,batch_dim", [(False, 1), (True, 0)])
+def test_transformer_encoder_layout_from_its_attention(batch_first, batch_dim):
+    # nn.TransformerEncoder: 2 layers, x + self-attention and x + feed-forward each = 4 residuals; its
+    # layers refuse a wider input, and batch_first=False puts the batch on dimension 1
+    layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=batch_first)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    analysis = se_retrofit.analyze(model, torch.randn(5, 7, 32))
+    assert [(b.layout, b.channel_dim, b.batch_dim) for b in analysis.blocks] == [(TOKENS, 2, batch_dim)] * 4
+
+
+class _SequenceFirstBlock(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, 2)  # batch_first=False: (L, N, C)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.attn(h, h, h, need_weights=False)[0]
+
+
+def test_sequence_first_tokens_are_squeezed_per_sample():
+    model = nn.Sequential(_SequenceFirstBlock(), _SequenceFirstBlock()).eval()
+    x = torch.randn(6, 3, 16)  # 6 tokens, 3 samples
+    assert [b.batch_dim for b in se_retrofit.find_blocks(model, x)] == [1, 1]
+    check_identity_and_liveness(model, x, 2)
+    edited = se_retrofit.retrofit(model, example_input=x)
+    with torch.no_grad():
+        for name, param in edited.named_parameters():
+            if name not in model.state_dict():
+                param.normal_()
+        assert torch.allclose(edited(x)[:, :1], edited(x[:, :1]), atol=1e-5)  # samples stay apart
