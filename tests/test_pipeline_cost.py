@@ -106,9 +106,10 @@ class NeedsValues(nn.Module):
 def test_a_forward_that_needs_values_is_probed_on_real_tensors_and_says_why():
     analysis = analyze(NeedsValues(), small_input(1))
     assert analysis.probes == {"first": "real", "second": NOT_NEEDED} and len(analysis.blocks) == 1
-    # 3 channels on a 3-pixel-high map: the conv cannot tell the layout, the second probe runs, on real numbers too
+    # 3 channels on a 3-pixel-high map: the conv that writes the branch says where its channels are (dim 1),
+    # so no second probe is needed even where the sizes alone could not tell
     analysis = analyze(NeedsValues(), torch.randn(1, 3, 3, 8))
-    assert analysis.probes == {"first": "real", "second": "real"} and analysis.blocks[0].layout == "channels_first"
+    assert analysis.probes == {"first": "real", "second": NOT_NEEDED} and analysis.blocks[0].layout == "channels_first"
     assert analysis.notes[0].startswith("first probe not on meta tensors: ")
     assert any(note.startswith("first probe not on fake tensors: ") for note in analysis.notes)
 
