@@ -581,11 +581,19 @@ PROBE: dict[str, Field] = {
     "dtype": Field(string(r"torch\.[a-z0-9_]+", max_length=50, meaning="a torch dtype"), required=False),
     "skipped": Field(string(max_length=10_000), required=False),
 }
+def probe_entry(value: Any, key: str) -> None:
+    """The probe: either why it was skipped, or all of its file, number of outputs, device and dtype."""
+    section(PROBE)(value, key)
+    parts = {"file", "outputs", "device", "dtype"}
+    if set(value) != {"skipped"} and set(value) != parts:
+        raise invalid(key, "must hold either 'skipped' alone or all of 'file', 'outputs', 'device' and 'dtype'")
+
+
 #: the proof a saved model gives of itself (checked by load: see se_retrofit.io.check_module_tree, check_probe)
 VERIFY: dict[str, Field] = {
     "module_tree": Field(section(MODULE_TREE)),
     "base_weights_sha256": Field(SHA256),
-    "probe": Field(section(PROBE)),
+    "probe": Field(probe_entry),
 }
 
 def an_object(value: Any, key: str) -> None:

@@ -97,6 +97,7 @@ CONFIG_CASES = {  # issue 18's list: what was written -> what the message names
     "a duplicate key": (lambda c: json.dumps(c).replace('"format"', '"format": "x", "format"', 1),
                         "the key 'format' appears twice"),
     "an unknown top-level key": (put("bogus", 1), "the file has unknown keys 'bogus'"),
+    "a probe without its parts": (put("verify", "probe", {"outputs": 1}), "must hold either 'skipped' alone or all of"),
     "another format": (put("format", "se_retrofit/0"), "format is \"se_retrofit/0\", expected 'se_retrofit/2'"),
     "two sites on one module": (lambda c: c["sites"].append(dict(c["sites"][0])), "add the module .* twice"),
     "a gate of no site": (lambda c: c["gates"].update({"head.se": {"gate": {"scale": 1.0, "offset": 0.0}}}),
