@@ -147,10 +147,13 @@ class ImageList(Dataset):
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise DataError(f"cannot read image {path}: it is too large to decode safely ({_first_line(error)}); "
                             "remove or shrink the file") from None
-        except Exception as error:  # noqa: BLE001 -- PIL: unidentified, truncated or broken files; and whatever
-            # another library's patch of PIL.Image.open raises on them (ultralytics' tries to import pi_heif)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL: unidentified, truncated or broken files
             raise DataError(f"cannot read image {path}: {type(error).__name__}: {_first_line(error)}; remove or "
                             "replace the file") from None
+        except Exception as error:  # noqa: BLE001 -- another library's patch of PIL.Image.open failed on it
+            opener = getattr(Image.open, "__module__", "PIL.Image")  # (ultralytics' imports pi_heif on a broken file)
+            raise DataError(f"cannot read image {path}: PIL.Image.open (patched by {opener}) raised "
+                            f"{type(error).__name__}: {_first_line(error)}; remove or replace the file") from None
         return (self.transform(image) if self.transform else image), target
 
 
