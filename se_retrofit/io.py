@@ -362,7 +362,7 @@ def remove_stale_staging(parent: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _STAGING_NAME.fullmatch(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(2))):
+        if match and entry.is_dir() and not entry.is_symlink() and not process_alive(int(match.group(2))):
             previous, place = entry / "previous", Path(parent) / _recorded_place(entry, match.group(1))
             if match.group(3) == "old" and previous.is_dir() and not os.path.lexists(place):
                 try:
@@ -386,7 +386,8 @@ def _recorded_place(old: Path, name: str) -> str:
 _STAGING_NAME = re.compile(rf"\.(.*)\.{STAGING_TAG}-(\d+)-[^.]*\.(partial|old)")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (this one included; one we may not signal counts as running)."""
     if pid == os.getpid():
         return True
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import RetrofitError
+from ..io import process_alive
 
 LOCK_FILE = ".se-retrofit.lock"
 MANIFEST_FILE = ".se-retrofit-manifest.json"
@@ -35,16 +36,6 @@ SAVED_MODEL_MARK = "retrofit_config.json"
 
 class OutDirError(RetrofitError):
     """The output directory is in use by another run, or holds files this tool did not write."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def _holder(lock: Path) -> int | None:
@@ -75,7 +66,7 @@ def hold(out: Path) -> Iterator[Path]:
         if _take(lock):
             break
         pid = _holder(lock)
-        if pid is not None and pid != os.getpid() and _alive(pid):
+        if pid is not None and pid != os.getpid() and process_alive(pid):
             raise OutDirError(f"{out} is in use by another se-retrofit finetune run (PID {pid}); wait for it to "
                               "finish or choose another --out")
         if pid is None and lock.exists() and lock.stat().st_size == 0:
