@@ -596,11 +596,17 @@ def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None,
     return None
 
 
+#: how a learned tensor is made one per sample (Mask2Former's queries ``weight.unsqueeze(1).repeat(1, B, 1)``)
+_PER_SAMPLE = frozenset({"repeat", "expand", "expand_as", "tile"})
+
+
 def _started(recording: Recording) -> frozenset[Op]:
     """The values computed from a tensor made from a shape alone (``torch.zeros_like(queries)``: the
-    first target of DETR's decoder) and from learned tensors: a sequence the model starts itself,
-    which its decoder layers then transform as they would an input."""
-    seeds = [op for op in recording.ops if op.name in SHAPE_ONLY and op.shape and len(op.shape) >= 2]
+    first target of DETR's decoder) or from learned queries repeated for each sample (Mask2Former's):
+    a sequence the model starts itself, which its decoder layers then transform as they would an
+    input."""
+    seeds = [op for op in recording.ops if op.shape and len(op.shape) >= 2 and not op.dynamic and (
+        op.name in SHAPE_ONLY or op.name in _PER_SAMPLE and op.weights)]
     found, stack = set(), seeds
     while stack:
         op = stack.pop()
@@ -624,12 +630,14 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
     position embeddings computed from reference boxes): they join the branch at an attending
     operation, or inside the call of a layer below the adding module that attends. The memory is
     then a side input, like a RoPE table; a concatenation or an addition of another activation in
-    the adding module itself (DPN's dual paths, DLA's roots) is not. Values the block input is
-    computed from count as its inputs (a decoder's first target, started as zeros); None where the
-    branch is no such cone."""
+    the adding module itself (DPN's dual paths, DLA's roots) is not, nor a branch that runs outside
+    the adding module (a position embedding added to a decoder's stream). Values computed from the block
+    input count as activations where it is a value the model starts itself (a decoder's first target:
+    zeros, or learned queries, used by no op after the addition); None where the branch is no such
+    cone."""
     below = _descendants(block_input, branch.index)
-    if branch not in below:
-        return None
+    if branch not in below or not block_input.dynamic and any(u.index > add.index for u in block_input.users):
+        return None  # a learned value used again after the addition is an embedding added, not a block input
     cone, entries, stack = set(), [], [branch]
     while stack:
         op = stack.pop()
@@ -641,6 +649,9 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
         if len(inside) < len(reads):
             entries.append(op)
         stack.extend(inside)
+    inside = f"{add.scope}." if add.scope else ""
+    if any(not (_where(op) == add.scope or _where(op).startswith(inside)) for op in cone):
+        return None  # the branch of a block of attention is computed in the call that adds it
     attending = [op.scope for op in cone if op.name in _ATTENDING]
     for entry in entries:
         within = f"{entry.scope}."
