@@ -631,14 +631,16 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
     operation, or inside the call of a layer below the adding module that attends. The memory is
     then a side input, like a RoPE table; a concatenation or an addition of another activation in
     the adding module itself (DPN's dual paths, DLA's roots) is not, nor a branch that runs outside
-    the adding module (a position embedding added to a decoder's stream). Values computed from the block
+    the adding module (a position embedding added to a decoder's stream), nor keys and values the
+    adding module computes from what it computes the block input from (a self-attention whose queries
+    are the shortcut: MViTv2's residual pooling ``q + attn(q, k, v)``). Values computed from the block
     input count as activations where it is a value the model starts itself (a decoder's first target:
     zeros, or learned queries, used by no op after the addition); None where the branch is no such
     cone."""
     below = _descendants(block_input, branch.index)
     if branch not in below or not block_input.dynamic and any(u.index > add.index for u in block_input.users):
         return None  # a learned value used again after the addition is an embedding added, not a block input
-    cone, entries, stack = set(), [], [branch]
+    cone, entries, sides, stack = set(), [], [], [branch]
     while stack:
         op = stack.pop()
         if op is block_input or op in cone:
@@ -648,10 +650,13 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
         inside = [a for a in reads if a in below]
         if len(inside) < len(reads):
             entries.append(op)
+            sides.extend(a for a in reads if a not in below)
         stack.extend(inside)
     inside = f"{add.scope}." if add.scope else ""
     if any(not (_where(op) == add.scope or _where(op).startswith(inside)) for op in cone):
         return None  # the branch of a block of attention is computed in the call that adds it
+    if sides and _computed_here(block_input, add.scope) & set().union(*(_computed_here(a, add.scope) for a in sides)):
+        return None  # keys and values split from the queries' own projection (MViTv2's residual pooling)
     attending = [op.scope for op in cone if op.name in _ATTENDING]
     for entry in entries:
         within = f"{entry.scope}."
@@ -660,6 +665,18 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
                 scope == entry.scope or scope.startswith(within) for scope in attending)):
             return None
     return cone
+
+
+def _computed_here(op: Op, scope: str) -> set[Op]:
+    """``op`` and the ops it is computed from inside the module ``scope``."""
+    inside = f"{scope}." if scope else ""
+    found, stack = set(), [op]
+    while stack:
+        node = stack.pop()
+        if node not in found and (_where(node) == scope or _where(node).startswith(inside)):
+            found.add(node)
+            stack.extend(node.inputs)
+    return found
 
 
 def _descendants(op: Op, until: int) -> set[Op]:
