@@ -14,7 +14,11 @@ The model is run once on a probe input while every tensor operation is recorded
   is a residual block), or is a pooling token mixer with a learned scale (``x + γ·(pool(x) − x)``);
 * ``f`` depends on no other *activation* of the network: every path from the model input to the
   branch passes through ``x``. Side inputs that do not depend on the input's values (RoPE tables,
-  relative-position indices, masks made from sizes, parameters, constants) are free;
+  relative-position indices, masks made from sizes, parameters, constants) are free, and so is a
+  second sequence a layer of the branch attends to (a decoder's cross-attention ``x + attn(q=x,
+  k=v=memory)``: it enters as keys and values, or as positions added inside the attending layer);
+  a decoder's stream started by the model itself (``zeros_like``, learned queries repeated per
+  sample) is a block input like an activation;
 * both operands and the sum have one shape (no broadcasting), and the sum is not written into a
   slice of another tensor (rexnet's ``x[:, :c] += y`` is a partial residual).
 
@@ -42,9 +46,12 @@ The block is reported at the module whose own forward performs the addition (``p
 ``add_index`` counting the additions of that forward as surgery's trace of it sees them), with the
 smallest module holding the addition and the whole branch as ``container``.
 
-Layout is told by the branch's conv where one produces the sum's shape (channels-first), else by
+Layout is told by the layer that writes the branch where it says one (a conv or BatchNorm:
+channels-first; a Linear, LayerNorm or ``nn.MultiheadAttention``: channels-last, the attention's
+``batch_first`` saying where the batch is), a ``(N, C)`` sum being one vector per sample; else by
 probing with a second input size: the dimensions that change are spatial, the one non-batch
 dimension that does not is the channel dimension. The second probe runs only when it is needed.
+Norms are told by what they compute (:mod:`.norms`: a frozen BatchNorm is a norm).
 """
 from __future__ import annotations
 
