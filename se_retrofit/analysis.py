@@ -976,7 +976,8 @@ def _describe(op: Op) -> str:
     return f"{op.scope}:{op.name}" if op.scope else op.name
 
 
-def _layout(add: Op, residual: _Residual, shapes_b: Mapping[int, tuple], modules: dict[str, nn.Module]) -> tuple[str, int, int]:
+def _layout(add: Op, residual: _Residual, shapes_b: Mapping[int, tuple],
+            modules: dict[str, nn.Module]) -> tuple[str, int, int]:
     """(layout, channel dim, batch dim); 0 as channel dim means unknown.
 
     A ``(N, C)`` sum has one candidate. Else the layer that writes the branch (:func:`_writer_says`)

@@ -130,5 +130,6 @@ def gate_cat_operand(graph: fx.Graph, site: Site, modules: dict[str, nn.Module])
 
 
 GATES: dict[str, Callable[[fx.Graph, Site, dict[str, nn.Module]], None]] = {
-    "child": gate_child, "child_call": gate_child_call, "output": gate_output, "cat": gate_cat, "cat_operand": gate_cat_operand,
+    "child": gate_child, "child_call": gate_child_call, "output": gate_output, "cat": gate_cat,
+    "cat_operand": gate_cat_operand,
 }
