@@ -14,7 +14,11 @@ The model is run once on a probe input while every tensor operation is recorded
   is a residual block), or is a pooling token mixer with a learned scale (``x + γ·(pool(x) − x)``);
 * ``f`` depends on no other *activation* of the network: every path from the model input to the
   branch passes through ``x``. Side inputs that do not depend on the input's values (RoPE tables,
-  relative-position indices, masks made from sizes, parameters, constants) are free;
+  relative-position indices, masks made from sizes, parameters, constants) are free, and so is a
+  second sequence a layer of the branch attends to (a decoder's cross-attention ``x + attn(q=x,
+  k=v=memory)``: it enters as keys and values, or as positions added inside the attending layer);
+  a decoder's stream started by the model itself (``zeros_like``, learned queries repeated per
+  sample) is a block input like an activation;
 * both operands and the sum have one shape (no broadcasting), and the sum is not written into a
   slice of another tensor (rexnet's ``x[:, :c] += y`` is a partial residual).
 
@@ -42,9 +46,12 @@ The block is reported at the module whose own forward performs the addition (``p
 ``add_index`` counting the additions of that forward as surgery's trace of it sees them), with the
 smallest module holding the addition and the whole branch as ``container``.
 
-Layout is told by the branch's conv where one produces the sum's shape (channels-first), else by
+Layout is told by the layer that writes the branch where it says one (a conv or BatchNorm:
+channels-first; a Linear, LayerNorm or ``nn.MultiheadAttention``: channels-last, the attention's
+``batch_first`` saying where the batch is), a ``(N, C)`` sum being one vector per sample; else by
 probing with a second input size: the dimensions that change are spatial, the one non-batch
 dimension that does not is the channel dimension. The second probe runs only when it is needed.
+Norms are told by what they compute (:mod:`.norms`: a frozen BatchNorm is a norm).
 """
 from __future__ import annotations
 
@@ -620,11 +627,17 @@ def _match_residual(add: Op, calls: dict[int, ModuleCall] | None = None,
     return None
 
 
+#: how a learned tensor is made one per sample (Mask2Former's queries ``weight.unsqueeze(1).repeat(1, B, 1)``)
+_PER_SAMPLE = frozenset({"repeat", "expand", "expand_as", "tile"})
+
+
 def _started(recording: Recording) -> frozenset[Op]:
     """The values computed from a tensor made from a shape alone (``torch.zeros_like(queries)``: the
-    first target of DETR's decoder) and from learned tensors: a sequence the model starts itself,
-    which its decoder layers then transform as they would an input."""
-    seeds = [op for op in recording.ops if op.name in SHAPE_ONLY and op.shape and len(op.shape) >= 2]
+    first target of DETR's decoder) or from learned queries repeated for each sample (Mask2Former's):
+    a sequence the model starts itself, which its decoder layers then transform as they would an
+    input."""
+    seeds = [op for op in recording.ops if op.shape and len(op.shape) >= 2 and not op.dynamic and (
+        op.name in SHAPE_ONLY or op.name in _PER_SAMPLE and op.weights)]
     found, stack = set(), seeds
     while stack:
         op = stack.pop()
@@ -648,13 +661,17 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
     position embeddings computed from reference boxes): they join the branch at an attending
     operation, or inside the call of a layer below the adding module that attends. The memory is
     then a side input, like a RoPE table; a concatenation or an addition of another activation in
-    the adding module itself (DPN's dual paths, DLA's roots) is not. Values the block input is
-    computed from count as its inputs (a decoder's first target, started as zeros); None where the
-    branch is no such cone."""
+    the adding module itself (DPN's dual paths, DLA's roots) is not, nor a branch that runs outside
+    the adding module (a position embedding added to a decoder's stream), nor keys and values the
+    adding module computes from what it computes the block input from (a self-attention whose queries
+    are the shortcut: MViTv2's residual pooling ``q + attn(q, k, v)``). Values computed from the block
+    input count as activations where it is a value the model starts itself (a decoder's first target:
+    zeros, or learned queries, used by no op after the addition); None where the branch is no such
+    cone."""
     below = _descendants(block_input, branch.index)
-    if branch not in below:
-        return None
-    cone, entries, stack = set(), [], [branch]
+    if branch not in below or not block_input.dynamic and any(u.index > add.index for u in block_input.users):
+        return None  # a learned value used again after the addition is an embedding added, not a block input
+    cone, entries, sides, stack = set(), [], [], [branch]
     while stack:
         op = stack.pop()
         if op is block_input or op in cone:
@@ -664,7 +681,13 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
         inside = [a for a in reads if a in below]
         if len(inside) < len(reads):
             entries.append(op)
+            sides.extend(a for a in reads if a not in below)
         stack.extend(inside)
+    inside = f"{add.scope}." if add.scope else ""
+    if any(not (_where(op) == add.scope or _where(op).startswith(inside)) for op in cone):
+        return None  # the branch of a block of attention is computed in the call that adds it
+    if sides and _computed_here(block_input, add.scope) & set().union(*(_computed_here(a, add.scope) for a in sides)):
+        return None  # keys and values split from the queries' own projection (MViTv2's residual pooling)
     attending = [op.scope for op in cone if op.name in _ATTENDING]
     for entry in entries:
         within = f"{entry.scope}."
@@ -673,6 +696,18 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
                 scope == entry.scope or scope.startswith(within) for scope in attending)):
             return None
     return cone
+
+
+def _computed_here(op: Op, scope: str) -> set[Op]:
+    """``op`` and the ops it is computed from inside the module ``scope``."""
+    inside = f"{scope}." if scope else ""
+    found, stack = set(), [op]
+    while stack:
+        node = stack.pop()
+        if node not in found and (_where(node) == scope or _where(node).startswith(inside)):
+            found.add(node)
+            stack.extend(node.inputs)
+    return found
 
 
 def _descendants(op: Op, until: int) -> set[Op]:
@@ -1010,7 +1045,8 @@ def _describe(op: Op) -> str:
     return f"{op.scope}:{op.name}" if op.scope else op.name
 
 
-def _layout(add: Op, residual: _Residual, shapes_b: Mapping[int, tuple], modules: dict[str, nn.Module]) -> tuple[str, int, int]:
+def _layout(add: Op, residual: _Residual, shapes_b: Mapping[int, tuple],
+            modules: dict[str, nn.Module]) -> tuple[str, int, int]:
     """(layout, channel dim, batch dim); 0 as channel dim means unknown.
 
     A ``(N, C)`` sum has one candidate. Else the layer that writes the branch (:func:`_writer_says`)

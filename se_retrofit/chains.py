@@ -7,7 +7,8 @@ A **chain layer** is a conv whose result, through norms only, reaches an activat
 still has spatial extent (a classifier's 7×7 "fc6" conv to 1×1 is not one). Which convs count is
 decided by what the chain is built of:
 
-* a chain of full convs (VGG, AlexNet): every spatial (k > 1) conv that mixes all channels;
+* a chain of full convs (VGG, AlexNet, MONAI's U-Nets): every spatial (k > 1) conv that mixes all
+  channels;
 * a chain of depthwise-separable convs (MobileNetV1, LCNet: it has depthwise convs): every
   pointwise conv that follows a depthwise conv, the site going after the pointwise activation (after
   its norm where the projection is linear, as in MobileNetV2's bottlenecks). The repeating layer of
@@ -91,12 +92,12 @@ def _follows_depthwise(conv: Op, modules: dict[str, nn.Module]) -> bool:
 
 
 def _activation_after(conv: Op, linear: bool = False) -> Op | None:
-    """The activation the conv's result reaches through norms only, where it is the only user; with
-    ``linear``, the norm itself where no activation follows (a linear pointwise projection, as in
-    MobileNetV2's bottlenecks)."""
+    """The activation the conv's result reaches through norms (and dropout: MONAI's conv → norm →
+    dropout → activation) only, where it is the only user; with ``linear``, the norm itself where no
+    activation follows (a linear pointwise projection, as in MobileNetV2's bottlenecks)."""
     op = conv
-    for _ in range(4):
-        if len(op.users) != 1 or op.users[0].kind not in _NORMS | _ENDS:
+    for _ in range(5):
+        if len(op.users) != 1 or op.users[0].kind not in _NORMS | _ENDS | {K.DROPOUT}:
             return op if linear and op.kind == K.NORM else None
         op = op.users[0]
         if op.kind in _ENDS:

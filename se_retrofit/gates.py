@@ -9,6 +9,8 @@ A gate is found from the operation producing the tensor (:func:`gate_after`), pr
   the new module's keys sit under that module (``features.denseblock1.denselayer1.se.fc1.weight``);
 * ``child``: the tensor is the result of a leaf module (a ``ReLU``, a ``BatchNormAct2d``) called once
   in its caller's forward: the caller is edited and that call gated (VGG's ``features.1``);
+* ``child_call``: the same, where the caller calls the leaf several times (MONAI's DynUNet blocks
+  apply one ``lrelu`` after each conv): call number ``index`` of it is gated;
 * ``cat`` / ``cat_operand``: after the ``index``-th concatenation of a module's own forward (and the
   activation right after it), or on one of its operands only (a branch computed by functions in the
   joining forward itself).
@@ -27,7 +29,7 @@ from .copying import meta_copy
 from .recording import ModuleCall, Op, Recording
 from .tracing import TRACE_FAILURES, optional_arguments, trace
 
-CHILD, OUTPUT, CAT, CAT_OPERAND = "child", "output", "cat", "cat_operand"
+CHILD, CHILD_CALL, OUTPUT, CAT, CAT_OPERAND = "child", "child_call", "output", "cat", "cat_operand"
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,9 @@ class Gate:
     Attributes:
         module: dotted path of the module whose forward is edited.
         how: ``output`` | ``child`` | ``cat`` | ``cat_operand`` (see the module docstring).
-        anchor: for ``child``, the child's name within ``module``.
-        index: for ``cat``/``cat_operand``, which concatenation of ``module``'s own forward.
+        anchor: for ``child`` and ``child_call``, the child's name within ``module``.
+        index: for ``cat``/``cat_operand``, which concatenation of ``module``'s own forward; for
+            ``child_call``, which call of the child.
         operand: for ``cat_operand``, which tensor of that concatenation.
         channels, channel_dim: the gated tensor's channel count and where it is (1 for NCHW).
     """
@@ -59,9 +62,11 @@ class CallCounts:
         self.counts: dict[str, int] = {}
         for call in recording.calls.values():
             self.counts[call.path] = self.counts.get(call.path, 0) + 1
+        self.leaf_calls: dict[str, list[Op]] = {}
         for op in recording.ops:
             if op.module:
                 self.counts[op.module] = self.counts.get(op.module, 0) + 1
+                self.leaf_calls.setdefault(op.module, []).append(op)
 
     def once(self, path: str) -> bool:
         return self.counts.get(path, 0) == 1
@@ -73,7 +78,12 @@ def gate_after(op: Op, modules: dict[str, nn.Module], calls: CallCounts, channel
     returns it alone. ``within``: only modules inside this path (a unit's container)."""
     for path in op.returned_by:  # innermost first
         module = modules.get(path)
-        if not path or module is None or not calls.once(path) or not _inside(path, within):
+        if not path or module is None or not _inside(path, within):
+            continue
+        if not calls.once(path):
+            shared = _shared_leaf_call(op, path, calls, within)
+            if shared is not None:
+                return shared
             continue
         if K.module_kind(module) == K.OTHER:
             return Gate(path, OUTPUT, channels)
@@ -81,6 +91,18 @@ def gate_after(op: Op, modules: dict[str, nn.Module], calls: CallCounts, channel
         if path == op.module and _inside(caller, within) and (not caller or path.startswith(f"{caller}.")):
             return Gate(caller, CHILD, channels, anchor=path[len(caller) + 1:] if caller else path)
     return None
+
+
+def _shared_leaf_call(op: Op, path: str, calls: CallCounts, within: str | None) -> Gate | None:
+    """A ``child_call`` gate where ``op`` is one call of a leaf that only its caller's forward calls,
+    all in one call of that forward (an activation module applied after each of a block's convs)."""
+    caller = op.scope
+    uses = calls.leaf_calls.get(path, [])
+    if path != op.module or not caller or not path.startswith(f"{caller}.") or not _inside(caller, within) \
+            or any(use.scope != caller or use.call != op.call for use in uses):
+        return None
+    return Gate(caller, CHILD_CALL, int(op.shape[1]) if op.shape else 0, anchor=path[len(caller) + 1:],
+                index=uses.index(op))
 
 
 def _inside(path: str, within: str | None) -> bool:
@@ -114,6 +136,10 @@ def _place_problem(module: nn.Module, graph: fx.Graph, gate: Gate) -> str | None
     if gate.how == CHILD:
         calls = sum(n.op == "call_module" and n.target == gate.anchor for n in graph.nodes)
         return None if calls == 1 else f"its traced forward calls {gate.anchor!r} {calls} times, not once"
+    if gate.how == CHILD_CALL:
+        calls = sum(n.op == "call_module" and n.target == gate.anchor for n in graph.nodes)
+        return None if calls > gate.index else f"its traced forward calls {gate.anchor!r} {calls} times, " \
+                                               f"not {gate.index + 1}"
     if gate.how == OUTPUT:
         value = next(n for n in graph.nodes if n.op == "output").args[0]
         return None if isinstance(value, fx.Node) else "its forward returns more than one tensor"

@@ -79,6 +79,15 @@ def gate_child(graph: fx.Graph, site: Site, modules: dict[str, nn.Module]) -> No
     wrap_output(graph, calls[0], site)
 
 
+def gate_child_call(graph: fx.Graph, site: Site, modules: dict[str, nn.Module]) -> None:
+    """After call number ``site.add_index`` of the child ``site.anchor`` (a child called several times)."""
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == site.anchor]
+    if len(calls) <= site.add_index:
+        raise SurgeryError(f"{site.block}: expected call #{site.add_index} of {site.anchor!r} in its forward, "
+                           f"found {len(calls)} calls")
+    wrap_output(graph, calls[site.add_index], site)
+
+
 def gate_output(graph: fx.Graph, site: Site, modules: dict[str, nn.Module]) -> None:
     """On the value the forward returns."""
     output = next(n for n in graph.nodes if n.op == "output")
@@ -121,5 +130,6 @@ def gate_cat_operand(graph: fx.Graph, site: Site, modules: dict[str, nn.Module])
 
 
 GATES: dict[str, Callable[[fx.Graph, Site, dict[str, nn.Module]], None]] = {
-    "child": gate_child, "output": gate_output, "cat": gate_cat, "cat_operand": gate_cat_operand,
+    "child": gate_child, "child_call": gate_child_call, "output": gate_output, "cat": gate_cat,
+    "cat_operand": gate_cat_operand,
 }

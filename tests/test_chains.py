@@ -76,3 +76,75 @@ def test_positions_a_chain_has_not_are_refused_with_the_reason(position):
 def test_a_conv_without_activation_is_no_chain_layer():
     heads = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3))
     assert analyze(heads, torch.randn(1, 3, 16, 16)).count("chain") == 0
+
+
+# --- MONAI's patterns, written in plain torch ----------------------------------------------------
+
+class _Convolution(nn.Sequential):
+    """MONAI's ``Convolution``: a conv, then ``adn`` in its default order: norm → dropout → activation."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.add_module("conv", nn.Conv2d(cin, cout, 3, stride, 1))
+        self.add_module("adn", nn.Sequential())
+        self.adn.add_module("N", nn.InstanceNorm2d(cout, affine=True))
+        self.adn.add_module("D", nn.Dropout(0.1))
+        self.adn.add_module("A", nn.LeakyReLU(0.1))
+
+
+class _TwoConv(nn.Sequential):  # BasicUNet's unit
+    def __init__(self, cin, cout, stride=1):
+        super().__init__(_Convolution(cin, cout, stride), _Convolution(cout, cout))
+
+
+class _SharedActivationBlock(nn.Module):
+    """DynUNet's ``UnetBasicBlock``: one ``lrelu`` module applied after each conv → norm."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(cin, cout, 3, stride, 1), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.norm1, self.norm2 = nn.InstanceNorm2d(cout, affine=True), nn.InstanceNorm2d(cout, affine=True)
+        self.lrelu = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x):
+        out = self.lrelu(self.norm1(self.conv1(x)))
+        return self.lrelu(self.norm2(self.conv2(out)))
+
+
+MONAI_LIKE = {
+    # 3 units x 2 convs, each conv → norm → dropout → activation
+    "conv-norm-dropout-act": (lambda: nn.Sequential(_TwoConv(3, 8), _TwoConv(8, 16, 2), _TwoConv(16, 16, 2)), 6),
+    # 3 blocks x 2 convs, the block's one activation module called after each
+    "activation-called-twice": (lambda: nn.Sequential(_SharedActivationBlock(3, 8), _SharedActivationBlock(8, 16, 2),
+                                                      _SharedActivationBlock(16, 16, 2)), 6),
+}
+
+
+@pytest.mark.parametrize("position", ["standard", "post"])
+@pytest.mark.parametrize("name", MONAI_LIKE)
+def test_monai_chain_patterns(name, position):
+    build, count = MONAI_LIKE[name]
+    model = build().eval()
+    assert analyze(model, torch.randn(1, 3, 16, 16)).count("chain") == count
+    edited = check_identity_and_liveness(model, torch.randn(2, 3, 16, 16), position=position)
+    assert len(edited.se_retrofit.sites) == count
+
+
+def test_a_shared_activation_is_gated_at_each_of_its_calls():
+    model = nn.Sequential(_SharedActivationBlock(3, 8)).eval()
+    edited = se_retrofit.retrofit(model, example_input=torch.randn(1, 3, 16, 16))
+    assert [(s.block, s.gate, s.anchor, s.add_index) for s in edited.se_retrofit.sites] == [
+        ("0", "child_call", "lrelu", 0), ("0", "child_call", "lrelu", 1)]
+
+
+@pytest.mark.parametrize("name,build,count", [
+    # encoder conv_0 and down_1..4, decoder upcat_4..1: 9 TwoConv units x 2 convs
+    ("BasicUNet", lambda nets: nets.BasicUNet(2, 1, 2, features=(8, 8, 16, 32, 64, 8)), 18),
+    # input block, 2 downsamples, bottleneck, 3 upsample blocks: 7 UnetBasicBlocks x 2 convs
+    ("DynUNet", lambda nets: nets.DynUNet(2, 1, 2, [3, 3, 3, 3], [1, 2, 2, 2], [2, 2, 2], filters=[8, 16, 32, 64]), 14),
+])
+def test_monai_unets(name, build, count):
+    nets = pytest.importorskip("monai.networks.nets")
+    analysis = analyze(build(nets).eval(), torch.randn(1, 1, 32, 32))
+    assert (analysis.count("chain"), analysis.count("join"), len(analysis.blocks)) == (count, 0, 0)
+    assert all(not u.gate_errors for u in analysis.units)

@@ -115,3 +115,51 @@ def test_rt_detr_counts_aifi_and_deformable_decoder_layers():
     edited = se_retrofit.retrofit(model, example_input=x[:1], exclude=["model.encoder.aifi.0.layers.0"])
     with torch.no_grad():
         assert torch.equal(edited(x).logits, model(x).logits)
+
+
+def test_mask2former_masked_cross_attention_from_learned_queries():
+    # ResNet backbone: 4 basic layers; pixel decoder: 1 deformable encoder layer x (self-attention,
+    # feed-forward) = 2; transformer decoder: decoder_layers - 1 = 2 layers x (masked cross-attention,
+    # self-attention, feed-forward) = 6, the first reading the learned queries repeated per sample.
+    # Additions 0 and 1 of each decoder layer add position embeddings to queries and keys.
+    transformers = pytest.importorskip("transformers")
+    backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                                         layer_type="basic", out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = transformers.Mask2FormerConfig(
+        backbone_config=backbone, use_pretrained_backbone=False, hidden_dim=32, feature_size=32, mask_feature_size=32,
+        encoder_feedforward_dim=64, dim_feedforward=64, decoder_layers=3, encoder_layers=1, num_attention_heads=2,
+        num_queries=5, common_stride=4)
+    torch.manual_seed(0)
+    model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
+    names = [b.name for b in se_retrofit.analyze(model, torch.randn(1, 3, 64, 64)).blocks]
+    assert len(names) == 12 and sum(n.startswith("model.pixel_level_module.encoder.") for n in names) == 4
+    assert names[-6:] == [f"model.transformer_module.decoder.layers.{i}@{a}" for i in range(2) for a in (2, 3, 4)]
+
+
+class _ResidualPoolingAttention(nn.Module):
+    """MViTv2's attention: the pooled queries are added to the attention's output (``q + attn(q, k, v)``),
+    keys and values split from the same projection, learned relative positions on the queries: one
+    self-attention, no second sequence."""
+
+    def __init__(self, width: int = 16, tokens: int = 5):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.rel = nn.Parameter(torch.randn(width, tokens))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(1, 2) + q @ self.rel, -1) @ v + q)
+
+
+class _PreNormBlock(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(width), _ResidualPoolingAttention(width)
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))
+
+
+def test_queries_added_to_their_own_attention_are_no_block():
+    model = nn.Sequential(nn.Linear(8, 16), _PreNormBlock(), _PreNormBlock()).eval()
+    assert [b.name for b in se_retrofit.find_blocks(model, torch.randn(1, 5, 8))] == ["1", "2"]

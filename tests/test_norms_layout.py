@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import se_retrofit
-from se_retrofit.analysis import CHANNELS_LAST, TOKENS
+from se_retrofit.analysis import TOKENS
 from se_retrofit.recording import record
 
 from helpers import as_if_pretrained
@@ -182,3 +182,29 @@ def test_sequence_first_tokens_are_squeezed_per_sample():
             if name not in model.state_dict():
                 param.normal_()
         assert torch.allclose(edited(x)[:, :1], edited(x[:, :1]), atol=1e-5)  # samples stay apart
+
+
+class _TokenModel(nn.Module):
+    """Integer token ids in, a dict in: no second probe can be made from either."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(50, width)
+        self.blocks = nn.ModuleList(_ResidualMLP(width) for _ in range(2))
+
+    def forward(self, batch):
+        x = self.embed(batch["ids"])
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_integer_ids_in_a_dict_have_their_layout_from_the_linear_layers():
+    model = _TokenModel().eval()
+    batch = {"ids": torch.randint(0, 50, (1, 7))}
+    analysis = se_retrofit.analyze(model, (batch,))
+    assert [(b.layout, b.channel_dim, b.channels) for b in analysis.blocks] == [(TOKENS, 2, 16)] * 2
+    edited = se_retrofit.retrofit(model, example_input=(batch,))
+    batch = {"ids": torch.randint(0, 50, (3, 7))}
+    with torch.no_grad():
+        assert torch.equal(edited(batch), model(batch))
