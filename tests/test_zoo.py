@@ -159,7 +159,6 @@ def test_zoo_residual_count_matches_the_source(build):
     assert len(se_retrofit.analyze(model, x).blocks) == count
 
 
-@pytest.mark.xfail(strict=True, reason=CHAIN_ORDER)
 def test_basic_unet_chain_layers_are_found():
     model, x, count = _built(monai_basic_unet)
     assert se_retrofit.analyze(model, x).count("chain") == count
