@@ -324,16 +324,51 @@ def target_recipe(job: Job, backbone_file: Path, work: Path, epochs: list[int]) 
     return write_recipe(recipe, work / "recipes" / f"{recipe['name']}.yaml")
 
 
-def run_job(job: Job, backbone_file: Path, work: Path, epochs: list[int], log: Path) -> dict:
+def prepare(job: Job, backbone_file: Path, work: Path, epochs: list[int]) -> list[str]:
+    """The ``se-retrofit finetune`` arguments of one job (its data and recipe written)."""
     data = make_target(work, job.setting, job.seed)
     out = work / "runs" / job.backbone / job.setting / job.arm / f"seed{job.seed}"
-    seconds = finetune(target_recipe(job, backbone_file, work, epochs), data, out, log=log)
-    rows = read_metrics(out)
-    final = rows[-1]["val_acc"]
-    print(f"[{job.backbone} {job.setting} seed {job.seed}] {job.arm:15s} val acc {final:.3f} ({seconds:.0f} s)",
-          flush=True)
-    return {**job.__dict__, "seconds": seconds, "final": final, "curve": [r["val_acc"] for r in rows],
-            "train_loss": [r["train_loss"] for r in rows], "phases": [r["phase"] for r in rows]}
+    return ["finetune", str(target_recipe(job, backbone_file, work, epochs)), "--data", str(data), "--out", str(out),
+            "--device", "cpu", "--no-progress"]
+
+
+def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path) -> list[dict]:
+    """The jobs in ``workers`` processes (one thread each), each running its share through the product's
+    ``main`` one after the other (LAUNCHER --many); returns one result per job."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(RECIPES), os.environ.get("PYTHONPATH", "")]))
+    shares = [list(range(w, len(jobs), workers)) for w in range(workers)]
+    seconds = [0.0] * len(jobs)
+
+    def work(w: int) -> None:
+        listing = log.with_name(f"jobs-{w}.jsonl")
+        listing.write_text("".join(json.dumps(argvs[i]) + "\n" for i in shares[w]))
+        with open(log.with_name(f"worker-{w}.log"), "w") as out:
+            process = subprocess.Popen([sys.executable, str(LAUNCHER), "--many", str(listing)], env=env,
+                                       stdout=subprocess.PIPE, stderr=out, text=True)
+            for line in process.stdout:
+                out.write(line)
+                if line.startswith("DONE "):
+                    _, took, code, number = line.split()
+                    job = jobs[shares[w][int(number)]]
+                    seconds[shares[w][int(number)]] = float(took)
+                    if code != "0":
+                        raise RuntimeError(f"finetune failed (exit {code}) for {job}: see {out.name}")
+                    final = read_metrics(Path(argvs[shares[w][int(number)]][5]))[-1]["val_acc"]
+                    print(f"[{job.backbone} {job.setting} seed {job.seed}] {job.arm:15s} val acc {final:.3f} "
+                          f"({float(took):.0f} s)", flush=True)
+            if process.wait():
+                raise RuntimeError(f"worker {w} failed: see {out.name}")
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(work, range(workers)))
+    results = []
+    for job, argv, took in zip(jobs, argvs, seconds):
+        rows = read_metrics(Path(argv[5]))
+        results.append({**job.__dict__, "seconds": took, "final": rows[-1]["val_acc"],
+                        "curve": [r["val_acc"] for r in rows], "train_loss": [r["train_loss"] for r in rows],
+                        "phases": [r["phase"] for r in rows]})
+    return results
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -499,11 +534,8 @@ def main(argv=None) -> dict:
                       f"max |Δ| {max(row['max_abs_diff']):.3g}", flush=True)
             weights = backbone_weights(backbone, source, work / "weights" / f"{backbone}-backbone.safetensors")
             jobs = [Job(backbone, s, seed, a) for s in args.settings for seed in seeds for a in args.arms]
-            for s in args.settings:
-                for seed in seeds:
-                    make_target(work, s, seed)
-            with ThreadPoolExecutor(args.jobs) as pool:
-                result["runs"] += list(pool.map(lambda j: run_job(j, weights, work, args.epochs, log), jobs))
+            argvs = [prepare(job, weights, work, args.epochs) for job in jobs]
+            result["runs"] += run_jobs(jobs, argvs, args.jobs, log)
         result["seconds"] = time.perf_counter() - began
         result["table"] = summarise(result["runs"], args.backbones, args.settings, args.arms)
         result["reading"] = reading(result["table"], args.backbones, args.settings, args.arms)
