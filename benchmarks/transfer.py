@@ -25,7 +25,9 @@ by ``transfer_recipes/se_retrofit_with_noop.py``, which imports the no-op type f
 command has no ``--import``) in a process of its own (``--jobs`` at a time, one thread each). Writes ``OUT/transfer.json`` (every curve),
 ``OUT/transfer.md`` (the table) and ``OUT/transfer.png`` (validation accuracy per epoch).
 
-    python benchmarks/transfer.py                      # full: 2 backbones x 2 targets x 7 arms x 5 seeds
+    python benchmarks/transfer.py                      # full: resnet18 2 targets x 7 arms, convnext_atto
+                                                       # few x 4 arms (--reduce), 5 seeds; --work DIR
+                                                       # reuses the finished runs in DIR
     python benchmarks/transfer.py --quick              # CI: resnet18, one target, 3 arms, one seed, 2 epochs
     nice -n 10 python benchmarks/transfer.py --jobs 2 --out benchmarks/results > transfer.log 2>&1
 """
@@ -107,15 +109,16 @@ def write_folder(root: Path, images, labels, indices, transform: dict, rng_seed:
         to_image(images[i], angle, transform["noise"], rng).save(folder / f"{int(i):04d}.png")
 
 
-def make_source(work: Path) -> Path:
-    """Digits 0-4: 80% train, 20% val (a fixed permutation per class)."""
+def make_source(work: Path, per_class: int | None = None) -> Path:
+    """Digits 0-4: 80% train, 20% val (a fixed permutation per class); ``per_class``: at most that
+    many training images per class (the quick run's smaller source task)."""
     images, labels = digits()
     root = work / "data" / "source"
     rng = np.random.default_rng(0)
     for c in range(5):
         members = rng.permutation(np.flatnonzero(labels == c))
         cut = round(len(members) * 0.8)
-        write_folder(root / "train", images, labels, members[:cut], SETTINGS["few"], 0)
+        write_folder(root / "train", images, labels, members[:cut][:per_class], SETTINGS["few"], 0)
         write_folder(root / "val", images, labels, members[cut:], SETTINGS["few"], 0)
     return root
 
@@ -174,6 +177,12 @@ def finetune(recipe: Path, data: Path, out: Path, *args: str, log: Path) -> floa
     return time.perf_counter() - began
 
 
+def finished(out: Path, epochs: int) -> bool:
+    """Whether ``out`` holds a finished run of ``epochs`` epochs (its final model saved)."""
+    return ((out / "model" / "model.safetensors").is_file() and (out / "metrics.csv").is_file()
+            and len(read_metrics(out)) == epochs)
+
+
 def read_metrics(out: Path) -> list[dict]:
     import csv
 
@@ -183,12 +192,15 @@ def read_metrics(out: Path) -> list[dict]:
 
 # --- the source model and the backbone weights handed to the target runs --------------------------
 
-def pretrain(backbone: str, work: Path, epochs: int, log: Path) -> Path:
+def pretrain(backbone: str, work: Path, epochs: int, log: Path, per_class: int | None = None) -> Path:
     """Train the source model with the product's command, interrupted after epoch 1 and resumed."""
-    source = make_source(work)
+    source = make_source(work, per_class)
     recipe = write_recipe(recipe_for("source.yaml", f"source-{backbone}", model=backbone),
                           work / "recipes" / f"source-{backbone}.yaml")
     out = work / "runs" / backbone / "source"
+    if finished(out, epochs):
+        print(f"[{backbone}] source model: reused the finished run in {out}", flush=True)
+        return out
     seconds = finetune(recipe, source, out, "--epochs", str(epochs), "--stop-after-epoch", "1", log=log)
     seconds += finetune(recipe, source, out, "--epochs", str(epochs), "--resume", log=log)
     print(f"[{backbone}] source model: {epochs} epochs (stopped after 1, resumed) in {seconds:.0f} s; "
@@ -329,7 +341,11 @@ def prepare(job: Job, backbone_file: Path, work: Path, epochs: list[int]) -> lis
     data = make_target(work, job.setting, job.seed)
     out = work / "runs" / job.backbone / job.setting / job.arm / f"seed{job.seed}"
     return ["finetune", str(target_recipe(job, backbone_file, work, epochs)), "--data", str(data), "--out", str(out),
-            "--device", "cpu", "--no-progress"]
+            "--device", "cpu", "--no-progress", "--overwrite"]
+
+
+def expected_epochs(argv: list[str]) -> int:
+    return sum(p["epochs"] for p in yaml.safe_load(Path(argv[1]).read_text())["phases"])
 
 
 def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path) -> list[dict]:
@@ -337,7 +353,9 @@ def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path) -
     ``main`` one after the other (LAUNCHER --many); returns one result per job."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(RECIPES), os.environ.get("PYTHONPATH", "")]))
-    shares = [list(range(w, len(jobs), workers)) for w in range(workers)]
+    todo = [i for i, argv in enumerate(argvs) if not finished(Path(argv[5]), expected_epochs(argv))]
+    print(f"{len(jobs) - len(todo)} finished runs reused from {log.parent}, {len(todo)} to run", flush=True)
+    shares = [todo[w::workers] for w in range(workers)]
     seconds = [0.0] * len(jobs)
 
     def work(w: int) -> None:
@@ -486,13 +504,18 @@ def plot(path: Path, result: dict) -> None:
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI: resnet18, few, plain/se-post/se-random, 1 seed, "
-                                                             "2 epochs")
+                                                             "2 target epochs, 3 source epochs on 60 images/class")
     parser.add_argument("--backbones", nargs="+", help="timm names (default resnet18 convnext_atto)")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS))
     parser.add_argument("--arms", nargs="+", choices=list(EDITS))
     parser.add_argument("--seeds", type=int, help="number of seeds (default 5)")
     parser.add_argument("--epochs", help="target epochs per phase, e.g. 4,8 (default: the recipe's)")
     parser.add_argument("--source-epochs", type=int, help="source pretraining epochs (default 8)")
+    parser.add_argument("--source-images", type=int, help="training images per source class (default: all, "
+                                                           "about 145; --quick 60)")
+    parser.add_argument("--reduce", action="append", default=[], metavar="BACKBONE:SETTINGS:ARMS",
+                        help="run only these settings and arms on BACKBONE, e.g. convnext_atto:few:plain,se-post "
+                             "(repeatable; the default full run uses it for convnext_atto to fit 30 minutes)")
     parser.add_argument("--jobs", type=int, default=2, help="fine-tuning runs at a time (one thread each)")
     parser.add_argument("--out", type=Path, help="where the table, JSON and plot go (default: a temporary "
                                                  "directory with --quick, else benchmarks/results)")
@@ -506,7 +529,14 @@ def parse(argv=None) -> argparse.Namespace:
         args.arms.insert(0, "plain")
     args.seeds = args.seeds or (1 if quick else 5)
     args.epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else ([1, 1] if quick else [4, 8])
-    args.source_epochs = args.source_epochs or (2 if quick else 8)
+    args.source_epochs = args.source_epochs or (3 if quick else 8)
+    args.source_images = args.source_images or (60 if quick else None)
+    if not quick and not args.reduce and "convnext_atto" in args.backbones:
+        args.reduce = ["convnext_atto:few:plain,se-post,eca,se-random"]
+    args.reduced = {}
+    for item in args.reduce:
+        backbone, settings, arms = item.split(":")
+        args.reduced[backbone] = (settings.split(","), ["plain"] + [a for a in arms.split(",") if a != "plain"])
     return args
 
 
@@ -526,14 +556,15 @@ def main(argv=None) -> dict:
               "source_curves": {}, "runs": []}
     try:
         for backbone in args.backbones:
-            source = pretrain(backbone, work, args.source_epochs, log)
+            source = pretrain(backbone, work, args.source_epochs, log, args.source_images)
             result["source_curves"][backbone] = [r["val_acc"] for r in read_metrics(source)]
             result["identity"][backbone] = identity_rows(backbone, source, work, args.arms, seeds)
             for arm, row in result["identity"][backbone].items():
                 print(f"[{backbone}] {arm:15s} source acc {row['before']:.4f} -> {row['after']} "
                       f"max |Δ| {max(row['max_abs_diff']):.3g}", flush=True)
             weights = backbone_weights(backbone, source, work / "weights" / f"{backbone}-backbone.safetensors")
-            jobs = [Job(backbone, s, seed, a) for s in args.settings for seed in seeds for a in args.arms]
+            settings, arms = args.reduced.get(backbone, (args.settings, args.arms))
+            jobs = [Job(backbone, s, seed, a) for s in settings for seed in seeds for a in arms]
             argvs = [prepare(job, weights, work, args.epochs) for job in jobs]
             result["runs"] += run_jobs(jobs, argvs, args.jobs, log)
         result["seconds"] = time.perf_counter() - began
