@@ -348,17 +348,25 @@ def expected_epochs(argv: list[str]) -> int:
     return sum(p["epochs"] for p in yaml.safe_load(Path(argv[1]).read_text())["phases"])
 
 
-def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path) -> list[dict]:
+def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path, report_only: bool = False
+             ) -> list[dict]:
     """The jobs in ``workers`` processes (one thread each), each running its share through the product's
-    ``main`` one after the other (LAUNCHER --many); returns one result per job."""
+    ``main`` one after the other (LAUNCHER --many); returns one result per job (``report_only``: runs
+    nothing, and returns the finished jobs only)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(RECIPES), os.environ.get("PYTHONPATH", "")]))
     todo = [i for i, argv in enumerate(argvs) if not finished(Path(argv[5]), expected_epochs(argv))]
-    print(f"{len(jobs) - len(todo)} finished runs reused from {log.parent}, {len(todo)} to run", flush=True)
+    print(f"{len(jobs) - len(todo)} finished runs {'found' if report_only else 'reused'} in {log.parent}, "
+          f"{len(todo)} {'unfinished (left out)' if report_only else 'to run'}", flush=True)
+    if report_only:
+        done = [i for i in range(len(jobs)) if i not in todo]
+        jobs, argvs, todo = [jobs[i] for i in done], [argvs[i] for i in done], []
     shares = [todo[w::workers] for w in range(workers)]
     seconds = [0.0] * len(jobs)
 
     def work(w: int) -> None:
+        if not shares[w]:
+            return
         listing = log.with_name(f"jobs-{w}.jsonl")
         listing.write_text("".join(json.dumps(argvs[i]) + "\n" for i in shares[w]))
         with open(log.with_name(f"worker-{w}.log"), "w") as out:
@@ -393,9 +401,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def paired(by_arm: dict, arm: str, reference: str) -> tuple[float, float, bool]:
+    """Mean and std of ``arm`` minus ``reference`` over the seeds both ran, and whether the mean is
+    more than 2 standard errors from 0."""
+    seeds = sorted(set(by_arm.get(arm, {})) & set(by_arm.get(reference, {})))
+    diffs = [by_arm[arm][k]["final"] - by_arm[reference][k]["final"] for k in seeds]
+    if not diffs:
+        return float("nan"), 0.0, False
+    m, sd = mean_std(diffs)
+    return m, sd, bool(len(diffs) > 1 and abs(m) > 2 * sd / len(diffs) ** 0.5)
+
+
 def summarise(runs: list[dict], backbones, settings, arms) -> dict:
     """Per backbone, setting and arm: final accuracy mean ± std over seeds, and the difference from
-    ``plain`` paired by seed (mean ± std, and whether it is more than 2 standard errors from 0)."""
+    ``plain`` paired by seed (mean ± std, and whether it is more than 2 standard errors from 0); for
+    attention-only training, also its difference from training the head only (both frozen)."""
     table = {}
     for b in backbones:
         for s in settings:
@@ -405,13 +425,14 @@ def summarise(runs: list[dict], backbones, settings, arms) -> dict:
                 finals = [r["final"] for r in by_arm[a].values()]
                 if not finals:
                     continue
-                seeds = sorted(set(by_arm[a]) & set(by_arm.get("plain", {})))
-                diffs = [by_arm[a][k]["final"] - by_arm["plain"][k]["final"] for k in seeds]
                 m, sd = mean_std(finals)
-                dm, dsd = mean_std(diffs) if diffs else (float("nan"), 0.0)
-                measurable = bool(len(diffs) > 1 and abs(dm) > 2 * dsd / len(diffs) ** 0.5)
+                dm, dsd, measurable = paired(by_arm, a, "plain")
                 table[f"{b}/{s}/{a}"] = {"mean": m, "std": sd, "n": len(finals), "diff_vs_plain": dm,
                                          "diff_std": dsd, "measurable": measurable}
+                if a == "se-post-frozen" and by_arm.get("head-only"):
+                    hm, hsd, hmeasurable = paired(by_arm, a, "head-only")
+                    table[f"{b}/{s}/{a}"].update(diff_vs_head_only=hm, diff_vs_head_only_std=hsd,
+                                                 vs_head_only_measurable=hmeasurable)
     return table
 
 
@@ -435,6 +456,11 @@ def reading(table: dict, backbones, settings, arms) -> list[str]:
                 parts.append("worse than plain: " + ", ".join(f"{a} ({table[key(a)]['diff_vs_plain']:+.3f})" for a in down))
             if same:
                 parts.append("no measurable difference from plain: " + ", ".join(same))
+            frozen = table.get(key("se-post-frozen"), {})
+            if "diff_vs_head_only" in frozen:
+                parts.append(f"attention-only training (frozen backbone) vs the head alone: "
+                             f"{frozen['diff_vs_head_only']:+.3f} ± {frozen['diff_vs_head_only_std']:.3f} "
+                             f"({'measurable' if frozen['vs_head_only_measurable'] else 'not measurable'})")
             lines.append(f"{b}, {s}: " + "; ".join(parts) + ".")
     return lines
 
@@ -481,6 +507,9 @@ def plot(path: Path, result: dict) -> None:
     for i, b in enumerate(backbones):
         for j, s in enumerate(settings):
             ax = axes[i][j]
+            if not any((r["backbone"], r["setting"]) == (b, s) for r in runs):
+                ax.set_visible(False)  # a setting --reduce left out for this backbone
+                continue
             for a in arms:
                 curves = np.array([r["curve"] for r in runs if (r["backbone"], r["setting"], r["arm"]) == (b, s, a)])
                 if not len(curves):
@@ -494,7 +523,7 @@ def plot(path: Path, result: dict) -> None:
             ax.set_xlabel("epoch")
             ax.set_ylabel("val accuracy (mean ± std)")
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Transfer digits 0-4 → 5-9, {len(result['seeds'])} seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -516,6 +545,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--reduce", action="append", default=[], metavar="BACKBONE:SETTINGS:ARMS",
                         help="run only these settings and arms on BACKBONE, e.g. convnext_atto:few:plain,se-post "
                              "(repeatable; the default full run uses it for convnext_atto to fit 30 minutes)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the finished runs in --work (a partial run's figures)")
     parser.add_argument("--jobs", type=int, default=2, help="fine-tuning runs at a time (one thread each)")
     parser.add_argument("--out", type=Path, help="where the table, JSON and plot go (default: a temporary "
                                                  "directory with --quick, else benchmarks/results)")
@@ -556,6 +587,9 @@ def main(argv=None) -> dict:
               "source_curves": {}, "runs": []}
     try:
         for backbone in args.backbones:
+            if args.report_only and not finished(work / "runs" / backbone / "source", args.source_epochs):
+                print(f"[{backbone}] no finished source run in {work}: left out of the report", flush=True)
+                continue
             source = pretrain(backbone, work, args.source_epochs, log, args.source_images)
             result["source_curves"][backbone] = [r["val_acc"] for r in read_metrics(source)]
             result["identity"][backbone] = identity_rows(backbone, source, work, args.arms, seeds)
@@ -566,7 +600,8 @@ def main(argv=None) -> dict:
             settings, arms = args.reduced.get(backbone, (args.settings, args.arms))
             jobs = [Job(backbone, s, seed, a) for s in settings for seed in seeds for a in arms]
             argvs = [prepare(job, weights, work, args.epochs) for job in jobs]
-            result["runs"] += run_jobs(jobs, argvs, args.jobs, log)
+            result["runs"] += run_jobs(jobs, argvs, args.jobs, log, args.report_only)
+        result["backbones"] = args.backbones = [b for b in args.backbones if b in result["identity"]]
         result["seconds"] = time.perf_counter() - began
         result["table"] = summarise(result["runs"], args.backbones, args.settings, args.arms)
         result["reading"] = reading(result["table"], args.backbones, args.settings, args.arms)
