@@ -516,8 +516,9 @@ def plot(path: Path, result: dict) -> None:
                     continue
                 x = np.arange(1, curves.shape[1] + 1)
                 m, sd = curves.mean(0), curves.std(0)
-                ax.plot(x, m, label=a, linestyle="--" if a in FROZEN else "-")
-                ax.fill_between(x, m - sd, m + sd, alpha=0.12)
+                color = f"C{list(EDITS).index(a)}"  # one colour per arm in every panel
+                ax.plot(x, m, label=a, color=color, linestyle="--" if a in FROZEN else "-")
+                ax.fill_between(x, m - sd, m + sd, color=color, alpha=0.12)
             ax.set_title(f"{b}, {s} ({SETTINGS[s]['labels']} labels/class"
                          + (", rotated + noise" if SETTINGS[s]["rotate"] else "") + ")", fontsize=9)
             ax.set_xlabel("epoch")
