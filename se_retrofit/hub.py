@@ -381,19 +381,24 @@ def check_weights_path(path: Path, *, allow_pickle: bool = False) -> None:
 
 def _not_a_file(path: Path) -> str:
     """What ``path`` is, when it is not a regular file: 'does not exist', 'is a FIFO', …"""
-    import stat
-
     try:
         mode = path.stat().st_mode
     except OSError as error:
         if os.path.lexists(path):
             return f"cannot be read ({error.strerror or error}{', a symbolic link' if path.is_symlink() else ''})"
         return "does not exist"
-    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return f"is {kind}, not a regular file"
-    return "is not a regular file"
+    kind = file_kind(mode)
+    return f"is {kind}, not a regular file" if kind else "is not a regular file"
+
+
+def file_kind(mode: int) -> str | None:
+    """What a ``stat`` mode says a path is when it is not a regular file ('a directory', 'a FIFO', 'a
+    character device', …); None for a regular file or a kind without a name here."""
+    import stat
+
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), None)
 
 
 def first_sentence(error: BaseException, limit: int = 160) -> str:

@@ -31,9 +31,9 @@ model: merge or unload the adapter first), or an unedited model.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
@@ -59,12 +59,11 @@ from .core import RECORD_ATTR, apply_record, base_at_save, global_pool_of, recor
 from .analysis import default_example_input
 from . import fingerprint
 from .training import attention_state_dict
-from .hub import ModelRef, WeightsError, check_state_dict, create, first_sentence
+from .hub import ModelRef, WeightsError, check_state_dict, create, file_kind, first_sentence
 
 from .saved_format import (ATTENTION_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, PROBE_FILE,
                            UNVERIFIED_FORMAT, check_base, check_dtypes, read_config_file, read_weights,
-                           record_mismatch, reported, FIX_BASE)
-from .saved_format import create_kwargs as check_create_kwargs
+                           record_mismatch)
 
 
 class SaveError(RetrofitError):
@@ -278,7 +277,7 @@ def _what_is_there(path: Path) -> str:
         except OSError:
             return f"is a symbolic link to {os.readlink(path)}, which does not exist"
         return f"is a symbolic link to {os.readlink(path)}"
-    return "is a file" if path.is_file() else "is not a regular directory (a FIFO, socket or device)"
+    return "is a file" if path.is_file() else f"is {file_kind(os.stat(path).st_mode) or 'not a regular file'}"
 
 
 def _staging_prefix(path: Path) -> str:
@@ -528,7 +527,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, *,
         state = read_weights(directory / MODEL_FILE)
         check_state_dict(model, state, str(directory / MODEL_FILE))
         _match_saved_dtype(model, state)
-        check_dtypes(model, state, str(Path(path) / MODEL_FILE))
+        check_dtypes(model, state, str(directory / MODEL_FILE))
         model.load_state_dict(state, strict=True)
     else:
         _load_attention(model, directory / ATTENTION_FILE)
@@ -648,7 +647,7 @@ def _fresh_base(record: RetrofitRecord, weights: str) -> nn.Module:
     if not name or source not in ("timm", "torchvision"):
         raise WeightsError("the config does not say which timm/torchvision/transformers model is the base; pass "
                            "base_model= to load onto your own model")
-    model, _ = create(ModelRef(name, source), weights="none", **safe_create_kwargs(record.base.get("create_kwargs")))
+    model, _ = create(ModelRef(name, source), weights="none", **_constructor_kwargs(record.base.get("create_kwargs")))
     _set_global_pool(model, record.base.get("global_pool"))
     return model
 
@@ -665,17 +664,10 @@ def _set_global_pool(model: nn.Module, pool: Any) -> None:
         pass
 
 
-#: constructor keywords that make a library read a file or the network (timm's checkpoint_path loads a pickle)
-def safe_create_kwargs(kwargs: Any) -> dict[str, Any]:
-    """Constructor keywords from a saved config, checked by the saved format's schema
-    (:func:`se_retrofit.saved_format.create_kwargs`: plain values, nothing that makes a library load
-    a file or the network; a loading keyword set to None or False loads nothing and is kept), less
+def _constructor_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The saved constructor keywords (checked by :func:`check_base` before the base is built), less
     ``pretrained``/``weights``, which load sets itself."""
-    if kwargs is None:
-        return {}
-    with reported(CONFIG_FILE, FIX_BASE):
-        check_create_kwargs(kwargs, "base.create_kwargs")
-    return {key: value for key, value in kwargs.items() if key not in ("pretrained", "weights")}
+    return {key: value for key, value in (kwargs or {}).items() if key not in ("pretrained", "weights")}
 
 
 def _load_attention(model: nn.Module, file: Path) -> None:

@@ -47,7 +47,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .hub import WeightsError, first_sentence
+from .errors import RetrofitError
+from .hub import WeightsError, file_kind, first_sentence
 
 FORMAT = "se_retrofit/2"
 #: format 1 was written before saves carried their proof (``verify``): it loads with a warning
@@ -112,17 +113,11 @@ def open_regular(file: Path, what: str) -> Iterator[tuple[int, int]]:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise SavedFormatError(f"{file} is {_file_kind(info.st_mode)}, not a regular file holding the "
-                                   f"{what}; {FIX}")
+            kind = file_kind(info.st_mode) or "not a regular file"
+            raise SavedFormatError(f"{file} is {kind}, not a regular file holding the {what}; {FIX}")
         yield fd, info.st_size
     finally:
         os.close(fd)
-
-
-def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def read_bytes(fd: int, count: int, file: Path) -> bytes:
@@ -725,8 +720,6 @@ def record_mismatch(where: str, key: str) -> Iterator[None]:
         ...
         se_retrofit.saved_format.SavedFormatError: retrofit_config.json: base.create_kwargs does not fit the model (KeyError: 'num_classes'); the saved directory was changed or damaged: save the model again (or restore its files)
     """
-    from .errors import RetrofitError
-
     try:
         yield
     except RetrofitError:
