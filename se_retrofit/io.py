@@ -255,7 +255,7 @@ def check_target(path: str | os.PathLike, overwrite: bool) -> None:
         if path.is_symlink() or not path.is_dir():
             raise SaveError(f"{path} {_what_is_there(path)}, not a saved model directory; refusing to replace it "
                             "(remove it yourself or choose another directory)")
-        if not _replaceable(path):
+        if not replaceable(path):
             raise SaveError(f"{path} is a directory that is not a saved se_retrofit model (no {CONFIG_FILE}); "
                             "refusing to replace it (remove it yourself or choose another directory)")
     ancestor = absolute.parent
@@ -289,7 +289,7 @@ def _staging_prefix(path: Path) -> str:
     return f".{name}.{STAGING_TAG}-{os.getpid()}-"
 
 
-def _replaceable(path: Path) -> bool:
+def replaceable(path: Path) -> bool:
     """A directory ``save(..., overwrite=True)`` may replace: a saved model, or an empty directory."""
     try:
         return (path / CONFIG_FILE).is_file() or not any(path.iterdir())

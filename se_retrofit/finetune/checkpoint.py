@@ -15,12 +15,13 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
@@ -198,23 +199,17 @@ def check_state(state: dict[str, Any], path: Path, recipe: Recipe) -> None:
             raise bad(key, wanted)
 
 
-def restoring(path: str | os.PathLike, what: str):
+@contextlib.contextmanager
+def restoring(path: str | os.PathLike, what: str) -> Iterator[None]:
     """A context in which applying part of a checkpoint (model weights, optimiser, random states) that
     does not fit this run becomes a :class:`CheckpointError` naming ``what``."""
-    return _Restoring(Path(path), what)
-
-
-class _Restoring:
-    def __init__(self, path: Path, what: str):
-        self.path, self.what = path, what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if error is None or not isinstance(error, Exception) or isinstance(error, RetrofitError):
-            return False
+    try:
+        yield
+    except RetrofitError:
+        raise
+    except Exception as error:
+        path = Path(path)
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(f"checkpoint {self.path / CHECKPOINT_FILE if self.path.is_dir() else self.path} "
-                              f"does not fit this run: its {self.what} cannot be restored ({type(error).__name__}: "
+        raise CheckpointError(f"checkpoint {path / CHECKPOINT_FILE if path.is_dir() else path} "
+                              f"does not fit this run: its {what} cannot be restored ({type(error).__name__}: "
                               f"{text[:200]}); start again with --overwrite (or restore the file)") from None

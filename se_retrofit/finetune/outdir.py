@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import RetrofitError
-from ..io import process_alive
+from ..io import process_alive, replaceable
 
 LOCK_FILE = ".se-retrofit.lock"
 MANIFEST_FILE = ".se-retrofit-manifest.json"
-SAVED_MODEL_MARK = "retrofit_config.json"
 
 
 class OutDirError(RetrofitError):
@@ -109,20 +108,12 @@ def check_replaceable(out: Path, names: Iterable[str]) -> list[Path]:
         path = Path(out) / name
         if not os.path.lexists(path):
             continue
-        if name not in owned or path.is_symlink() or (path.is_dir() and not _tool_dir(path)):
+        if name not in owned or path.is_symlink() or (path.is_dir() and not replaceable(path)):
             raise OutDirError(f"{path} was not written by se-retrofit finetune (no record of it in "
                               f"{Path(out) / MANIFEST_FILE}); refusing to remove it with --overwrite (remove it "
                               "yourself or choose another --out)")
         found.append(path)
     return found
-
-
-def _tool_dir(path: Path) -> bool:
-    """A directory this tool writes: a saved model (its config beside it) or an empty one."""
-    try:
-        return (path / SAVED_MODEL_MARK).is_file() or not any(path.iterdir())
-    except OSError:
-        return False
 
 
 def remove(paths: Iterable[Path]) -> None:
