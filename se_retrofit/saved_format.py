@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .errors import RetrofitError
-from .hub import WeightsError, file_kind, first_sentence
+from .hub import WeightsError, file_kind, first_sentence, loading_kwargs
 
 FORMAT = "se_retrofit/2"
 #: format 1 was written before saves carried their proof (``verify``): it loads with a warning
@@ -477,12 +477,24 @@ def create_kwargs(value: Any, key: str) -> None:
     if not isinstance(value, dict) or len(value) > 100:
         raise invalid(key, f"must be an object of constructor keywords, got {_shown(value)}")
     for name, entry in value.items():
-        loads = any(word in name.lower() for word in LOADING_WORDS) and entry is not None and entry is not False
-        if loads or not name.isidentifier() or not _is_plain(entry):  # weights_backbone: null loads nothing
+        if _loads(name, entry) or not name.isidentifier() or not _is_plain(entry):
             raise invalid(f"{key}.{name}", "in the config is refused: loading only passes plain constructor values "
                                            "(num_classes, in_chans…), never what makes a library read a file or "
                                            "the network")
         plain(max_integer=MAX_CREATE_INTEGER)(entry, f"{key}.{name}")
+
+
+def _loads(name: str, value: Any) -> bool:
+    """Whether constructor keyword ``name`` set to ``value`` may make the library read a file or the
+    network: a keyword the libraries load weights with (:func:`se_retrofit.hub.loading_kwargs`) set to
+    anything but None or False, or a name with a loading word (``model_file``, ``cache_dir``) set to
+    anything but None, False or a number: a number (``drop_path_rate=0.1``) names nothing to read."""
+    if value is None or value is False:
+        return False  # weights_backbone: null loads nothing
+    if loading_kwargs({name: value}):
+        return True
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return any(word in name.lower() for word in LOADING_WORDS) and not number
 
 
 def _is_plain(value: Any) -> bool:

@@ -248,3 +248,19 @@ def test_a_tampered_proof_is_a_retrofit_error(tmp_path, tamper):
     _write_config(directory, config)
     with pytest.raises(se_retrofit.RetrofitError, match="verify"):
         se_retrofit.load(directory)
+
+
+def test_a_rate_whose_name_holds_a_loading_word_is_rebuilt(tmp_path):
+    """drop_path_rate holds "path" but a number names nothing to read: a model hub.create built with it
+    saves and loads back from its name, verified; checkpoint_path / pretrained_backbone stay refused."""
+    from se_retrofit.hub import ModelRef, create
+    from se_retrofit.saved_format import _loads
+
+    base, _ = create(ModelRef("resnet18", "timm"), "none", drop_path_rate=0.1, global_pool="max", num_classes=7)
+    edited = se_retrofit.retrofit(base)
+    again = se_retrofit.load(se_retrofit.save(edited, tmp_path / "m"))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(again.eval()(x), edited.eval()(x))
+    assert again.layer2[0].drop_path.drop_prob == edited.layer2[0].drop_path.drop_prob > 0
+    assert _loads("checkpoint_path", "a.pth") and _loads("pretrained_backbone", 1) and _loads("model_file", "x")
+    assert not _loads("weights_backbone", None) and not _loads("drop_path_rate", 0.1)
