@@ -2,6 +2,8 @@
 trained-looking weights, output comparison, a user's attention module. Fixtures live in conftest.py."""
 from __future__ import annotations
 
+import os
+
 import timm
 import torch
 import torchvision
@@ -148,3 +150,12 @@ class ChannelScale(nn.Module):
     def forward(self, x):
         return x * self.weight.view(self.shape)
 '''
+
+
+def same_threads_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process whose numbers a test compares with this process's: torch on as
+    many threads as here. A convolution summed over another number of threads differs in the last bits,
+    and a library may set ``OMP_NUM_THREADS`` on import (ultralytics sets it to 1), so the inherited
+    environment does not say how many threads this process computes on."""
+    threads = str(torch.get_num_threads())
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **extra}

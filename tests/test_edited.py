@@ -14,7 +14,7 @@ import torch
 import se_retrofit
 from se_retrofit.edited import base_class, is_edited
 
-from helpers import make_model, run, small_input
+from helpers import make_model, run, same_threads_env, small_input
 
 #: (source, model, attention, position): every position, every built-in type, both libraries, tokens
 CASES = [
@@ -72,7 +72,8 @@ def test_a_fresh_process_computes_the_edited_model(tmp_path):
         path = tmp_path / f"case{i}.pt"
         torch.save({"model": model, "input": x, "expected": expected}, path)
         files.append(str(path))
-    loaded = subprocess.run([sys.executable, "-c", LOAD_ALL, *files], capture_output=True, text=True)
+    loaded = subprocess.run([sys.executable, "-c", LOAD_ALL, *files], capture_output=True, text=True,
+                            env=same_threads_env())
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     results = json.loads(loaded.stdout)
     assert {case: row for case, row in zip(CASES, results) if row != [True, True]} == {}

@@ -16,7 +16,7 @@ import se_retrofit
 from se_retrofit.cli import main
 from se_retrofit.export import FORMATS, ExportCheckError, ExportError, ExportFormat, export, save_and_export
 
-from helpers import make_model, small_input
+from helpers import make_model, same_threads_env, small_input
 from test_convert import trained_se
 
 SMALL = small_input(1, 32)  # probe input for retrofit(): the models' own 224 px would be slow on CPU
@@ -89,7 +89,7 @@ def test_timm_export_loads_in_a_process_without_se_retrofit(edited, tmp_path):
         "    torch.save(model(torch.load(sys.argv[2])), sys.argv[3])\n"
         "print(name, 'se_retrofit' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", script, str(result.path), str(tmp_path / "x.pt"),
-                           str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                           str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=same_threads_env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["seresnet18", "False"]
     assert torch.equal(torch.load(tmp_path / "y.pt"), _reference(edited, x))
@@ -205,7 +205,7 @@ def test_reload_in_a_fresh_process_needs_only_load(edited, tmp_path):
               "with torch.no_grad():\n"
               "    torch.save(model(torch.load(sys.argv[2])), sys.argv[3])\n")
     done = subprocess.run([sys.executable, "-c", script, str(saved), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=same_threads_env())
     assert done.returncode == 0, done.stderr
     assert torch.equal(torch.load(tmp_path / "y.pt"), _reference(edited, x))
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import se_retrofit
 from se_retrofit.timm_models import TimmRegistrationError, register_timm_model, unregister_timm_model
 
-from helpers import as_if_pretrained, make_model, outputs, small_input, trained_attention
+from helpers import as_if_pretrained, make_model, outputs, same_threads_env, small_input, trained_attention
 
 PROBE = small_input(1, 64)
 
@@ -198,7 +198,7 @@ def test_launcher_runs_timm_style_train_and_validate_scripts_by_name(edited_file
 
     def launch(*args):
         done = subprocess.run([sys.executable, "launch.py", *args], capture_output=True, text=True, timeout=300,
-                              cwd=tmp_path)
+                              cwd=tmp_path, env=same_threads_env())
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 

@@ -19,7 +19,7 @@ from se_retrofit.hf import SavePretrainedWarning
 from se_retrofit.outputs import output_tensors
 
 import helpers
-from helpers import as_if_pretrained, small_input, trained_attention
+from helpers import as_if_pretrained, same_threads_env, small_input, trained_attention
 
 PROBE = small_input(1, 32)
 
@@ -68,7 +68,7 @@ def test_save_and_load_rebuild_the_transformers_base_in_a_fresh_process(tmp_path
               "    torch.save([output_tensors(model.train(mode)(x)) for mode in (False, True)], sys.argv[3])\n"
               "print(type(model).__module__, type(model).__name__)\n")
     done = subprocess.run([sys.executable, "-c", script, str(saved), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path, env=same_threads_env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == type(base).__name__
     in_eval, in_train = torch.load(tmp_path / "y.pt")
