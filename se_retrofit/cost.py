@@ -18,7 +18,7 @@ Example:
     >>> analysis, plan = se_retrofit.plan(model, stages=[4])
     >>> cost = predict(model, se_retrofit.RetrofitConfig(stages=[4]), analysis, plan)
     >>> [site.params for site in cost.sites]
-    [65568, 65568]
+    [33312, 33312]
     >>> cost.params == sum(p.numel() for p in se_retrofit.retrofit(model, stages=[4]).parameters()) - cost.base_params
     True
 """
