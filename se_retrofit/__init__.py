@@ -13,6 +13,7 @@ from .analysis import Analysis, Block, analyze, find_blocks, find_units
 from .attention import create_attention, list_attentions, register_attention
 from .config import POSITIONS, RetrofitConfig, Site
 from .core import StackedAttentionWarning, plan, record_of, retrofit, retrofit_with
+from .budget import ImpossibleBudgetError
 from .io import load, save
 from .convert import fold_gate_scale, to_timm_native
 from .export import ExportError, ExportResult, export
@@ -37,4 +38,5 @@ __all__ = [
     "retrofit", "retrofit_with", "__version__", "load", "save", "fold_gate_scale", "to_timm_native",
     "attention_modules", "attention_parameters", "attention_state_dict", "freeze_backbone", "param_groups",
     "unfreeze", "export", "ExportError", "ExportResult", "finetune", "register_timm_model", "unregister_timm_model",
+    "ImpossibleBudgetError",
 ]

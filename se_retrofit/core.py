@@ -31,19 +31,33 @@ class TokenModelError(RetrofitError):
     """A model fed token ids: the squeeze would average over its padding tokens."""
 
 
-def plan(model: nn.Module, config: RetrofitConfig | None = None, example_input: Any = None,
-         **options) -> tuple[Analysis, Plan]:
+def plan(model: nn.Module, config: RetrofitConfig | None = None, example_input: Any = None, *,
+         budget: Any = None, **options) -> tuple[Analysis, Plan]:
     """Analyse ``model`` and plan the sites for ``config`` (or keyword options); changes nothing.
+
+    With ``budget`` (``"params=+2%"``, ``["flops=+0.5%", "latency=+5%"]``; see :mod:`se_retrofit.budget`)
+    the plan is the one the budget chooses within ``config``'s selection, and ``plan.choice`` says what
+    was chosen (``choice.config``: the config to edit by), its cost against each budget and what was
+    left out; a budget no plan meets raises :class:`se_retrofit.budget.ImpossibleBudgetError`.
 
     Example:
         >>> import timm, se_retrofit
         >>> analysis, plan = se_retrofit.plan(timm.create_model("resnet18"), stages=[4])
         >>> [site.block for site in plan.sites]
         ['layer4.0', 'layer4.1']
+        >>> _, plan = se_retrofit.plan(timm.create_model("resnet18"), budget="params=+0.1%")
+        >>> [site.block for site in plan.sites], plan.choice.config.reduction
+        (['layer1.0', 'layer1.1', 'layer2.0', 'layer2.1', 'layer3.1'], 32)
     """
     config = config or RetrofitConfig(**options)
     refuse_scripted(model)
     analysis = analyze(model, example_input)
+    if budget is not None:
+        from .budget import choose
+
+        choice = choose(model, config, budget, example_input, analysis=analysis)
+        choice.plan.choice = choice
+        return analysis, choice.plan
     return analysis, plan_sites(model, analysis, config)
 
 
@@ -52,7 +66,7 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
              exclude: list[str] | None = None, init: str = "identity", divisor: int | None = None,
              every: int | None = None, kinds: list[str] | None = None, max_attention_mib: float = 64.0,
              example_input: Any = None, inplace: bool = False, allow_token_models: bool = False,
-             **options) -> nn.Module:
+             budget: Any = None, **options) -> nn.Module:
     """Insert attention into every residual block of ``model`` (or the selected ones); into its joins of
     branches (Inception, DenseNet, ShuffleNet) or its conv chain layers (VGG, MobileNetV1) where it has no
     residual block.
@@ -87,6 +101,9 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
             ``input_ids``) all the same. Refused by default: the squeeze averages over every position,
             padding tokens included, and the tool cannot see the attention mask, so once fine-tuning
             moves the gates, padding changes the real tokens' outputs. Safe where batches are unpadded.
+        budget: edit the plan a budget chooses within the selection above (``"params=+2%"``, or a
+            list: ``["flops=+0.5%", "latency=+5%"]``; r from 4, 8, 16, 32 unless ``reduction`` is
+            given): see :mod:`se_retrofit.budget`. The model's record holds the config chosen.
         **options: further options of the attention type, e.g. ``squeeze="max"``, ``gate="tanh"``,
             ``act="silu"`` (SE), ``kernel_size=7`` (CBAM, ECA), ``dilation=4`` (BAM).
 
@@ -106,7 +123,7 @@ def retrofit(model: nn.Module, *, attention: str = "se", position: str | None = 
                             init=init, divisor=divisor, every=every, kinds=kinds, max_attention_mib=max_attention_mib,
                             options=options)
     return retrofit_with(model, config, example_input=example_input, inplace=inplace,
-                         allow_token_models=allow_token_models)
+                         allow_token_models=allow_token_models, budget=budget)
 
 
 def _patterns(value: Any) -> list[str] | None:
@@ -116,15 +133,21 @@ def _patterns(value: Any) -> list[str] | None:
 
 def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: Any = None,
                   inplace: bool = False, analysis: Analysis | None = None,
-                  allow_token_models: bool = False) -> nn.Module:
+                  allow_token_models: bool = False, budget: Any = None) -> nn.Module:
     """:func:`retrofit` driven by a :class:`RetrofitConfig`; pass ``analysis`` (from :func:`plan`
-    or :func:`se_retrofit.analyze` of this model) to skip analysing the model again."""
+    or :func:`se_retrofit.analyze` of this model) to skip analysing the model again; ``budget``
+    as in :func:`retrofit`."""
     refuse_scripted(model)
     if not allow_token_models:
         refuse_token_input(example_input)
     with graph_cache(), one_thread():  # analysis and surgery trace each block structure once
         if analysis is None:
             analysis = analyze(model, example_input)
+        if budget is not None:
+            from .budget import choose
+
+            choice = choose(model, config, budget, example_input, analysis=analysis)
+            return edit_with_plan(model, choice.config, analysis, choice.plan, inplace=inplace)
         site_plan = plan_sites(model, analysis, config)
         return edit_with_plan(model, config, analysis, site_plan, inplace=inplace)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch import nn
 
@@ -28,11 +29,13 @@ class BlockPatternError(RetrofitError):
 
 @dataclass
 class Plan:
-    """The sites to edit, and the blocks left alone with the reason why."""
+    """The sites to edit, and the blocks left alone with the reason why; ``choice``: what a budget
+    chose (:class:`se_retrofit.budget.Choice`) where one made the plan."""
 
     sites: list[Site]
     skipped: dict[str, str] = field(default_factory=dict)
     stacked: list[str] = field(default_factory=list)
+    choice: Any = field(default=None, repr=False, compare=False)
 
 
 def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> Plan:
