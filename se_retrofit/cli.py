@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-nonidentity", action="store_true",
                         help="save even when the identity check finds the edited model computes something else "
                              "(by default that is an error and nothing is written)")
+    from . import cost_cli
+
+    cost_cli.add_arguments(parser)  # --budget, --measure
     parser.add_argument("--dry-run", action="store_true", help="show the plan, write nothing")
     parser.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
     parser.add_argument("--list-attentions", action="store_true", help="list the attention types and exit")
@@ -169,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .finetune.cli import main as finetune_main
 
         return finetune_main(argv[1:])
+    if argv[:1] == ["plan"]:  # se-retrofit plan MODEL --sweep r=4,8,16,32 stages=4/3,4
+        from .plan_cli import main as plan_main
+
+        return plan_main(argv[1:])
     out = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     return run_command("se-retrofit", lambda: _run(build_parser().parse_args(argv), out, err))
@@ -212,6 +219,10 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     example = _example(model, args.input_size)
     with graph_cache(), one_thread():  # planning and editing trace each block structure once
         analysis, site_plan = plan(model, config, example)
+        from . import cost_cli
+
+        costs = cost_cli.apply(args, model, config, analysis, site_plan, example)  # --budget, --measure, FLOPs
+        config, site_plan = costs.config, costs.plan
         report = _report(ref, origin, config, analysis, site_plan, model)
         if not args.dry_run:
             with warnings.catch_warnings(record=True) as caught:
@@ -228,10 +239,13 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         saved, exported = save_and_export(edited, out_dir, args.format, example, overwrite=args.overwrite,
                                           dynamic_spatial=args.dynamic_spatial)
         report.update(output_dir=str(saved), export=exported.to_dict() if exported else None)
+    costs.report(report)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         _print_report(report, out)
+        for line in costs.lines():
+            out.print(line, markup=False, highlight=False)
     return 0
 
 

@@ -24,6 +24,7 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -162,14 +163,16 @@ def predict(model: nn.Module, config: RetrofitConfig, analysis: Analysis, site_p
     plan_copy = Plan(sites=list(sites), skipped=dict(site_plan.skipped), stacked=list(site_plan.stacked))
     if not sites:
         return PlanCost(base_params, base_flops)
-    try:
-        edited = edit_with_plan(deepcopy_module(model).to("meta"), config, analysis, plan_copy, inplace=True)
-        edited.to("meta")  # a module built on the default device joins the others
-        counter = _count(edited, _on_meta(example_input))
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        plan_copy = Plan(sites=list(sites), skipped=dict(site_plan.skipped), stacked=list(site_plan.stacked))
-        edited = edit_with_plan(model, config, analysis, plan_copy)
-        counter = _count(edited, example_input)
+    with warnings.catch_warnings():  # the real edit warns (stacked attention, …); a count does not
+        warnings.simplefilter("ignore")
+        try:
+            edited = edit_with_plan(deepcopy_module(model).to("meta"), config, analysis, plan_copy, inplace=True)
+            edited.to("meta")  # a module built on the default device joins the others
+            counter = _count(edited, _on_meta(example_input))
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            plan_copy = Plan(sites=list(sites), skipped=dict(site_plan.skipped), stacked=list(site_plan.stacked))
+            edited = edit_with_plan(model, config, analysis, plan_copy)
+            counter = _count(edited, example_input)
     per_module = counter.get_flop_counts()
     root = type(edited).__name__
     costs = []
