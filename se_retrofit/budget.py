@@ -394,8 +394,8 @@ class _Search:
             again = plan_sites(self.model, self.analysis, named)
         except RetrofitError:
             again = None
-        if again is not None and [s.module_path for s in again.sites] == [s.module_path for s in subset.sites]:
-            return named, again, []
+        if again is not None and [_place(s) for s in again.sites] == [_place(s) for s in subset.sites]:
+            return named, again, []  # the same places (a module may be named se where the full plan said se1)
         return config, subset, ["note: the chosen units are not a --blocks selection of their own; the saved "
                                 "record lists the sites edited"]
 
@@ -416,5 +416,14 @@ class _Search:
         config, plan, notes = self.plan(indices, r)
         latency = self.latency(indices, r) if self.wants_latency(budgets) else None
         left = [u for i, u in enumerate(self.units) if i not in set(indices)]
-        return Choice(config, plan, self.cost(indices, r), budgets, self.chosen(indices), left, options,
+        cost = self.cost(indices, r)
+        if [s.module for s in cost.sites] != [s.module_path for s in plan.sites]:  # named anew: count it so
+            cost = predict(self.model, config, self.analysis, plan, self.example_input,
+                           base=(cost.base_params, cost.base_flops))
+        return Choice(config, plan, cost, budgets, self.chosen(indices), left, options,
                       latency, len(self.measured), notes=notes)
+
+
+def _place(site) -> tuple:
+    """Where a site edits, whatever its new module is called."""
+    return replace(site, module_name="", attention_bytes=None)
