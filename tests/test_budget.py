@@ -213,3 +213,17 @@ def test_bad_sweeps_exit_2(capsys, sweep, words):
     code = main(["plan", "resnet18", "--sweep", sweep, "--input-size", "3,64,64"])
     err = capsys.readouterr().err
     assert code == 2 and words in err and "Traceback" not in err
+
+
+def test_a_recipe_states_its_budget_and_records_it():
+    from se_retrofit.finetune.recipe import Recipe, RecipeError
+
+    base = "name: x\nmodel: resnet18\nretrofit: {}\nphases: [{name: a, epochs: 1, lr: 0.1}]\n"
+    recipe = Recipe.from_yaml(base + "budget: [params=+2%, 'flops: 0.5%']")
+    assert recipe.budget == ("params=+2%", "flops=+0.5%")
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe and recipe.to_dict()["budget"] == ["params=+2%", "flops=+0.5%"]
+    plain = Recipe.from_yaml(base)
+    assert plain.budget == () and "budget" not in plain.to_dict()  # fingerprints of recipes without one unchanged
+    assert plain.fingerprint() != recipe.fingerprint()
+    with pytest.raises(RecipeError, match=r"r\.yaml: budget: cannot read budget 'speed=\+1%'"):
+        Recipe.from_yaml(base + "budget: speed=+1%", source="r.yaml")

@@ -226,6 +226,15 @@ def _retrofit(value: Any, where: str) -> RetrofitConfig:
         raise RecipeError(f"{where}: {error}") from None
 
 
+def _budget(value: Any, where: str) -> tuple[str, ...]:
+    from ..budget import parse_budgets
+
+    try:
+        return tuple(b.text for b in parse_budgets(value))
+    except RetrofitError as error:
+        raise RecipeError(f"{where}: {error}") from None
+
+
 def _model(value: Any, where: str) -> str:
     value = _text(value, where)
     try:
@@ -278,6 +287,8 @@ class Recipe:
     model_kwargs: dict[str, Any] = _check(_model_kwargs, default_factory=dict)
     data: DataSpec = _check(_section(DataSpec), default_factory=DataSpec)
     train: TrainSpec = _check(_section(TrainSpec), default_factory=TrainSpec)
+    budget: tuple[str, ...] = _check(_budget, default=(), help="the cost the retrofit may add, as --budget: "
+                                     "[params=+2%, flops=+0.5%, latency=+5%] (see se_retrofit.budget)")
 
     @property
     def total_epochs(self) -> int:
@@ -300,6 +311,8 @@ class Recipe:
             return obj
         out = plain(self)
         out["retrofit"] = {k: v for k, v in out["retrofit"].items() if v not in (None, {})}
+        if not out["budget"]:  # no budget: the mapping (and fingerprint) of a recipe from before budgets
+            del out["budget"]
         return out
 
     @classmethod
