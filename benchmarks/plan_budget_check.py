@@ -93,15 +93,19 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--latency", action="store_true", help="add latency=+5%% budgets (measured)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--budgets", help="budget sets instead of the default ones: 'params=+2%%;latency=+5%%,params=+3%%'")
+    parser.add_argument("--stem", default=None, help="results file name (default plan_budget_check)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     budgets = list(BUDGETS) + ([["latency=+5%"], ["latency=+5%", "params=+2%"]] if args.latency else [])
+    if args.budgets:
+        budgets = [part.split(",") for part in args.budgets.split(";")]
     rows = []
     for name in args.models.split(","):
         for budget in budgets:
             rows.append(check(name, budget, args.repeats))
             print(json.dumps(rows[-1]), flush=True)
-    stem = "plan_budget_check" + ("_latency" if args.latency else "")
+    stem = args.stem or "plan_budget_check" + ("_latency" if args.latency else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     (RESULTS / f"{stem}.md").write_text(f"# Budgets on real models ({', '.join(args.models.split(','))})\n\n"
                                          f"{table(rows)}\n")
