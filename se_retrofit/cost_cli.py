@@ -87,13 +87,17 @@ class Costs:
         stages = sorted({s.stage for s in c.sites})
         if len(stages) > 1:
             out.append("  per stage: " + "; ".join(
-                f"{st}: {sum(s.stage == st for s in c.sites)} sites, +{sum(s.params for s in c.sites if s.stage == st):,}"
+                f"{st}: {_sites(sum(s.stage == st for s in c.sites))}, +{sum(s.params for s in c.sites if s.stage == st):,}"
                 f" params, +{flops_text(sum(s.flops for s in c.sites if s.stage == st))}" for st in stages))
         if self.choice is not None:
             out += self.choice.lines()
         if self.measured is not None:
             out += measured_lines(self.measured)
         return out + self.notes
+
+
+def _sites(n: int) -> str:
+    return f"{n} site" + ("" if n == 1 else "s")
 
 
 def measured_lines(measured: dict[str, Any]) -> list[str]:
