@@ -56,7 +56,8 @@ def test_json_report(capsys, tmp_path):
     assert report["identity_max_abs_diff"] == 0.0 and report["dry_run"] is False
     assert report["sites"][0] == {"block": "layer1.0", "unit": "layer1.0", "kind": "residual",
                                   "module": "layer1.0.se", "stage": 1, "channels": 64,
-                                  "reduced": 8, "params": 1096, "attention_map_bytes": None}
+                                  "reduced": 8, "params": 1096, "attention_map_bytes": None,
+                                  "flops": 2048}  # 64→8→64 on the pooled vector: 1,024 multiply-adds
     assert report["output_dir"] == str(tmp_path / "o") and (tmp_path / "o" / "model.safetensors").is_file()
 
 
