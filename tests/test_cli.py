@@ -297,7 +297,7 @@ def se_retrofit_load(path):
 # --- one shell for both commands --------------------------------------------------------------------
 
 def test_interrupt_is_exit_130_in_one_line(capsys, monkeypatch):
-    import se_retrofit.cli as cli_module
+    import se_retrofit.cli_run as cli_module
 
     monkeypatch.setattr(cli_module, "resolve", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     code, out, err = cli(capsys, "resnet18", "--weights", "none")
@@ -305,7 +305,7 @@ def test_interrupt_is_exit_130_in_one_line(capsys, monkeypatch):
 
 
 def test_internal_error_is_one_line_exit_1_and_a_traceback_on_request(capsys, monkeypatch):
-    import se_retrofit.cli as cli_module
+    import se_retrofit.cli_run as cli_module
 
     monkeypatch.setattr(cli_module, "resolve", lambda *a: (_ for _ in ()).throw(ZeroDivisionError("x\ny")))
     code, out, err = cli(capsys, "resnet18", "--weights", "none")
@@ -318,7 +318,7 @@ def test_internal_error_is_one_line_exit_1_and_a_traceback_on_request(capsys, mo
 
 
 def test_out_of_memory_is_a_user_error(capsys, monkeypatch):
-    import se_retrofit.cli as cli_module
+    import se_retrofit.cli_run as cli_module
 
     def no_memory(*args):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
