@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, out: Console | None = None, err: Console | Non
     if args.input_size is not None:
         _check_input_memory(args.input_size)
     progress = Progress(err)
-    with progress.stage(f"building {ref} ({args.weights} weights)"):
+    with progress.stage(f"building {ref} (weights: {args.weights})"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model, origin = create(ref, args.weights, allow_pickle=args.allow_pickle)
