@@ -27,6 +27,7 @@ def _offline_env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
 
 
+@pytest.mark.slow
 def test_readme_command_works_offline(tmp_path):
     script = Path(sys.executable).with_name("se-retrofit")
     result = subprocess.run([str(script), "resnet50", "--position", "post", "--r", "16"], cwd=tmp_path,
@@ -226,6 +227,7 @@ def test_default_output_directories_of_different_selections_differ_and_name_the_
         "selection names its own directory")
 
 
+@pytest.mark.slow
 def test_errors_from_the_installed_script_have_no_traceback(tmp_path):
     script = Path(sys.executable).with_name("se-retrofit")
     result = subprocess.run([str(script), "resnet18", "--r", "-3"], cwd=tmp_path, capture_output=True,
@@ -258,6 +260,7 @@ print(type(model.layer1[0].se).__module__, type(model.layer1[0].se).__name__, to
 '''
 
 
+@pytest.mark.slow
 def test_user_attention_from_outside_the_package(tmp_path):
     (tmp_path / "my_attn.py").write_text(USER_ATTENTION)
     env = {**_offline_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
@@ -435,6 +438,7 @@ def test_commands_share_one_shell_without_an_import_cycle():
     assert se_retrofit.cli.Parser is se_retrofit.finetune.cli.Parser
 
 
+@pytest.mark.slow
 def test_import_se_retrofit_does_not_load_the_trainer():
     code = ("import sys, se_retrofit; loaded = 'se_retrofit.finetune' in sys.modules; "
             "run = se_retrofit.finetune.run; print(loaded, 'se_retrofit.finetune.trainer' in sys.modules, "
@@ -538,6 +542,7 @@ def _run_on_a_terminal(args, cwd):
     return process.wait(timeout=60), re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode("utf-8", "replace"))
 
 
+@pytest.mark.slow
 def test_progress_shows_each_stage_on_a_terminal_and_nothing_when_piped(tmp_path):
     args = ["resnet18", "--weights", "none", "--input-size", "3,64,64", "--format", "torchscript"]
     code, shown = _run_on_a_terminal([*args, "--out", "t"], tmp_path)

@@ -75,6 +75,7 @@ def test_every_format_reproduces_the_model_and_leaves_it_alone(edited, tmp_path,
     assert result.dynamic_batch is (True if fmt in ("export", "onnx") else None)
 
 
+@pytest.mark.slow
 def test_timm_export_loads_in_a_process_without_se_retrofit(edited, tmp_path):
     x = small_input(2, 32)
     result = export(edited, tmp_path / "seresnet18.safetensors", "timm", x)
@@ -196,6 +197,7 @@ def test_channels_last_gives_the_same_outputs():
 
 # --- reload in a fresh process ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_reload_in_a_fresh_process_needs_only_load(edited, tmp_path):
     x = small_input(2, 32)
     saved = se_retrofit.save(edited, tmp_path / "saved")

@@ -62,6 +62,7 @@ HEAVY = ("se_retrofit.finetune", "yaml", "matplotlib", "torch.distributed", "tor
          "PIL", "transformers")
 
 
+@pytest.mark.slow
 def test_import_se_retrofit_loads_neither_the_trainer_nor_yaml_nor_ddp():
     """Beyond what torch and timm load themselves (timm loads YAML and DDP), ``import se_retrofit`` and
     its public names (imported on first use) load no heavy module: the trainer comes on first use of ``se_retrofit.finetune``."""
