@@ -17,13 +17,18 @@ from collections import defaultdict
 from torch import nn
 
 _ATTENTION_WORDS = ("attn", "attention")
+#: names of a decoder's attention on the encoder's output (torch's TransformerDecoderLayer, BART, BERT, DETR)
+_CROSS_WORDS = ("cross", "multihead_attn", "encoder_attn")
 _MLP_WORDS = ("mlp", "ffn", "feedforward", "feed_forward", "intermediate", "linear", "fc")
 _KIND_WORDS = {"residual": "blocks", "join": "joins", "chain": "chain layers"}
 _KINDS = ("residual", "join", "chain")
 
 
 def sublayer_word(child: str, module: nn.Module) -> str | None:
-    """``attention`` or ``mlp`` from a branch's module (its attribute name, then its class), or None."""
+    """``attention`` (``cross-attention`` for a decoder's attention on the encoder's output) or ``mlp``
+    from a branch's module (its attribute name, then its class), or None."""
+    if any(w in child.lower() for w in _CROSS_WORDS):
+        return "cross-attention"
     for text in (child.lower(), type(module).__name__.lower()):
         if any(w in text for w in _ATTENTION_WORDS):
             return "attention"
@@ -34,9 +39,9 @@ def sublayer_word(child: str, module: nn.Module) -> str | None:
 
 def sublayer_labels(model: nn.Module, units) -> dict[str, str]:
     """For each residual unit that shares its block's path with others (a transformer block's
-    attention and MLP sub-layers): its name → ``path (attention)`` / ``path (mlp)``; a word met twice
-    in one block is numbered (``attention 2``: a decoder's cross-attention), a branch whose module
-    says nothing is ``sub-layer k``."""
+    attention and MLP sub-layers): its name → ``path (attention)`` / ``path (mlp)`` (a decoder's:
+    ``(attention)``, ``(cross-attention)``, ``(mlp)``); a word met twice in one block is numbered
+    (``attention 2``), a branch whose module says nothing is ``sub-layer k``."""
     by_path: dict[str, list] = defaultdict(list)
     for unit in units:
         if unit.kind == "residual":
