@@ -1,4 +1,7 @@
-"""Command line: ``se-retrofit MODEL [options]``.
+"""Command line: ``se-retrofit MODEL [options]`` (and ``se-retrofit finetune ...``).
+
+This module builds the parser and dispatches; it imports neither torch nor timm, so ``--help`` and
+``--version`` answer at once. What a run does is in :mod:`se_retrofit.cli_run`.
 
 Examples:
     se-retrofit resnet50 --position post --r 16
@@ -14,7 +17,7 @@ import sys
 from typing import Sequence
 
 from ._version import __version__
-from ._shell import Parser, UsageError, path_argument, run_command
+from ._shell import Parser, path_argument, run_command
 
 # The parser is built without torch or timm (``--help`` and ``--version`` answer at once): the names
 # below are the registries' built-in ones, and tests/test_cli.py checks they still match them
