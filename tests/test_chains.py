@@ -30,6 +30,7 @@ CHAIN_COUNTS = [
 
 
 @pytest.mark.parametrize("source,name,build,count", CHAIN_COUNTS, ids=[f"{r[0]}:{r[1]}" for r in CHAIN_COUNTS])
+@pytest.mark.slow
 def test_chain_layers_found_one_per_conv_or_separable_pair(source, name, build, count):
     analysis = analyze(build())
     assert analysis.count("chain") == count
@@ -41,6 +42,7 @@ def test_chain_layers_found_one_per_conv_or_separable_pair(source, name, build, 
     ("vgg11_bn", lambda: tv.vgg11_bn(), 64, 8),
     ("mobilenetv1_100", lambda: timm.create_model("mobilenetv1_100"), 64, 13),
 ])
+@pytest.mark.slow
 def test_identity_and_liveness_after_each_chain_layer(name, build, size, count, position):
     torch.manual_seed(0)
     edited = check_identity_and_liveness(build(), torch.randn(2, 3, size, size), position=position)

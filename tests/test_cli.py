@@ -506,6 +506,7 @@ def test_a_decoder_blocks_sub_layers_are_named_apart():
     assert len(set(labels.values())) == len(units) == 3  # three rows, three names
 
 
+@pytest.mark.slow
 def test_dynamic_spatial_export_names_the_sizes_checked(capsys, tmp_path):
     code, out, err = cli(capsys, "resnet18", "--weights", "none", "--format", "export", "--dynamic-spatial",
                          "--out", str(tmp_path / "o"), "--input-size", "3,64,64")
