@@ -49,6 +49,7 @@ def test_identity_and_liveness_after_each_chain_layer(name, build, size, count, 
     assert len(edited.se_retrofit.sites) == count and {s.kind for s in edited.se_retrofit.sites} == {"chain"}
 
 
+@pytest.mark.slow
 def test_the_module_follows_the_activation():
     edited = se_retrofit.retrofit(tv.vgg11_bn(), position="post", example_input=torch.randn(1, 3, 64, 64))
     site = edited.se_retrofit.sites[0]
@@ -63,6 +64,7 @@ def test_a_residual_network_has_no_chain_layers():
     assert (len(analysis.blocks), analysis.count("chain"), analysis.count("join")) == (8, 0, 0)
 
 
+@pytest.mark.slow
 def test_stages_select_chain_layers_by_resolution():
     analysis, plan = se_retrofit.plan(tv.vgg16_bn(), stages=[5], position="post")
     assert [s.unit for s in plan.sites] == ["features.34", "features.37", "features.40"]
