@@ -1,4 +1,7 @@
-"""Command line: ``se-retrofit MODEL [options]``.
+"""Command line: ``se-retrofit MODEL [options]`` (and ``se-retrofit finetune ...``).
+
+This module builds the parser and dispatches; it imports neither torch nor timm, so ``--help`` and
+``--version`` answer at once. What a run does is in :mod:`se_retrofit.cli_run`.
 
 Examples:
     se-retrofit resnet50 --position post --r 16
@@ -9,39 +12,53 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
-import warnings
-from pathlib import Path
-from typing import Any, Sequence
-
-import torch
-from rich.console import Console
-from rich.table import Table
-from torch import nn
+from typing import Sequence
 
 from ._version import __version__
-from ._shell import Parser, UsageError, path_argument, run_command
-from .analysis import UNIT_KINDS, default_example_input, never_run_text
-from .attention import create_attention, list_attentions
-from .config import POSITION_HELP, POSITIONS, RetrofitConfig, import_attention_module
-from .errors import RetrofitError
-from .core import RECORD_ATTR, StackedAttentionWarning, edit_with_plan, one_thread, plan
-from .export import FORMATS as EXPORT_FORMATS, save_and_export, timm_usage
-from .hub import OfflineWarning, check_weights_path, create, resolve
-from .identity_check import check_identity
-from .io import SaveError, check_target
-from .planning import Plan
-from .tracing import graph_cache
+from ._shell import Parser, path_argument, run_command
+from . import cost_args
+
+# The parser is built without torch or timm (``--help`` and ``--version`` answer at once): the names
+# below are the registries' built-in ones, and tests/test_cli.py checks they still match them
+# (se_retrofit.analysis.UNIT_KINDS, se_retrofit.positions.POSITION_HELP, se_retrofit.export.FORMATS).
+UNIT_KINDS = ("residual", "join", "chain")
+POSITION_HELP = {
+    "standard": "on the residual branch, after its last layer, before the addition (SE paper default); "
+                "on each new branch of a join, before the concatenation; after a chain layer's activation (SE-VGG)",
+    "pre": "at the input of the residual branch; the shortcut still sees the raw input",
+    "post": "after the addition and the block's final activation (after the join, or after a chain layer's "
+            "activation)",
+    "identity": "on the shortcut, in parallel to the residual branch",
+    "inner": "inside the branch, right after its spatial conv and that conv's norm (the paper's SE_3x3)",
+    "stage": "once per stage transition, after the last block of every stage but the last (BAM)",
+}
+POSITIONS = tuple(POSITION_HELP)
+EXPORT_FORMATS = ("safetensors", "timm", "torchscript", "export", "onnx")
+
+#: the commands ``se-retrofit --help`` lists (``finetune`` and ``plan`` have their own ``--help``)
+COMMANDS = {
+    "MODEL": "retrofit attention into MODEL at exact identity and save it (the options below)",
+    "finetune": "fine-tune a recipe on an ImageFolder dataset (se-retrofit finetune --help)",
+    "plan": "cost of candidate plans (r × stages) and budgets",
+}
+EXAMPLES = (
+    "se-retrofit resnet50 --position post --r 16",
+    "se-retrofit torchvision:resnet50 --stages 3,4 --weights none --dry-run",
+    "se-retrofit finetune recipes/resnet18-se-quick.yaml --data ./my_images",
+)
+
+
+def _epilog() -> str:
+    width = max(map(len, COMMANDS))
+    commands = "\n".join(f"  {name:{width}s}  {text}" for name, text in COMMANDS.items())
+    examples = "\n".join(f"  {line}" for line in EXAMPLES)
+    return f"commands:\n{commands}\n\nexamples:\n{examples}"
+
 
 #: a probe input and the activations of one forward need about this many times the input's bytes
 ACTIVATION_FACTOR = 32
-
-
-class IdentityCheckError(RetrofitError):
-    """The edited model does not compute what the original computes, and that was not asked for."""
 
 
 def _kinds(text: str) -> list[str]:
@@ -51,18 +68,6 @@ def _kinds(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown unit kind {', '.join(unknown) or repr(text)}; choose from "
                                          f"{', '.join(UNIT_KINDS)}")
     return kinds
-
-
-_KIND_WORDS = {"residual": "blocks", "join": "joins", "chain": "chain layers"}
-
-
-def _units_text(units) -> str:
-    """``blocks found: 16 (stages 1,2,3,4)`` / ``joins found: 11 (stages 1,2,3)``."""
-    if not units:
-        return "units found: 0"
-    kinds = sorted({u.kind for u in units}, key=UNIT_KINDS.index)
-    counts = ", ".join(f"{_KIND_WORDS[k]} found: {sum(u.kind == k for u in units)}" for k in kinds)
-    return f"{counts} (stages {_stage_text(sorted({u.stage for u in units}))})"
 
 
 def _positive_int(high: int):
@@ -99,7 +104,8 @@ def _size(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="se-retrofit",
+        prog="se-retrofit", usage="se-retrofit MODEL [options] | se-retrofit {finetune,plan} ... (see below)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog(),
         description="Retrofit Squeeze-and-Excitation attention into a pretrained timm or torchvision "
                     "network, starting at exact identity, and save it for fine-tuning.")
     parser.add_argument("model", nargs="?", help="timm name (resnet50) or torchvision name (torchvision:resnet50)")
@@ -143,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow a pickled .pth/.pt weights file (read with weights_only=True); "
                              ".safetensors never needs it")
     parser.add_argument("--input-size", type=_size, help="probe input size C,H,W (default: the model's own)")
-    parser.add_argument("--out", type=path_argument, help="output directory (default ./MODEL-ATTENTION-POSITION-rR)")
+    parser.add_argument("--out", type=path_argument, help="output directory (default ./MODEL-ATTENTION-POSITION-rR, followed by the selection: "
+                             "-stages3-4, -blocks…, -every2)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--format", choices=tuple(EXPORT_FORMATS), default="safetensors",
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors",
                         help="also write the model in this format inside the output directory, checked against "
                              "the edited model: timm (NAME.safetensors for timm's native model, e.g. seresnet50), "
                              "torchscript (model.torchscript.pt), export (model.pt2), onnx (model.onnx); "
@@ -156,9 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-nonidentity", action="store_true",
                         help="save even when the identity check finds the edited model computes something else "
                              "(by default that is an error and nothing is written)")
-    from . import cost_cli
-
-    cost_cli.add_arguments(parser)  # --budget, --measure
+    cost_args.add_arguments(parser)  # --budget, --measure, --repeats
     parser.add_argument("--dry-run", action="store_true", help="show the plan, write nothing")
     parser.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
     parser.add_argument("--list-attentions", action="store_true", help="list the attention types and exit")
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``se-retrofit``: parse the arguments (no torch yet), then run the command they name."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["finetune"]:  # se-retrofit finetune RECIPE --data DIR
         from .finetune.cli import main as finetune_main
@@ -176,253 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .plan_cli import main as plan_main
 
         return plan_main(argv[1:])
-    out = Console(soft_wrap=True)
-    err = Console(stderr=True, soft_wrap=True)
-    return run_command("se-retrofit", lambda: _run(build_parser().parse_args(argv), out, err))
+    return run_command("se-retrofit", lambda: _run(build_parser().parse_args(argv)))
 
 
-def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    for module in args.imports:
-        import_attention_module(module)
-    if args.list_attentions:
-        for name, spec in list_attentions(include_timm=True).items():
-            out.print(f"{name:12s} {spec.summary}", markup=False, highlight=False)
-            out.print(f"{'':12s}   default position: {spec.default_position}"
-                      + (", last block only" if spec.default_blocks == "last" else "")
-                      + f"; options: {_option_text(spec.options)}", markup=False, highlight=False)
-        return 0
-    if not args.model:
-        raise UsageError("the following arguments are required: model")
-    options = {k: v for k, v in (("squeeze", args.squeeze), ("gate", args.gate), ("act", args.act),
-                                 ("kernel_size", args.kernel_size), ("dilation", args.dilation),
-                                 ("mode", args.mode), ("sub_sample", args.sub_sample), ("fusion", args.fusion))
-               if v is not None}
-    config = RetrofitConfig(attention=args.attention, position=args.position, reduction=args.r,
-                            divisor=args.divisor, stages=args.stages, blocks=args.blocks, exclude=args.exclude,
-                            every=args.every, init=args.init, options=options, kinds=args.kinds)
-    ref = resolve(args.model, args.source)
-    out_dir = args.out or Path(f"{ref.name.replace('/', '_')}-{config.attention}-{config.position}"
-                               + (f"-r{config.reduction}" if config.reduction else ""))
-    if not args.dry_run:
-        if os.path.lexists(out_dir) and not args.overwrite:
-            raise SaveError(f"output directory {out_dir} already exists; pass --overwrite or choose --out")
-        check_target(out_dir, args.overwrite)
-    if args.weights not in ("pretrained", "none"):
-        check_weights_path(args.weights, allow_pickle=args.allow_pickle)
-    if args.input_size is not None:
-        _check_input_memory(args.input_size)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model, origin = create(ref, args.weights, allow_pickle=args.allow_pickle)
-    _report_warnings(caught, err)
-    model.eval()
-    example = _example(model, args.input_size)
-    with graph_cache(), one_thread():  # planning and editing trace each block structure once
-        analysis, site_plan = plan(model, config, example)
-        from . import cost_cli
+def _run(args: argparse.Namespace) -> int:
+    from .cli_run import run  # torch, timm and the package: after the arguments parse
 
-        costs = cost_cli.apply(args, model, config, analysis, site_plan, example)  # --budget, --measure, FLOPs
-        config, site_plan = costs.config, costs.plan
-        report = _report(ref, origin, config, analysis, site_plan, model)
-        if not args.dry_run:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                edited = edit_with_plan(model, config, analysis, site_plan)
-            _report_warnings(caught, err)
-            report = _report(ref, origin, config, analysis, site_plan, model)  # sites found not editable: skipped
-    if not args.dry_run:
-        getattr(edited, RECORD_ATTR).base.update(name=ref.name, source=ref.source, weights=origin)
-        check = check_identity(model, edited, example, random_weights=origin.startswith("random"))
-        _enforce_identity(check, config, args.allow_nonidentity, err)
-        report.update(_identity_report(check), params_after=_count(edited))
-        report["params_added_pct"] = 100.0 * (report["params_after"] / report["params_before"] - 1)
-        saved, exported = save_and_export(edited, out_dir, args.format, example, overwrite=args.overwrite,
-                                          dynamic_spatial=args.dynamic_spatial)
-        report.update(output_dir=str(saved), export=exported.to_dict() if exported else None)
-    costs.report(report)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_report(report, out)
-        for line in costs.lines():
-            out.print(line, markup=False, highlight=False)
-    return 0
-
-
-def _option_text(options: dict[str, Any]) -> str:
-    if "*" in options:
-        return "any keyword the class takes"
-    shown = {k: getattr(v, "__name__", None) or repr(v) for k, v in options.items() if v is not None}
-    return ", ".join(f"{k}={shown[k]}" if k in shown else k for k in options) or "none"
-
-
-def _check_input_memory(size: tuple[int, ...]) -> None:
-    """Refuse an ``--input-size`` whose probe forward cannot fit in memory, before allocating it."""
-    needed = 4 * ACTIVATION_FACTOR
-    for extent in size:
-        needed *= extent
-    available = _available_memory()
-    if available is not None and needed > available:
-        raise UsageError(f"--input-size {','.join(map(str, size))} needs about {needed / 2**30:,.0f} GiB for the "
-                         f"probe input and its activations, and {available / 2**30:,.1f} GiB are available; "
-                         "choose a smaller size such as 3,224,224")
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable; else physical memory)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _enforce_identity(check, config: RetrofitConfig, allowed: bool, err: Console) -> None:
-    """An identity init that does not give the original outputs is an error (nothing is saved)
-    unless ``--allow-nonidentity``, then a warning. ``--init random`` is not meant to be identity."""
-    if config.init != "identity" or check.passed:
-        return
-    message = (f"identity check failed: max |Δ| = {check.max_abs_diff:.3g} (relative {check.max_rel_diff:.3g}, "
-               f"tolerance {check.tolerance:g}) on {check.statistics}: the edited model does not compute what the "
-               f"original does ({config.attention!r} at {config.position!r} does not start at identity)")
-    if not allowed:
-        raise IdentityCheckError(f"{message}; nothing was written (pass --allow-nonidentity to save it anyway)")
-    err.print(f"warning: {message}; saving anyway (--allow-nonidentity)", markup=False, highlight=False,
-              style="yellow")
-
-
-def _example(model: nn.Module, size: tuple[int, ...] | None) -> torch.Tensor:
-    if size is None:
-        return default_example_input(model)
-    return torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
-
-
-def _report_warnings(caught: list, err: Console) -> None:
-    for item in caught:
-        if issubclass(item.category, (OfflineWarning, StackedAttentionWarning)):
-            err.print(f"warning: {item.message}", markup=False, highlight=False, style="yellow")
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _site_rows(site_plan: Plan, config: RetrofitConfig) -> list[dict[str, Any]]:
-    """One row per site, with the parameters its module adds: one module is built per distinct
-    (channels, spatial dims), on the meta device (shapes, no memory, no init)."""
-    sizes: dict[tuple[int, int], tuple[int | None, int]] = {}
-    rows = []
-    for site in site_plan.sites:
-        key = (site.channels, site.spatial_dims)
-        if key not in sizes:
-            sizes[key] = _module_size(config, *key)
-        reduced, params = sizes[key]
-        rows.append({"block": site.block, "unit": site.unit or site.block, "kind": site.kind,
-                     "module": site.module_path, "stage": site.stage,
-                     "channels": site.channels, "reduced": reduced,
-                     "params": params, "attention_map_bytes": site.attention_bytes})
-    return rows
-
-
-def _module_size(config: RetrofitConfig, channels: int, spatial_dims: int) -> tuple[int | None, int]:
-    """(hidden width, parameter count) of the module ``config`` inserts at ``channels``."""
-    def build() -> nn.Module:
-        return create_attention(config.attention, channels, init=config.init, spatial_dims=spatial_dims,
-                                **config.attention_options())
-    try:
-        with torch.device("meta"):
-            module = build()
-    except (RuntimeError, NotImplementedError):  # an init that needs values (a user's type): build it for real
-        module = build()
-    return _hidden_width(module, channels), _count(module)
-
-
-def _hidden_width(module: nn.Module, channels: int) -> int | None:
-    """Width of the first layer that reduces the channels (SE's fc1, CBAM's and BAM's MLPs); a layer
-    down to one channel is an attention map (GCNet's, Non-local's pooling), not the reduction."""
-    for layer in module.modules():
-        if getattr(layer, "in_channels", None) == channels and 1 < layer.out_channels < channels:
-            return layer.out_channels
-    return None
-
-
-def _report(ref, origin: str, config: RetrofitConfig, analysis, site_plan: Plan, model: nn.Module) -> dict:
-    sites = _site_rows(site_plan, config)
-    return {
-        "model": str(ref), "weights": origin, **config.to_dict(),
-        "blocks_found": len(analysis.blocks), "stages_found": analysis.stages,
-        "units_found": {kind: analysis.count(kind) for kind in UNIT_KINDS if analysis.count(kind)},
-        "units_edited": _units_text(analysis.units_of(config.kinds)),
-        "already_with_attention": site_plan.stacked, "skipped": site_plan.skipped,
-        "never_run": analysis.never_run, "sites": sites, "params_before": _count(model),
-        "params_planned": sum(s["params"] for s in sites), "dry_run": True,
-    }
-
-
-def _identity_report(check) -> dict[str, Any]:
-    return {"dry_run": False, "identity_max_abs_diff": check.max_abs_diff,
-            "identity_max_rel_diff": check.max_rel_diff, "identity_statistics": check.statistics,
-            "identity_passed": check.passed}
-
-
-def _print_report(report: dict, out: Console) -> None:
-    out.print(f"[bold]{report['model']}[/]  weights: {report['weights']}", highlight=False)
-    kinds = sorted({row["kind"] for row in report["sites"]}, key=UNIT_KINDS.index)
-    on = "" if kinds == ["residual"] else " on " + " and ".join(_KIND_WORDS[k] for k in kinds)
-    table = Table(title=f"{report['attention']} at '{report['position']}'"
-                        + (f", r={report['reduction']}" if report["reduction"] else "") + on)
-    maps = any(row.get("attention_map_bytes") for row in report["sites"])
-    residual = all(row["kind"] == "residual" for row in report["sites"])
-    first = ("block",) if residual else ("unit", "module")
-    for column in first + ("stage", "channels", "reduced", "params added") + (("attention map",) if maps else ()):
-        table.add_column(column, justify="left" if column in first else "right")
-    for row in report["sites"]:
-        where = [row["unit"]] if residual else [row["unit"], row["module"]]
-        cells = [*where, str(row["stage"]), str(row["channels"]), str(row["reduced"] or "-"), f"{row['params']:,}"]
-        if maps:
-            size = row.get("attention_map_bytes")
-            cells.append(f"{size / 2**20:,.2f} MiB" if size else "-")
-        table.add_row(*cells)
-    out.print(table)
-    before = report["params_before"]
-    out.print(f"{report['units_edited']}; edited: {len(report['sites'])}", highlight=False)
-    if report["already_with_attention"]:
-        out.print(f"[yellow]note:[/] {len(report['already_with_attention'])} blocks already have channel "
-                  "attention; the new modules stack on top of it", highlight=False)
-    for block, reason in report["skipped"].items():
-        out.print(f"skipped {block}: {reason}", highlight=False, markup=False)
-    if report["never_run"]:
-        out.print(f"note: {never_run_text(report['never_run'])}", highlight=False, markup=False)
-    if report["dry_run"]:
-        out.print(f"parameters: {before:,} → {before + report['params_planned']:,} "
-                  f"(+{100 * report['params_planned'] / before:.2f}%); dry run: nothing written", highlight=False)
-        return
-    out.print(f"parameters: {before:,} → {report['params_after']:,} (+{report['params_added_pct']:.2f}%)",
-              highlight=False)
-    out.print(f"identity check: max |Δ| = {report['identity_max_abs_diff']:.3g} "
-              f"(relative {report['identity_max_rel_diff']:.3g}) on {report['identity_statistics']}",
-              highlight=False)
-    out.print(f"saved to {report['output_dir']}", highlight=False)
-    if report["export"]:
-        _print_export(report["export"], out)
-
-
-def _print_export(export: dict, out: Console) -> None:
-    out.print(f"export check ({export['format']}): max |Δ| = {export['max_abs_diff']:.3g}", highlight=False)
-    batch = {True: " (any batch size)", False: " (fixed batch size)"}.get(export["dynamic_batch"], "")
-    out.print(f"exported to {export['path']}{batch}", highlight=False, markup=False)
-    if export["timm_model"]:
-        out.print(f"load without se_retrofit: {timm_usage(export['timm_model'], export['path'], export['timm_kwargs'])}",
-                  highlight=False, markup=False)
-
-
-def _stage_text(stages: list[int]) -> str:
-    return ",".join(map(str, stages)) or "-"
+    return run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -104,6 +104,7 @@ def test_bad_example_input_is_a_clear_error():
         se_retrofit.find_blocks(timm.create_model("resnet18"), torch.randn(1, 5, 32, 32))
 
 
+@pytest.mark.slow
 def test_dual_path_network_has_additions_but_no_residual_blocks():
     # its additions mix two paths (a fusion, not a residual); its dense path's concatenations are joins
     analysis = analyze(timm.create_model("dpn68"), small_input(1))
@@ -116,6 +117,7 @@ def test_blocks_inside_timm_notrace_modules_are_found():
     assert [b.path for b in blocks][:2] == ["stages.0.0", "stages.0.1"] and len(blocks) == 8
 
 
+@pytest.mark.slow
 def test_layout_from_layers_when_the_model_resizes_every_input():
     # CrossViT interpolates any input to its img_size, so the second probe has the same shapes as
     # the first and says nothing about which dimension holds the channels: the branch's layers do.

@@ -57,6 +57,7 @@ HF_ROWS = [
 
 
 @pytest.mark.parametrize("model_class,config_class,config,count,rewritable", HF_ROWS, ids=[r[0] for r in HF_ROWS])
+@pytest.mark.slow
 def test_transformers_models(model_class, config_class, config, count, rewritable):
     model = _hf(model_class, config_class, **config)
     analysis = se_retrofit.analyze(model)  # the probe from the config's image_size and num_channels

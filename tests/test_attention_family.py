@@ -183,6 +183,7 @@ def test_nonlocal_on_vit_tokens():
     assert not torch.allclose(run(edited, x, False), run(base, x, False))
 
 
+@pytest.mark.slow
 def test_danet_on_deeplabv3_backbone_output():
     import torchvision
 

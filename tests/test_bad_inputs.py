@@ -35,6 +35,7 @@ def test_the_script_has_at_least_40_cases_and_the_subset_exists():
     assert set(SUBSET) <= set(names)
 
 
+@pytest.mark.slow
 def test_a_fast_subset_ends_cleanly(tmp_path):
     script = _script()
     chosen = [c for c in script.cases() if c.name in SUBSET]

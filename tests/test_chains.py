@@ -30,6 +30,7 @@ CHAIN_COUNTS = [
 
 
 @pytest.mark.parametrize("source,name,build,count", CHAIN_COUNTS, ids=[f"{r[0]}:{r[1]}" for r in CHAIN_COUNTS])
+@pytest.mark.slow
 def test_chain_layers_found_one_per_conv_or_separable_pair(source, name, build, count):
     analysis = analyze(build())
     assert analysis.count("chain") == count
@@ -41,12 +42,14 @@ def test_chain_layers_found_one_per_conv_or_separable_pair(source, name, build, 
     ("vgg11_bn", lambda: tv.vgg11_bn(), 64, 8),
     ("mobilenetv1_100", lambda: timm.create_model("mobilenetv1_100"), 64, 13),
 ])
+@pytest.mark.slow
 def test_identity_and_liveness_after_each_chain_layer(name, build, size, count, position):
     torch.manual_seed(0)
     edited = check_identity_and_liveness(build(), torch.randn(2, 3, size, size), position=position)
     assert len(edited.se_retrofit.sites) == count and {s.kind for s in edited.se_retrofit.sites} == {"chain"}
 
 
+@pytest.mark.slow
 def test_the_module_follows_the_activation():
     edited = se_retrofit.retrofit(tv.vgg11_bn(), position="post", example_input=torch.randn(1, 3, 64, 64))
     site = edited.se_retrofit.sites[0]
@@ -61,6 +64,7 @@ def test_a_residual_network_has_no_chain_layers():
     assert (len(analysis.blocks), analysis.count("chain"), analysis.count("join")) == (8, 0, 0)
 
 
+@pytest.mark.slow
 def test_stages_select_chain_layers_by_resolution():
     analysis, plan = se_retrofit.plan(tv.vgg16_bn(), stages=[5], position="post")
     assert [s.unit for s in plan.sites] == ["features.34", "features.37", "features.40"]

@@ -1,6 +1,7 @@
 """The command line: the README command, reports, and one-line errors with exit code 2."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from se_retrofit import cli_run
 from se_retrofit.cli import main
 
 from helpers import user_attention_source
@@ -25,6 +27,7 @@ def _offline_env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
 
 
+@pytest.mark.slow
 def test_readme_command_works_offline(tmp_path):
     script = Path(sys.executable).with_name("se-retrofit")
     result = subprocess.run([str(script), "resnet50", "--position", "post", "--r", "16"], cwd=tmp_path,
@@ -45,6 +48,50 @@ def test_readme_command_works_offline(tmp_path):
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "se_retrofit", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--position {standard,pre,post,identity,inner,stage}" in result.stdout
+
+
+HEAVY_MODULES = ("torch", "timm", "torchvision", "numpy", "safetensors")
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_help_and_version_import_neither_torch_nor_timm(flag):
+    """``se-retrofit --help`` / ``--version`` answer at once: the parser is built before torch is imported."""
+    code = ("import json, runpy, sys\n"
+            f"sys.argv = ['se-retrofit', {flag!r}]\n"
+            "try:\n    runpy.run_module('se_retrofit', run_name='__main__')\nexcept SystemExit as exit:\n"
+            "    code = exit.code\n"
+            f"print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_MODULES!r})]),"
+            " file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    exit_code, heavy = json.loads(result.stderr.strip().splitlines()[-1])
+    assert exit_code == 0 and heavy == [], heavy[:10]
+    assert ("se-retrofit 0.1.0" in result.stdout) if flag == "--version" else ("finetune" in result.stdout)
+
+
+def test_help_lists_the_commands_and_three_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    commands = text[text.index("commands:"):text.index("examples:")]
+    assert [line.split()[0] for line in commands.splitlines()[1:] if line.strip()] == ["MODEL", "finetune", "plan"]
+    assert "plan      cost of candidate plans (r × stages) and budgets" in commands
+    examples = [line.strip() for line in text[text.index("examples:"):].splitlines()[1:] if line.strip()]
+    assert len(examples) == 3 and all(e.startswith("se-retrofit ") for e in examples)
+    recipe = Path(__file__).resolve().parent.parent / examples[2].split()[2]
+    assert recipe.is_file()  # the finetune example names a recipe that exists
+
+
+def test_the_parsers_built_in_names_are_the_registries():
+    """The parser keeps its own copy of the built-in names (it imports no torch); they must not drift."""
+    import se_retrofit.cli as cli_module
+    from se_retrofit.analysis import UNIT_KINDS
+    from se_retrofit.export import FORMATS
+    from se_retrofit.positions import POSITION_HELP
+
+    assert cli_module.UNIT_KINDS == UNIT_KINDS
+    assert cli_module.EXPORT_FORMATS == tuple(FORMATS)
+    assert cli_module.POSITION_HELP == {k: v for k, v in POSITION_HELP.items() if k in cli_module.POSITIONS}
+    assert set(cli_module.POSITIONS) == set(POSITION_HELP)
 
 
 def test_json_report(capsys, tmp_path):
@@ -130,12 +177,58 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch, arg
     assert set(tmp_path.iterdir()) == before  # nothing written
 
 
-def test_existing_output_directory_is_refused_before_any_work(capsys, tmp_path):
+def test_existing_output_directory_is_refused_before_anything_is_written(capsys, tmp_path):
     (tmp_path / "o").mkdir()
-    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--out", str(tmp_path / "o"))
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--out", str(tmp_path / "o"), "--input-size",
+                         "3,64,64")
     assert code == 2 and "already exists; pass --overwrite" in err
+    assert list((tmp_path / "o").iterdir()) == []
 
 
+BAD_REQUESTS = [(["--stages", "7"], "stage(s) 7 out of range"),
+                (["--blocks", "layer9.*"], "pattern 'layer9.*' matches no residual block"),
+                (["--weights", "missing.safetensors"], "weights file missing.safetensors does not exist")]
+
+
+@pytest.mark.parametrize("args,message", BAD_REQUESTS, ids=[a[0] for a, _ in BAD_REQUESTS])
+def test_a_bad_request_is_reported_before_an_existing_output_directory(capsys, tmp_path, monkeypatch, args,
+                                                                        message):
+    """The directory an earlier run saved does not hide what is wrong with the request."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18-se-standard").mkdir()
+    for extra in ([], ["--stages", "3,4"], ["--blocks", "layer3.*"]):  # with the selection's own name too
+        selected = [a for a in args if a not in ("--weights", "missing.safetensors")]
+        if extra and selected:
+            (tmp_path / cli_run.default_out_dir("resnet18", _config(selected))).mkdir(exist_ok=True)
+        code, out, err = cli(capsys, "resnet18", "--input-size", "3,64,64", *args,
+                             *([] if "--weights" in args else ["--weights", "none"]))
+        assert code == 2 and message in err and "already exists" not in err, err
+
+
+def _config(args):
+    from se_retrofit.config import RetrofitConfig
+
+    stages = [int(s) for s in args[1].split(",")] if args[0] == "--stages" else None
+    return RetrofitConfig(stages=stages, blocks=args[1:2] if args[0] == "--blocks" else None)
+
+
+def test_default_output_directories_of_different_selections_differ_and_name_the_earlier_run(capsys, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["resnet18", "--weights", "none", "--input-size", "3,64,64"]
+    assert cli(capsys, *common)[0] == 0
+    assert cli(capsys, *common, "--stages", "3,4")[0] == 0
+    assert cli(capsys, *common, "--blocks", "layer4.*", "--every", "2")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "resnet18-se-standard", "resnet18-se-standard-blocks-layer4.x-every2", "resnet18-se-standard-stages3-4"]
+    code, out, err = cli(capsys, *common, "--stages", "3,4")
+    assert code == 2 and err.strip() == (
+        "se-retrofit: error: output directory resnet18-se-standard-stages3-4 already exists (it holds an earlier "
+        "run: resnet18, se at standard, stages [3, 4]); pass --overwrite or choose --out, or a different "
+        "selection names its own directory")
+
+
+@pytest.mark.slow
 def test_errors_from_the_installed_script_have_no_traceback(tmp_path):
     script = Path(sys.executable).with_name("se-retrofit")
     result = subprocess.run([str(script), "resnet18", "--r", "-3"], cwd=tmp_path, capture_output=True,
@@ -168,6 +261,7 @@ print(type(model.layer1[0].se).__module__, type(model.layer1[0].se).__name__, to
 '''
 
 
+@pytest.mark.slow
 def test_user_attention_from_outside_the_package(tmp_path):
     (tmp_path / "my_attn.py").write_text(USER_ATTENTION)
     env = {**_offline_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
@@ -298,7 +392,7 @@ def se_retrofit_load(path):
 # --- one shell for both commands --------------------------------------------------------------------
 
 def test_interrupt_is_exit_130_in_one_line(capsys, monkeypatch):
-    import se_retrofit.cli as cli_module
+    import se_retrofit.cli_run as cli_module
 
     monkeypatch.setattr(cli_module, "resolve", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     code, out, err = cli(capsys, "resnet18", "--weights", "none")
@@ -306,7 +400,7 @@ def test_interrupt_is_exit_130_in_one_line(capsys, monkeypatch):
 
 
 def test_internal_error_is_one_line_exit_1_and_a_traceback_on_request(capsys, monkeypatch):
-    import se_retrofit.cli as cli_module
+    import se_retrofit.cli_run as cli_module
 
     monkeypatch.setattr(cli_module, "resolve", lambda *a: (_ for _ in ()).throw(ZeroDivisionError("x\ny")))
     code, out, err = cli(capsys, "resnet18", "--weights", "none")
@@ -319,7 +413,7 @@ def test_internal_error_is_one_line_exit_1_and_a_traceback_on_request(capsys, mo
 
 
 def test_out_of_memory_is_a_user_error(capsys, monkeypatch):
-    import se_retrofit.cli as cli_module
+    import se_retrofit.cli_run as cli_module
 
     def no_memory(*args):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
@@ -345,6 +439,7 @@ def test_commands_share_one_shell_without_an_import_cycle():
     assert se_retrofit.cli.Parser is se_retrofit.finetune.cli.Parser
 
 
+@pytest.mark.slow
 def test_import_se_retrofit_does_not_load_the_trainer():
     code = ("import sys, se_retrofit; loaded = 'se_retrofit.finetune' in sys.modules; "
             "run = se_retrofit.finetune.run; print(loaded, 'se_retrofit.finetune.trainer' in sys.modules, "
@@ -374,3 +469,95 @@ def test_the_cli_plans_once_and_counts_parameters_as_the_edit_adds_them(capsys, 
     assert report["params_after"] - report["params_before"] == report["params_planned"] == 87840
     assert [(s["channels"], s["reduced"], s["params"]) for s in report["sites"]][::2] == \
         [(64, 4, 612), (128, 8, 2148), (256, 16, 8292), (512, 32, 32868)]
+
+
+# --- words in the report ----------------------------------------------------------------------------
+
+def test_a_transformer_blocks_sub_layers_are_named_in_words(capsys):
+    code, out, err = cli(capsys, "test_vit", "--weights", "none", "--dry-run")
+    assert code == 0, err
+    rows = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│ blocks.")]
+    assert rows[:4] == ["blocks.0 (attention)", "blocks.0 (mlp)", "blocks.1 (attention)", "blocks.1 (mlp)"]
+    blocks = len(rows) // 2
+    assert f"blocks found: {blocks}, with {2 * blocks} residual sub-layers (1 stage: one resolution)" in out
+    assert "@" not in out
+    code, out, err = cli(capsys, "test_vit", "--weights", "none", "--dry-run", "--json")
+    sites = json.loads(out)["sites"]
+    assert (sites[1]["unit"], sites[1]["label"]) == ("blocks.0@1", "blocks.0 (mlp)")  # --blocks keeps the name
+
+
+def test_a_decoder_blocks_sub_layers_are_named_apart():
+    from torch import nn
+
+    from se_retrofit import analyze
+    from se_retrofit.cli_labels import sublayer_labels
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+        def forward(self, x):
+            return self.dec(x, x)
+
+    model = Decoder().eval()
+    units = analyze(model, torch.randn(1, 5, 16)).units
+    labels = sublayer_labels(model, units)
+    assert [labels[u.name] for u in units] == ["dec (attention)", "dec (cross-attention)", "dec (mlp)"]
+    assert len(set(labels.values())) == len(units) == 3  # three rows, three names
+
+
+@pytest.mark.slow
+def test_dynamic_spatial_export_names_the_sizes_checked(capsys, tmp_path):
+    code, out, err = cli(capsys, "resnet18", "--weights", "none", "--format", "export", "--dynamic-spatial",
+                         "--out", str(tmp_path / "o"), "--input-size", "3,64,64")
+    assert code == 0, err
+    assert "(any batch size; any height and width, checked at 64×64, 96×96)" in out
+
+
+# --- progress on a terminal -------------------------------------------------------------------------
+
+def _run_on_a_terminal(args, cwd):
+    """Run the installed command with stdout and stderr on a pseudo-terminal; what the terminal showed."""
+    import pty
+    import select
+
+    controller, terminal = pty.openpty()
+    env = {**_offline_env(), "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen([sys.executable, "-m", "se_retrofit", *args], cwd=cwd, env=env, stdin=terminal,
+                               stdout=terminal, stderr=terminal, close_fds=True)
+    os.close(terminal)
+    shown = b""
+    while True:
+        ready, _, _ = select.select([controller], [], [], 300)
+        if not ready:
+            process.kill()
+            break
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    return process.wait(timeout=60), re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode("utf-8", "replace"))
+
+
+@pytest.mark.slow
+def test_progress_shows_each_stage_on_a_terminal_and_nothing_when_piped(tmp_path):
+    args = ["resnet18", "--weights", "none", "--input-size", "3,64,64", "--format", "torchscript"]
+    code, shown = _run_on_a_terminal([*args, "--out", "t"], tmp_path)
+    assert code == 0, shown
+    for stage in ("building timm:resnet18 (weights: none)", "analysing resnet18", "editing 8 sites",
+                  "checking identity", "saving, exporting (torchscript) and checking the file to t"):
+        assert f"✓ {stage}" in shown, (stage, shown[-2000:])
+    assert "done in" in shown and "saved to t" in shown
+    piped = subprocess.run([sys.executable, "-m", "se_retrofit", *args, "--out", "p"], cwd=tmp_path,
+                           env=_offline_env(), capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert "✓" not in piped.stdout and "building" not in piped.stdout and "saved to p" in piped.stdout
+    as_json = subprocess.run([sys.executable, "-m", "se_retrofit", *args, "--out", "j", "--json"], cwd=tmp_path,
+                             env=_offline_env(), capture_output=True, text=True, timeout=300)
+    assert json.loads(as_json.stdout)["identity_passed"] is True and as_json.stderr == ""

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a sample of the timm, torchvision and transformers registries
+
 SWEEP_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "coverage.py"
 
 

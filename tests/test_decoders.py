@@ -80,6 +80,7 @@ def _detr(model_class: str, **config):
         encoder_attention_heads=2, decoder_attention_heads=2, num_queries=5, **config)).eval()
 
 
+@pytest.mark.slow
 def test_detr_counts_every_decoder_sub_layer():
     # the ResNet backbone with frozen norms: 4 basic layers (depths 1, 1, 1, 1); encoder: 1 layer x
     # (self-attention, feed-forward) = 2; decoder: 2 layers x (self-attention on queries started as
@@ -98,6 +99,7 @@ def test_detr_counts_every_decoder_sub_layer():
             assert torch.equal(edited(x).logits, model(x).logits)
 
 
+@pytest.mark.slow
 def test_rt_detr_counts_aifi_and_deformable_decoder_layers():
     # backbone: 4 basic layers; hybrid encoder: AIFI, 1 layer x (self-attention, feed-forward) = 2
     # (its RepVGG and CSP adds are multi-branch layers, its FPN/PAN adds fusions); decoder: 2 layers

@@ -60,6 +60,7 @@ def _move_off_identity(model):
         parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
 
 
+@pytest.mark.slow
 def test_a_fresh_process_computes_the_edited_model(tmp_path):
     """torch.save(model) of an edited model, loaded elsewhere, is the edited model in train and eval
     mode, and not the original (whose forward an instance-bound edit used to fall back to)."""

@@ -57,6 +57,7 @@ def _read_back(fmt: str, path: Path):
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.slow
 def test_every_format_reproduces_the_model_and_leaves_it_alone(edited, tmp_path, fmt):
     edited.train()
     x = small_input(1, 32)
@@ -75,6 +76,7 @@ def test_every_format_reproduces_the_model_and_leaves_it_alone(edited, tmp_path,
     assert result.dynamic_batch is (True if fmt in ("export", "onnx") else None)
 
 
+@pytest.mark.slow
 def test_timm_export_loads_in_a_process_without_se_retrofit(edited, tmp_path):
     x = small_input(2, 32)
     result = export(edited, tmp_path / "seresnet18.safetensors", "timm", x)
@@ -171,6 +173,7 @@ def test_save_and_export_is_all_or_nothing(edited, tmp_path):
 
 # --- the edited model with torch.compile and channels_last ------------------------------------------
 
+@pytest.mark.slow
 def test_torch_compile_gives_the_same_outputs():
     model = trained_se(se_retrofit.retrofit(make_model("timm", "test_resnet"), example_input=SMALL)).eval()
     x = small_input(2, 32)
@@ -196,6 +199,7 @@ def test_channels_last_gives_the_same_outputs():
 
 # --- reload in a fresh process ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_reload_in_a_fresh_process_needs_only_load(edited, tmp_path):
     x = small_input(2, 32)
     saved = se_retrofit.save(edited, tmp_path / "saved")
@@ -232,6 +236,7 @@ def test_cli_timm_format(capsys, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["X"]
 
 
+@pytest.mark.slow
 def test_cli_onnx_format_json(capsys, tmp_path):
     code, out, err = cli(capsys, "resnet18", "--weights", "none", "--format", "onnx", "--out", str(tmp_path / "o"),
                          "--input-size", "3,32,32", "--json")
@@ -269,6 +274,7 @@ def _run_file(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", ["export", "onnx"])
+@pytest.mark.slow
 def test_dynamic_spatial_file_runs_at_every_size(edited, tmp_path, fmt):
     result = export(edited, tmp_path / NAMES[fmt], fmt, small_input(1, 64), dynamic_spatial=True)
     assert result.dynamic_spatial is True and result.dynamic_batch is True
@@ -284,6 +290,7 @@ def test_dynamic_spatial_file_runs_at_every_size(edited, tmp_path, fmt):
     assert json.loads(json.dumps(result.to_dict()))["checked_sizes"] == [[64, 64], [96, 96]]
 
 
+@pytest.mark.slow
 def test_without_dynamic_spatial_the_file_keeps_the_example_size(edited, tmp_path):
     result = export(edited, tmp_path / "model.pt2", "export", small_input(1, 64))
     assert result.dynamic_spatial is None and result.checked_sizes is None
@@ -292,6 +299,7 @@ def test_without_dynamic_spatial_the_file_keeps_the_example_size(edited, tmp_pat
         program(small_input(1, 96))
 
 
+@pytest.mark.slow
 def test_fixed_size_vit_is_refused_and_dynamic_img_size_vit_is_exported(tmp_path):
     torch.manual_seed(0)
     fixed = timm.create_model("vit_tiny_patch16_224", img_size=64).eval()
@@ -315,6 +323,7 @@ def test_dynamic_spatial_is_refused_for_formats_that_keep_no_graph(edited, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_dynamic_spatial(capsys, tmp_path, monkeypatch):
     code, out, err = cli(capsys, "resnet18", "--weights", "none", "--format", "onnx", "--dynamic-spatial",
                          "--out", str(tmp_path / "o"), "--input-size", "3,64,64", "--json")
@@ -330,6 +339,7 @@ def test_cli_dynamic_spatial(capsys, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
+@pytest.mark.slow
 def test_an_edited_vit_scripts_with_the_same_output_in_train_and_eval():
     """The dispatcher between a block's traced variants (ViT's Block takes attn_mask=None) is compiled for
     torch.jit.script as code of its own; the block itself keeps its Python forward."""

@@ -29,6 +29,7 @@ def test_all_four_types_are_registered():
 
 @pytest.mark.parametrize("source,name", MODELS, ids=[f"{s}:{n}" for s, n in MODELS])
 @pytest.mark.parametrize("attention", TYPES)
+@pytest.mark.slow
 def test_identity_for_every_type_and_position(source, name, attention):
     base = make_model(source, name, **({"drop_path_rate": 0.1} if source == "timm" else {}))
     x = small_input()

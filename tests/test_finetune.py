@@ -141,6 +141,7 @@ def test_resume_continues_after_the_last_finished_epoch(trained, images, tmp_pat
     assert se_retrofit.load(out / "model") is not None
 
 
+@pytest.mark.slow
 def test_resume_after_a_real_kill(images, tmp_path):
     """SIGKILL the run once its first checkpoint is on disk; --resume carries on from that epoch."""
     import signal
@@ -191,6 +192,7 @@ def test_export_only_writes_a_loadable_retrofitted_model(model, tmp_path, capsys
     assert loaded(torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo(images, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

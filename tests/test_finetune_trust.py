@@ -75,6 +75,7 @@ def env() -> dict[str, str]:
 
 # --- item 4: one run per output directory ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_concurrent_runs_on_one_out_one_is_refused_before_it_builds(workspace):
     out = workspace / "shared"
     command = [sys.executable, "-m", "se_retrofit", "finetune", str(workspace / "r.yaml"), "--data",

@@ -29,6 +29,7 @@ def test_the_unchanged_directory_loads_exactly(saved, tmp_path):
     assert outcome(directory, x, expected) == ("exact", "")
 
 
+@pytest.mark.slow
 def test_every_mutation_loads_exactly_or_is_refused_on_one_line(saved, tmp_path):
     directory, x, expected = saved
     counts: Counter = Counter()

@@ -191,6 +191,7 @@ print("validated", args.model)
 '''
 
 
+@pytest.mark.slow
 def test_launcher_runs_timm_style_train_and_validate_scripts_by_name(edited_file, resnet18_se, tmp_path):
     _, pretrained = edited_file
     for name, text in (("launch.py", LAUNCHER), ("train.py", FAKE_TRAIN), ("validate.py", FAKE_VALIDATE)):

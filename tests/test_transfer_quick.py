@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the transfer benchmark's quick run (fine-tuning on real images)
+
 pytest.importorskip("sklearn", reason="benchmarks/transfer.py needs scikit-learn (pip install '.[bench]')")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "transfer.py"

@@ -49,6 +49,7 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.parametrize("build,blocks", [(small_resnet, 3), (small_convnext, 2)])
+@pytest.mark.slow
 def test_save_and_load_rebuild_the_transformers_base_in_a_fresh_process(tmp_path, build, blocks):
     base = build()
     edited = trained_attention(se_retrofit.retrofit(base, example_input=PROBE))

@@ -9,6 +9,8 @@ import torch
 
 import se_retrofit
 
+pytestmark = pytest.mark.slow  # registry families, each model built and analysed
+
 # (model, residual blocks, tensor additions one forward pass executes, why the count is what it is)
 TRICKY = [
     ("res2net50_26w_4s", 16, 40, "3+4+6+3 bottlenecks; the 24 hierarchical adds inside the splits are not blocks"),

@@ -20,6 +20,8 @@ from se_retrofit.outputs import output_tensors
 
 from helpers import as_if_pretrained, run
 
+pytestmark = pytest.mark.slow  # zoo: real models of five libraries
+
 COPY_BUG = "issue 19 (instruments): copying a model that holds tensors in its attributes fails (copying.py)"
 UNTRACEABLE = "issue 19 item 4: blocks fx cannot trace are skipped, not edited from outside"
 LAYOUT = "issue 19 item 2: layout unknown when the second probe cannot run"

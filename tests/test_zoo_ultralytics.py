@@ -13,6 +13,8 @@ import se_retrofit
 
 from helpers import as_if_pretrained, run, small_input
 
+pytestmark = pytest.mark.slow  # zoo: ultralytics models
+
 os.environ.setdefault("YOLO_OFFLINE", "1")  # no font or version checks over the network
 tasks = pytest.importorskip("ultralytics.nn.tasks", reason="ultralytics is not installed")
 
