@@ -121,6 +121,18 @@ def monai_basic_unet():
     return nets.BasicUNet(2, 1, 2, features=(8, 8, 16, 32, 64, 8)), (1, 1, 32, 32), 18
 
 
+def monai_dynunet_basic():
+    # DynUNet, 4 levels, res_block=False: input block, 2 downsamples, bottleneck and 3 up blocks are
+    # UnetBasicBlocks, conv1 -> norm1 -> lrelu -> conv2 -> norm2 -> lrelu, the one ``lrelu`` module
+    # called twice: 7 x 2 = 14 chain layers (no add). Each call of the shared activation is a layer.
+    nets = pytest.importorskip("monai.networks.nets")
+    return nets.DynUNet(2, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
+                        res_block=False), (1, 1, 32, 32), 14
+
+
+CHAIN_ROWS = [monai_basic_unet, monai_dynunet_basic]
+
+
 def _xfail(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
 
@@ -131,13 +143,13 @@ ROWS = [
     (yolov8n_seg, None, None),
     (monai_unet, None, None),
     (monai_dynunet, None, None),
-    (monai_unetr, None, _xfail(UNTRACEABLE)),
+    (monai_unetr, None, None),
     (monai_swin_unetr, None, _xfail(UNTRACEABLE)),
     (smp_unet_resnet18, None, None),
     (smp_unet_efficientnet_b0, None, None),
     (smp_unet_timm_efficientnet_b0, None, None),
     (clip_resnet_visual, None, None),
-    (clip_vit_visual, None, _xfail(LAYOUT)),
+    (clip_vit_visual, None, None),
 ]
 
 
@@ -159,9 +171,23 @@ def test_zoo_residual_count_matches_the_source(build):
     assert len(se_retrofit.analyze(model, x).blocks) == count
 
 
-def test_basic_unet_chain_layers_are_found():
-    model, x, count = _built(monai_basic_unet)
+@pytest.mark.parametrize("build", CHAIN_ROWS, ids=[b.__name__ for b in CHAIN_ROWS])
+def test_zoo_chain_layers_are_found(build):
+    model, x, count = _built(build)
     assert se_retrofit.analyze(model, x).count("chain") == count
+
+
+@pytest.mark.parametrize("position", ["standard", "post"])
+def test_dynunet_shared_activation_is_gated_at_each_call(position):
+    base, x, count = _built(monai_dynunet_basic)
+    edited = se_retrofit.retrofit(base, position=position, example_input=x, kinds=["chain"])
+    sites = edited.se_retrofit.edits[-1][1]
+    assert len(sites) == count
+    assert sorted((s.block, s.anchor, s.add_index) for s in sites if s.block == "input_block") == \
+        [("input_block", "lrelu", 0), ("input_block", "lrelu", 1)]  # both calls of the one module
+    for training in (True, False):
+        assert torch.equal(run(edited, x, training), run(base, x, training)), training
+    _assert_live(base, edited, x)
 
 
 @pytest.mark.parametrize("position", ["standard", "post"])
