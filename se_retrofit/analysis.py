@@ -925,7 +925,9 @@ def _branch_place(add: Op, residual: _Residual, calls: CallCounts) -> dict[str, 
         runs, leaf = calls.counts.get(path, 0), op.returned_leaf.get(path, -1)
         if runs == block_runs and leaf >= 0:
             return {"branch_wrap_module": path, "branch_leaf": leaf}
-        problems.append(f"{path} runs {runs} times where {add.scope or 'the model'} runs {block_runs}"
+        problems.append(f"{path} runs {runs} times where {add.scope or 'the model'} runs {block_runs} (one module "
+                        f"serves more than one branch: give each branch its own {path.rpartition('.')[2]} module, "
+                        f"or leave the block out with exclude=[{add.scope!r}])"
                         if runs != block_runs else f"{path} returns the branch more than once")
     return {"branch_wrap_module": found[0][1], "branch_wrap_error": problems[0]}
 
