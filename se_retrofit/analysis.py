@@ -1120,7 +1120,9 @@ def _writer_says(residual: _Residual, shape: tuple[int, ...], modules: dict[str,
     op, rank = residual.branch, len(shape)
     permuted = False  # a transpose or permute between the writer and the sum
     for _ in range(12):
-        if op.shape is None or sorted(op.shape) != sorted(shape) or op not in residual.cone and op is not residual.branch:
+        if op.shape is None or sorted(op.shape) != sorted(shape):
+            return None
+        if op not in residual.cone and op is not residual.branch:
             return None
         if op.shape != tuple(shape) and not permuted:
             return None
