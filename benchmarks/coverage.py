@@ -274,19 +274,24 @@ def _identity(base, example, plans: dict, reference: list | None = None) -> dict
             reference = output_tensors(_call(base, example))
     last = len(plans) - 1
     return {position: _edited_difference(base if i == last else copy.deepcopy(base), plan.sites, position,
-                                         lambda model: _call(model, example), reference)
+                                         lambda model: _call(model, example), reference, plan.skipped)
             for i, (position, plan) in enumerate(plans.items())}
 
 
-def _edited_difference(model, sites, position: str, run, reference: list) -> float:
+def _edited_difference(model, sites, position: str, run, reference: list, skipped: dict | None = None) -> float:
     """Max relative |Δ| between ``reference`` and ``run(model)`` once ``model`` is edited at ``sites``
-    (in place)."""
+    (in place) as ``retrofit`` edits: a site whose block turns out not to be editable is edited from
+    outside instead, or left out with its reason in ``skipped`` and removed from ``sites``."""
     import torch
 
     import se_retrofit
     from se_retrofit.outputs import OutputMismatchError, output_difference, output_tensors
 
-    se_retrofit.surgery.apply_sites(model, sites, se_retrofit.RetrofitConfig(position=position))
+    skipped = {} if skipped is None else skipped
+    edited = se_retrofit.surgery.apply_sites(model, list(sites), se_retrofit.RetrofitConfig(position=position),
+                                             skipped=skipped)
+    left_out = {s.unit or s.block for s in sites} - {s.unit or s.block for s in edited}
+    sites[:] = [s for s in sites if (s.unit or s.block) not in left_out]
     with torch.no_grad():
         outputs = output_tensors(run(model))
     try:
@@ -348,6 +353,7 @@ def _check(source, name, max_params, torch, se_retrofit) -> dict:
                                                  + [out["config_changes"]])
             identity, out["identity_scope"] = _identity(base, example, plans, reference), "model"
         out.update({f"identity_{position}": value for position, value in identity.items()})
+        out["edited"] = len({site.unit or (site.block, site.add_index) for site in plans["standard"].sites})
         worst = max(out["identity_standard"], out["identity_post"])
         out["status"] = "ok" if worst <= 1e-5 else f"error: identity broken (max rel Δ {worst:.2g})"
         return out
@@ -442,11 +448,21 @@ def _block_identity(source, name, analysed, plans) -> tuple[dict[str, float], st
         with torch.no_grad():
             reference = output_tensors(block(*args, **kwargs))
         for position, plan in plans.items():
-            sites = [dataclasses.replace(s, block="") for s in plan.sites if s.block == path]
+            sites = [dataclasses.replace(s, block="", wrap_module=_inside(s.wrap_module, path))
+                     for s in plan.sites if s.block == path]
             difference = _edited_difference(copy.deepcopy(block), sites, position,
-                                            lambda model: model(*args, **kwargs), reference)
+                                            lambda model: model(*args, **kwargs), reference, plan.skipped)
+            kept = {s.unit for s in sites}
+            plan.sites[:] = [s for s in plan.sites if s.block != path or s.unit in kept]
             worst[position] = max(worst[position], difference)
     return worst, f"blocks: {len(kinds)} kinds of {len(inputs)} edited"
+
+
+def _inside(module: str | None, block: str) -> str | None:
+    """``module``'s path relative to ``block`` (which is run alone), None where it is not inside it."""
+    if module == block:
+        return ""
+    return module[len(block) + 1:] if module and module.startswith(f"{block}.") else None
 
 
 def _site_key(site) -> tuple:

@@ -55,6 +55,7 @@ Norms are told by what they compute (:mod:`.norms`: a frozen BatchNorm is a norm
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -571,10 +572,18 @@ def _conv_shape_only(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
 
 
 def _record_on_fake_tensors(model: nn.Module, example: torch.Tensor) -> Recording:
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses import fake_tensor
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        return record(model, mode.from_tensor(example))
+    # a model that refuses the probe's size (a fixed position embedding) fails in a meta kernel, which
+    # torch logs with its traceback before raising: the error is caught and reported here instead
+    logger = fake_tensor.log
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            return record(model, mode.from_tensor(example))
+    finally:
+        logger.setLevel(level)
 
 
 def _reason(error: BaseException) -> str:
@@ -916,7 +925,9 @@ def _branch_place(add: Op, residual: _Residual, calls: CallCounts) -> dict[str, 
         runs, leaf = calls.counts.get(path, 0), op.returned_leaf.get(path, -1)
         if runs == block_runs and leaf >= 0:
             return {"branch_wrap_module": path, "branch_leaf": leaf}
-        problems.append(f"{path} runs {runs} times where {add.scope or 'the model'} runs {block_runs}"
+        problems.append(f"{path} runs {runs} times where {add.scope or 'the model'} runs {block_runs} (one module "
+                        f"serves more than one branch: give each branch its own {path.rpartition('.')[2]} module, "
+                        f"or leave the block out with exclude=[{add.scope!r}])"
                         if runs != block_runs else f"{path} returns the branch more than once")
     return {"branch_wrap_module": found[0][1], "branch_wrap_error": problems[0]}
 
@@ -967,19 +978,26 @@ _IN_PLACE_ADDS = frozenset({"add_", "__iadd__"})
 
 
 def _sequence_first(recording: Recording, modules: dict[str, nn.Module]) -> set[Op]:
-    """The ops whose result holds sequence-first tokens ``(L, N, C)``: the outputs of the
-    ``nn.MultiheadAttention`` layers with ``batch_first=False`` and what is computed from them
-    without a reshape or a change of rank (the sums, norms and feed-forward layers after them)."""
-    seeds = [op for op in recording.ops if op.shape and len(op.shape) == 3 and any(
-        isinstance(modules.get(p), nn.MultiheadAttention) and not modules[p].batch_first for p in op.returned_by)]
+    """The ops whose result holds sequence-first tokens ``(L, N, C)``: the outputs and the inputs of
+    the ``nn.MultiheadAttention`` layers with ``batch_first=False``, what is computed from them and
+    what they are computed from without a reshape or a change of rank (the sums, norms and
+    feed-forward layers around them: torchaudio's Conformer adds its first half-step feed-forward
+    layer before any attention ran, on tokens its model transposed to sequence-first)."""
+    def sequence_first(module: str) -> bool:
+        return isinstance(modules.get(module), nn.MultiheadAttention) and not modules[module].batch_first
+
+    seeds = [op for op in recording.ops if op.shape and len(op.shape) == 3 and any(map(sequence_first, op.returned_by))]
+    seeds += [i for op in recording.ops if op.module and sequence_first(op.module)
+              for i in op.inputs if i.shape and len(i.shape) == 3]
     found, stack = set(), seeds
     while stack:
         op = stack.pop()
         if op in found:
             continue
         found.add(op)
-        stack.extend(u for u in op.users if u.kind != K.RESHAPE and u.shape and len(u.shape) == 3
-                     and u.shape[:2] == op.shape[:2])
+        near = [*op.users, *(op.inputs if op.kind != K.RESHAPE else ())]
+        stack.extend(n for n in near if n.kind != K.RESHAPE and n.shape and len(n.shape) == 3
+                     and n.shape[:2] == op.shape[:2])
     return found
 
 
@@ -1100,17 +1118,25 @@ def _writer_says(residual: _Residual, shape: tuple[int, ...], modules: dict[str,
     the operand through dropout, activations and a layer scale (``γ · f(x)``) to the first layer,
     that layer's output of the sum's shape carries its channels where its kind puts them."""
     op, rank = residual.branch, len(shape)
-    for _ in range(8):
-        if op.shape != tuple(shape) or op not in residual.cone and op is not residual.branch:
+    permuted = False  # a transpose or permute between the writer and the sum
+    for _ in range(12):
+        if op.shape is None or sorted(op.shape) != sorted(shape):
+            return None
+        if op not in residual.cone and op is not residual.branch:
+            return None
+        if op.shape != tuple(shape) and not permuted:
             return None
         attention = next((modules[p] for p in op.returned_by if isinstance(modules.get(p), nn.MultiheadAttention)),
                          None)
         if attention is not None:
-            return _channels_last(rank) if attention.embed_dim == shape[-1] else None
-        said = _layer_says(op, shape, modules)
+            said = _channels_last(len(op.shape)) if attention.embed_dim == op.shape[-1] else None
+            return _through_permutes(said, op.shape, shape) if permuted else said
+        said = _layer_says(op, op.shape, modules)
         if said is not None or op.weights:
-            return said
-        if op.kind == K.MUL:  # a layer scale: follow the map it scales
+            return _through_permutes(said, op.shape, shape) if permuted else said
+        if op.kind == K.RESHAPE and op.name in _PERMUTES and len(op.inputs) == 1:
+            permuted, op = True, op.inputs[0]
+        elif op.kind == K.MUL:  # a layer scale: follow the map it scales
             maps = [i for i in op.inputs if i.shape == op.shape]
             if len(maps) != 1:
                 return None
@@ -1119,6 +1145,32 @@ def _writer_says(residual: _Residual, shape: tuple[int, ...], modules: dict[str,
             op = op.inputs[0]
         else:
             return None
+    return None
+
+
+#: reshapes that only reorder dimensions: the channels keep their size (torchaudio's Conformer
+#: convolves ``(N, C, T)`` and transposes back to ``(T, N, C)`` before its addition)
+_PERMUTES = frozenset({"transpose", "permute", "swapaxes", "swapdims", "movedim", "t"})
+
+
+def _through_permutes(said: tuple[str, int, int] | None, written: tuple[int, ...], shape: tuple[int, ...]
+                      ) -> tuple[str, int, int] | None:
+    """The layout of a sum whose branch was written as ``written`` and then had its dimensions
+    reordered: the channels are where their size is, where no other dimension of the sum has it; the
+    batch too (where it is not 1, a size others can share)."""
+    if said is None:
+        return None
+    channels = written[said[1]]
+    if list(shape).count(channels) != 1:
+        return None
+    channel_dim = shape.index(channels)
+    batch = written[said[2]]
+    batch_dim = shape.index(batch) if list(shape).count(batch) == 1 else 0
+    rank = len(shape)
+    if channel_dim == 1 and batch_dim == 0:
+        return CHANNELS_FIRST, 1, 0
+    if channel_dim == rank - 1:
+        return _channels_last(rank, batch_dim)
     return None
 
 

@@ -368,7 +368,9 @@ def never_run(model: nn.Module, recording: Recording) -> list[str]:
     """Paths of the outermost modules with parameters that the recorded forward never called: a
     branch of the forward the probe did not take (a stage picked by a condition, an auxiliary
     head in eval mode). A module inside one that ran as a leaf, or whose parameters the forward read
-    directly (``nn.MultiheadAttention``'s ``out_proj``), counts as run.
+    directly (``nn.MultiheadAttention``'s ``out_proj``), counts as run; so does a container whose
+    forward is never called but whose children ran (a ``ModuleList``, or a ``Sequential`` iterated
+    by its parent's forward).
 
     Example:
         >>> import torch
@@ -385,7 +387,10 @@ def never_run(model: nn.Module, recording: Recording) -> list[str]:
     """
     paths = dict(model.named_modules(remove_duplicate=False))
     leaves = {id(paths[op.module]) for op in recording.ops if op.module and op.module in paths}
-    called = leaves | {id(paths[call.path]) for call in recording.calls.values() if call.path in paths}
+    ran = {path for path, module in paths.items() if id(module) in leaves} | \
+        {call.path for call in recording.calls.values() if call.path in paths}
+    above = {path.rsplit(".", k)[0] for path in ran for k in range(1, path.count(".") + 1)}
+    called = {id(paths[path]) for path in ran | above}
     found: list[str] = []
     for path, module in model.named_modules():  # a shared module once, under its first path
         params = [f"{path}.{name}" for name, _ in module.named_parameters(remove_duplicate=False)]

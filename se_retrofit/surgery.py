@@ -195,17 +195,34 @@ def _trace_variants(block: nn.Module, optional: list[str]) -> tuple[dict[Variant
 def _traced_variants(block: nn.Module, optional: list[str], fixed: dict[str, object]) -> dict[Variant, fx.Graph]:
     """Every variant the forward accepts: one that raises when traced with an optional argument given
     (ImageGPT's block refuses ``encoder_hidden_states`` without cross-attention layers) is left out,
-    and calling the edited block so raises; the variant with all of them None must trace."""
-    graphs = {}
+    and calling the edited block so raises; the variant with all of them None must trace, unless
+    the forward itself fails on one of those Nones (Mask2Former's decoder layer subscripts its
+    ``position_embeddings``): such a forward does not accept that None, and a variant of each mode
+    must trace."""
+    graphs, refused = {}, {}
     for key in _variants(optional):
         try:
             graphs[key] = _trace_block(block, key, optional, fixed)
         except TraceError:
             raise
-        except ValueError:
-            if all(key[1]):
+        except (ValueError, TypeError, AttributeError) as error:
+            if not _refuses_a_none(key, error):
                 raise
+            refused[key[0]] = error
+    for training, error in refused.items():
+        if not any(key[0] == training for key in graphs):
+            raise error
     return graphs
+
+
+def _refuses_a_none(variant: Variant, error: Exception) -> bool:
+    """Whether tracing ``variant`` failed because the forward does not take one of the arguments it
+    left None: it raised a ValueError for it (ImageGPT), or used the None as a value (``None[i]``,
+    ``None.shape``), which the forward run untraced does as well."""
+    nones = variant[1]
+    if isinstance(error, ValueError):
+        return not all(nones)
+    return any(nones) and "NoneType" in str(error)
 
 
 def _variants(optional: list[str]) -> list[Variant]:

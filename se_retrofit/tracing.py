@@ -416,6 +416,28 @@ _NOT_TENSORS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "requir
                           "data_ptr", "get_device", "is_contiguous", "is_floating_point"})
 
 
+_UNKNOWN = object()
+
+
+def _item_of_given(node: fx.Node, name: str, known: dict[fx.Node, Any]) -> Any:
+    """The value of ``container[index]`` where the container is an argument given as a list, tuple or
+    dict (Mask2Former's per-level ``position_embeddings[level_index]``) and the index a constant or
+    a given value; ``_UNKNOWN`` otherwise."""
+    if name != "getitem" or len(node.args) != 2 or node.args[0] not in known:
+        return _UNKNOWN
+    container, index = known[node.args[0]], node.args[1]
+    if isinstance(index, fx.Node):
+        if index not in known:
+            return _UNKNOWN
+        index = known[index]
+    if not isinstance(container, (list, tuple, dict)):
+        return _UNKNOWN
+    try:
+        return container[index]
+    except (IndexError, KeyError, TypeError):
+        return _UNKNOWN
+
+
 def own_tensor_adds(module: nn.Module, args: tuple, kwargs: dict) -> list[int]:
     """For the forward of ``module`` as surgery traces it (children kept as leaves), the positions
     among its addition nodes of those that add tensors, in graph order. Shape arithmetic such as
@@ -435,16 +457,23 @@ def own_tensor_adds(module: nn.Module, args: tuple, kwargs: dict) -> list[int]:
                                                                  concrete_args={**fixed, **nones} or None))
     modules = dict(module.named_modules())
     tensorish: dict[fx.Node, bool] = {}
+    known: dict[fx.Node, Any] = {}  # the values given, and items taken from them (``features[level]``)
     positions, count = [], 0
     for node in graph.nodes:
         if node.op == "placeholder":
             value = given.get(node.target.lstrip("*"), None)
+            if node.target.lstrip("*") in given:
+                known[node] = value
             tensorish[node] = isinstance(value, torch.Tensor) or (value is None and not node.args)
         elif node.op in ("get_attr", "call_module"):
             tensorish[node] = True
         elif node.op in ("call_function", "call_method"):
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            if name == "getattr" and len(node.args) > 1 and node.args[1] in _NOT_TENSORS:
+            item = _item_of_given(node, name, known)
+            if item is not _UNKNOWN:
+                known[node] = item
+                tensorish[node] = isinstance(item, torch.Tensor)
+            elif name == "getattr" and len(node.args) > 1 and node.args[1] in _NOT_TENSORS:
                 tensorish[node] = False
             elif name in _NOT_TENSORS:
                 tensorish[node] = False

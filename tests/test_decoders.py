@@ -12,8 +12,11 @@ from torch import nn
 import se_retrofit
 from se_retrofit.analysis import TOKENS
 
-from helpers import as_if_pretrained
+from se_retrofit.outputs import output_tensors
+
+from helpers import as_if_pretrained, run
 from test_any_model import check_identity_and_liveness
+from test_zoo import _assert_live
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -132,10 +135,28 @@ def test_mask2former_masked_cross_attention_from_learned_queries():
         encoder_feedforward_dim=64, dim_feedforward=64, decoder_layers=3, encoder_layers=1, num_attention_heads=2,
         num_queries=5, common_stride=4)
     torch.manual_seed(0)
-    model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
-    names = [b.name for b in se_retrofit.analyze(model, torch.randn(1, 3, 64, 64)).blocks]
+    model = as_if_pretrained(transformers.Mask2FormerForUniversalSegmentation(config).eval())
+    analysis = se_retrofit.analyze(model, torch.randn(1, 3, 64, 64))
+    names = [b.name for b in analysis.blocks]
     assert len(names) == 12 and sum(n.startswith("model.pixel_level_module.encoder.") for n in names) == 4
-    assert names[-6:] == [f"model.transformer_module.decoder.layers.{i}@{a}" for i in range(2) for a in (2, 3, 4)]
+    decoder = [f"model.transformer_module.decoder.layers.{i}@{a}" for i in range(2) for a in (2, 3, 4)]
+    assert names[-6:] == decoder
+    # the key's position embedding is added to an item of a per-level list argument (a tensor addition
+    # the traced graph has too), and the forward subscripts that list, so it takes no None for it
+    assert all(b.rewrite_error is None for b in analysis.blocks if b.name in decoder)
+    assert analysis.never_run == []  # the ResNet's stages are a ModuleList, iterated: they ran
+    x = torch.randn(2, 3, 64, 64)
+    # the pixel decoder's encoder layer checks isfinite when training: edited from outside at standard;
+    # at post a LayerNorm follows each of its sums, so nothing can gate them from outside (skipped)
+    for position, outside in (("standard", 2), ("post", 0)):
+        edited = se_retrofit.retrofit(model, position=position, example_input=x[:1])
+        sites = edited.se_retrofit.edits[-1][1]
+        assert [s.unit for s in sites if s.edit == "rewrite" and s.unit in decoder] == decoder
+        assert len(sites) == 10 + outside
+        for training in (True, False):
+            for a, b in zip(output_tensors(run(edited, x, training)), output_tensors(run(model, x, training))):
+                assert torch.equal(a, b), (position, training)
+    _assert_live(model, edited, x)
 
 
 class _ResidualPoolingAttention(nn.Module):

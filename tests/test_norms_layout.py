@@ -10,7 +10,7 @@ import se_retrofit
 from se_retrofit.analysis import TOKENS
 from se_retrofit.recording import record
 
-from helpers import as_if_pretrained
+from helpers import as_if_pretrained, run
 from test_any_model import check_identity_and_liveness
 
 
@@ -208,3 +208,95 @@ def test_integer_ids_in_a_dict_have_their_layout_from_the_linear_layers():
     batch = {"ids": torch.randint(0, 50, (3, 7))}
     with torch.no_grad():
         assert torch.equal(edited(batch), model(batch))
+
+
+class _ConformerLikeLayer(nn.Module):
+    """torchaudio's ConformerLayer in small: on sequence-first tokens ``(T, N, C)``, a half-step
+    feed-forward add before any attention ran, a ``batch_first=False`` attention add, and a conv
+    module add whose branch is convolved as ``(N, C, T)`` and transposed back (4 adds)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.ffn1 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
+        self.norm = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, 2)
+        self.conv_norm = nn.LayerNorm(width)
+        self.conv = nn.Conv1d(width, width, 3, padding=1)
+        self.ffn2 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width))
+
+    def forward(self, x):
+        x = self.ffn1(x) * 0.5 + x
+        h = self.norm(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        c = self.conv(self.conv_norm(x).transpose(0, 1).transpose(1, 2))  # (N, C, T)
+        x = x + c.transpose(1, 2).transpose(0, 1)
+        return self.ffn2(x) * 0.5 + x
+
+
+class _ConformerLike(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.layers = nn.ModuleList(_ConformerLikeLayer(width) for _ in range(2))
+
+    def forward(self, x):  # (N, T, C) in, as torchaudio's Conformer
+        x = x.transpose(0, 1)
+        for layer in self.layers:
+            x = layer(x)
+        return x.transpose(0, 1)
+
+
+def _samples_stay_apart(model: nn.Module, edited: nn.Module, x: torch.Tensor) -> None:
+    """Moved gates change the output, and a sample's output does not depend on the other samples."""
+    with torch.no_grad():
+        for name, param in edited.named_parameters():
+            if name not in model.state_dict():
+                param.normal_()
+        assert not torch.allclose(edited(x), model(x))
+        assert torch.allclose(edited(x)[:1], edited(x[:1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["standard", "post"])
+def test_sequence_first_before_any_attention_and_a_transposed_conv_branch(position):
+    # 2 layers x 4 adds: the first add reads tokens the model transposed to sequence-first (no
+    # attention before it says so: the attention reading it does); the conv add's writer is a conv on
+    # (N, C, T) whose channels two transposes move to the last dimension
+    model = as_if_pretrained(_ConformerLike().eval())
+    x = torch.randn(3, 10, 16)
+    analysis = se_retrofit.analyze(model, x[:1])
+    assert [(b.layout, b.channel_dim, b.batch_dim) for b in analysis.blocks] == [(TOKENS, 2, 1)] * 8
+    edited = se_retrofit.retrofit(model, position=position, example_input=x[:1])
+    assert len(edited.se_retrofit.edits[-1][1]) == 8
+    for training in (True, False):
+        assert torch.equal(run(edited, x, training), run(model, x, training)), training
+    _samples_stay_apart(model, edited, x)
+
+
+def test_torchaudio_conformer_every_residual_add():
+    # torchaudio.models.Conformer, 2 layers: ffn1 half-step, self-attention, convolution module, ffn2
+    # half-step = 4 adds per layer, 8. Its lengths argument is an integer tensor (the padding refusal,
+    # opted out: all frames are real here)
+    models = pytest.importorskip("torchaudio.models")
+    torch.manual_seed(0)
+    model = as_if_pretrained(models.Conformer(input_dim=32, num_heads=2, ffn_dim=64, num_layers=2,
+                                              depthwise_conv_kernel_size=3).eval())
+    x, lengths = torch.randn(3, 10, 32), torch.full((3,), 10)
+    analysis = se_retrofit.analyze(model, (x[:1], lengths[:1]))
+    assert [(b.layout, b.batch_dim) for b in analysis.blocks] == [(TOKENS, 1)] * 8
+    for position in ("standard", "post"):
+        edited = se_retrofit.retrofit(model, position=position, example_input=(x[:1], lengths[:1]),
+                                      allow_token_models=True)
+        assert len(edited.se_retrofit.edits[-1][1]) == 8
+        for training in (True, False):
+            torch.manual_seed(1)
+            expected = run_model(model, (x, lengths), training)
+            torch.manual_seed(1)
+            assert torch.equal(run_model(edited, (x, lengths), training), expected)
+
+
+def run_model(model: nn.Module, args: tuple, training: bool) -> torch.Tensor:
+    model.train(training)
+    try:
+        with torch.no_grad():
+            return model(*args)[0]
+    finally:
+        model.eval()
