@@ -411,6 +411,17 @@ def trace_fixing_defaults(module: nn.Module, trace_with: Callable[[dict[str, obj
 
 # --- where a module's own additions sit in the graph surgery rewrites ------------------------
 
+def _check_called_as_fixed(fixed: dict[str, object], given: dict[str, Any]) -> None:
+    """Raise where the model calls the module with another value for an argument its trace fixed at
+    the default (ConditionalDetr's first decoder layer runs with ``is_first=True``): a forward
+    rewritten from that trace would not be the one this call runs."""
+    differ = [f"{name}={given[name]!r}" for name, default in fixed.items()
+              if isinstance(given.get(name), (bool, int, float, str)) and given[name] != default]
+    if differ:
+        raise TraceError(f"fx traces its forward only with {', '.join(f'{n}={v!r}' for n, v in fixed.items())} "
+                         f"(the defaults) and the model calls it with {', '.join(differ)}")
+
+
 _NOT_TENSORS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "size", "dim",
                           "numel", "item", "tolist", "__len__", "len", "element_size", "nelement", "stride",
                           "data_ptr", "get_device", "is_contiguous", "is_floating_point"})
@@ -453,8 +464,9 @@ def own_tensor_adds(module: nn.Module, args: tuple, kwargs: dict) -> list[int]:
         bound = {}
     given = {k: v for k, v in bound.items() if k != "self"}
     nones = {name: None for name in optional_arguments(module) if given.get(name) is None}
-    graph, _ = trace_fixing_defaults(module, lambda fixed: trace(module, leaf_children=True, shared=True,
-                                                                 concrete_args={**fixed, **nones} or None))
+    graph, fixed = trace_fixing_defaults(module, lambda fixed: trace(module, leaf_children=True, shared=True,
+                                                                     concrete_args={**fixed, **nones} or None))
+    _check_called_as_fixed(fixed, given)
     modules = dict(module.named_modules())
     tensorish: dict[fx.Node, bool] = {}
     known: dict[fx.Node, Any] = {}  # the values given, and items taken from them (``features[level]``)

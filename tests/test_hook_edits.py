@@ -293,3 +293,54 @@ def test_transformers_blocks_fx_cannot_trace(make, found, standard, post):
         again = pickle.loads(pickle.dumps(model))
         assert torch.equal(output_tensors(again(x))[0], changed)
         assert not torch.equal(changed, output_tensors(base.eval()(x))[0])
+
+
+class _FirstLayerFlag(nn.Module):
+    """A layer whose forward branches on a flag with a constant default (fx traces it only with the
+    flag fixed at its default); the model calls its first layer with the other value
+    (ConditionalDetr's ``is_first=True``)."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x, is_first: bool = False):
+        y = self.norm(self.conv(x))
+        if is_first:
+            y = y * 0.5
+        return x + y
+
+
+class _FlagNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layers = nn.ModuleList([_FirstLayerFlag(), _FirstLayerFlag()])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, is_first=i == 0)
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("position", ["standard", "post"])
+def test_a_block_called_with_another_value_than_its_trace_fixed_is_not_rewritten_for_the_default(position):
+    """The rewrite of a forward traced with ``is_first=False`` is not the forward a call with
+    ``is_first=True`` runs: that block is edited from outside or skipped with the reason, and the
+    edited model runs (it raised 'cannot be called with is_first=True' before)."""
+    base = as_if_pretrained(_FlagNet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    analysis, plan = se_retrofit.plan(base, RetrofitConfig(position=position), x)
+    assert sorted(b.path for b in analysis.blocks) == ["layers.0", "layers.1"]
+    model = se_retrofit.retrofit(base, position=position, example_input=x)
+    for training in (False, True):
+        torch.manual_seed(0)
+        expected = base.train(training)(x)
+        torch.manual_seed(0)
+        assert torch.equal(model.train(training)(x), expected)
+    first = [s for s in plan.sites if s.block == "layers.0"]
+    reasons = {k: v for k, v in plan.skipped.items() if k.startswith("layers.0")}
+    assert first or "is_first=True" in " ".join(reasons.values())
+    assert "forward" not in vars(model.layers[0]) or is_wrapped(model.layers[0])
