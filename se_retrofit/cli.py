@@ -165,10 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["finetune"]:  # se-retrofit finetune RECIPE --data DIR
+    lead = 0  # se-retrofit [--import M ...] finetune RECIPE --data DIR: the imports go to finetune
+    while lead < len(argv) and (argv[lead] == "--import" and lead + 2 < len(argv)
+                                or argv[lead].startswith("--import=")):
+        lead += 1 if "=" in argv[lead] else 2
+    if argv[lead:lead + 1] == ["finetune"]:
         from .finetune.cli import main as finetune_main
 
-        return finetune_main(argv[1:])
+        return finetune_main(argv[lead + 1:] + argv[:lead])
     out = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     return run_command("se-retrofit", lambda: _run(build_parser().parse_args(argv), out, err))

@@ -7,7 +7,9 @@ classes, attention retrofitted from the recipe), trains each phase, and writes, 
 
 * ``OUT/recipe.yaml``: the recipe as run (overrides included);
 * ``OUT/checkpoint.pt``: after every epoch, atomically (see :mod:`.checkpoint`);
-* ``OUT/metrics.csv`` and ``OUT/curves.png``: one row per finished epoch, and their plot;
+* ``OUT/metrics.csv`` and ``OUT/curves.png``: one row per finished epoch, and their plot (redrawn
+  after the last epoch, and before it at most every :data:`PLOT_EVERY_S` seconds: drawing takes
+  about half a second, as long as a whole epoch of a small dataset);
 * ``OUT/model/``: the final model in se_retrofit's saved format (:func:`se_retrofit.load` reads it).
 
 Example:
@@ -53,6 +55,7 @@ from .report import Reporter
 
 RUN_FILES = ("recipe.yaml", CHECKPOINT_FILE, "metrics.csv", "curves.png", "model")
 DETECTION_IMAGE_SIZE = 320
+PLOT_EVERY_S = 30.0
 
 
 class FinetuneError(RetrofitError):
@@ -436,6 +439,7 @@ class _Session:
     run_info: dict[str, Any]
     files: dict[str, Path]
     metrics: list[dict[str, Any]]
+    plotted: float = -math.inf  # time.monotonic() of the last curves.png
 
 
 def _start_session(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> _Session:
@@ -527,7 +531,8 @@ def _epochs(plan: Plan, options: Options, context: distributed.Context, reporter
                         optimizer.load_state_dict(resumed["optimizer"])
                         scheduler.load_state_dict(resumed["scheduler"])
             session.metrics.append(_epoch(epoch, ddp, optimizer, scheduler, session, context, plan, reporter))
-            _write_epoch(plan, session, context, epoch=epoch, phase=current, optimizer=optimizer,
+            last = epoch == recipe.total_epochs or options.stop_after_epoch == epoch
+            _write_epoch(plan, session, context, last, epoch=epoch, phase=current, optimizer=optimizer,
                          scheduler=scheduler)
             reporter.epoch_done(session.metrics[-1], recipe.total_epochs)
             if options.stop_after_epoch == epoch and epoch < recipe.total_epochs:
@@ -541,15 +546,18 @@ def _epochs(plan: Plan, options: Options, context: distributed.Context, reporter
     return Result(session.model, session.metrics, plan.out, final, stopped, session.files)
 
 
-def _write_epoch(plan: Plan, session: _Session, context: distributed.Context, **state: Any) -> None:
-    """Checkpoint, metrics CSV and curves after an epoch (rank 0; every rank gives its RNG state)."""
+def _write_epoch(plan: Plan, session: _Session, context: distributed.Context, last: bool, **state: Any) -> None:
+    """Checkpoint and metrics CSV after an epoch, and the curves after the ``last`` epoch or
+    :data:`PLOT_EVERY_S` after the previous drawing (rank 0; every rank gives its RNG state)."""
     rng = distributed.gather(rng_state(), context)
     if context.is_main:
         save_checkpoint(plan.out, make_state(plan.recipe, session.run_info, model=session.model,
                                              scaler=session.scaler, rng=rng, metrics=session.metrics, **state))
         write_csv(session.metrics, session.files["metrics"])
-        plot_curves(session.files["metrics"], session.files["curves"],
-                    title=f"{plan.recipe.name} ({plan.recipe.model})")
+        if last or time.monotonic() - session.plotted >= PLOT_EVERY_S:
+            plot_curves(session.files["metrics"], session.files["curves"],
+                        title=f"{plan.recipe.name} ({plan.recipe.model})")
+            session.plotted = time.monotonic()
 
 
 def _epoch(epoch: int, ddp: nn.Module, optimizer, scheduler, session: _Session, context: distributed.Context,
