@@ -356,7 +356,7 @@ def expected_epochs(argv: list[str]) -> int:
 def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path, report_only: bool = False
              ) -> list[dict]:
     """The jobs in ``workers`` processes (one thread each), each taking the next job from one queue
-    (longest first) and running it through the product's ``main`` (LAUNCHER); returns one result per
+    (seed by seed, the longest first within a seed) and running it through the product's ``main`` (LAUNCHER); returns one result per
     job (``report_only``: runs nothing, and returns the finished jobs only)."""
     todo = [i for i, argv in enumerate(argvs) if not finished(Path(argv[5]), expected_epochs(argv))]
     print(f"{len(jobs) - len(todo)} finished runs {'found' if report_only else 'reused'} in {log.parent}, "
@@ -365,7 +365,7 @@ def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path, r
         done = [i for i in range(len(jobs)) if i not in todo]
         jobs, argvs, todo = [jobs[i] for i in done], [argvs[i] for i in done], []
     queue = Queue()
-    for i in sorted(todo, key=lambda i: -cost(jobs[i])):
+    for i in sorted(todo, key=lambda i: (jobs[i].seed, -cost(jobs[i]))):  # seed by seed: a partial run covers every arm
         queue.put(i)
     seconds = [0.0] * len(jobs)
 

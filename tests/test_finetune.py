@@ -112,8 +112,8 @@ def test_phase_one_trains_the_new_modules_and_the_head_then_all(images, tmp_path
     _, optimizer, _ = start_phase(model, 0, recipe, steps_per_epoch=4, context=context)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if ".se." in n or n.startswith("fc.")}
-    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {
-        "backbone": 0.05, "backbone_no_decay": 0.05, "attention": 0.05, "attention_no_decay": 0.05}
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {  # the head is named as such (issue 21)
+        "head": 0.05, "head_no_decay": 0.05, "attention": 0.05, "attention_no_decay": 0.05}
     _, optimizer, _ = start_phase(model, 1, recipe, steps_per_epoch=4, context=context)
     assert all(p.requires_grad for p in model.parameters())
     assert {g["name"]: g["lr"] for g in optimizer.param_groups}["attention"] == pytest.approx(0.1)
