@@ -266,6 +266,9 @@ def start_phase(model: nn.Module, index: int, recipe: Recipe, steps_per_epoch: i
     return distributed.wrap(model, context), optimizer, scheduler
 
 
+# Kept rather than timm's CosineLRScheduler (which gives the same cosine after the warm-up, tested): timm
+# warms every group up from one absolute warmup_lr_init (0: a first step at rate 0) and keeps no step count
+# in its state_dict, which resume restores; this warm-up starts each group at base/w and reaches it at w-1.
 def warmup_cosine(total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
     """Learning-rate factor per step: linear warm-up, then a cosine from 1 towards 0.
 
@@ -341,6 +344,8 @@ def _autocast(enabled: bool):
     return torch.autocast("cuda", dtype=torch.float16) if enabled else nullcontext()
 
 
+# Kept rather than timm.utils.accuracy and AverageMeter: those give per-batch percentages and a running mean
+# of one process; DDP needs exact sums (loss, correct, count) that one all-reduce adds across processes.
 def _batch_totals(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     n = targets.numel()
     correct = (logits.argmax(dim=1) == targets).sum()
