@@ -20,14 +20,17 @@ package: nothing is downloaded), written as PNG ImageFolders upsampled to 32 px.
 * Identity: source validation accuracy of the source model, and right after each edit (the
   retrofit at identity, the random-init SE loaded non-strictly), with max |logit difference|.
 
-Every fine-tuning run is ``se-retrofit finetune RECIPE --data DIR ...`` (the product's ``main``, run
-by ``transfer_recipes/se_retrofit_with_noop.py``, which imports the no-op type first: the finetune
-command has no ``--import``) in a process of its own (``--jobs`` at a time, one thread each). Writes ``OUT/transfer.json`` (every curve),
-``OUT/transfer.md`` (the table) and ``OUT/transfer.png`` (validation accuracy per epoch).
+Every fine-tuning run is ``se-retrofit finetune RECIPE --data DIR ... --import transfer_noop`` (the
+product's ``main``; the no-op type comes in by the command's own ``--import``, as a user's registered
+type would). The runs are handed out seed by seed (longest first within a seed, so a partial run covers
+every arm) to ``--jobs`` worker processes, one thread each, that run one command after another through
+``transfer_recipes/finetune_many.py`` (no interpreter start and no torch/timm import per run); the two
+source models train side by side. Writes ``OUT/transfer.json`` (every curve), ``OUT/transfer.md`` (the
+table, with wall time, CPU time and load average) and ``OUT/transfer.png`` (validation accuracy per epoch).
 
-    python benchmarks/transfer.py                      # full: resnet18 2 targets x 7 arms, convnext_atto
-                                                       # few x 4 arms (--reduce), 5 seeds; --work DIR
-                                                       # reuses the finished runs in DIR
+    python benchmarks/transfer.py                      # full: resnet18 + convnext_atto, 2 targets x 7 arms,
+                                                       # 5 seeds (140 runs); --work DIR reuses finished runs
+    python benchmarks/transfer.py --report-only --work DIR   # the figures of the runs finished in DIR
     python benchmarks/transfer.py --quick              # CI: resnet18, one target, 3 arms, one seed, 2 epochs
     nice -n 10 python benchmarks/transfer.py --jobs 2 --out benchmarks/results > transfer.log 2>&1
 """
