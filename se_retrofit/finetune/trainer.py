@@ -8,8 +8,8 @@ classes, attention retrofitted from the recipe), trains each phase, and writes, 
 * ``OUT/recipe.yaml``: the recipe as run (overrides included);
 * ``OUT/checkpoint.pt``: after every epoch, atomically (see :mod:`.checkpoint`);
 * ``OUT/metrics.csv`` and ``OUT/curves.png``: one row per finished epoch, and their plot (redrawn
-  after the last epoch, and before it at most every :data:`PLOT_EVERY_S` seconds: drawing takes
-  about half a second, as long as a whole epoch of a small dataset);
+  after the last epoch, and after others while drawing has taken at most :data:`PLOT_SHARE` of the
+  run's time: a drawing takes about half a second, as long as a whole epoch of a small dataset);
 * ``OUT/model/``: the final model in se_retrofit's saved format (:func:`se_retrofit.load` reads it).
 
 Example:
@@ -55,7 +55,7 @@ from .report import Reporter
 
 RUN_FILES = ("recipe.yaml", CHECKPOINT_FILE, "metrics.csv", "curves.png", "model")
 DETECTION_IMAGE_SIZE = 320
-PLOT_EVERY_S = 30.0
+PLOT_SHARE = 0.05
 
 
 class FinetuneError(RetrofitError):
@@ -444,7 +444,8 @@ class _Session:
     run_info: dict[str, Any]
     files: dict[str, Path]
     metrics: list[dict[str, Any]]
-    plotted: float = -math.inf  # time.monotonic() of the last curves.png
+    began: float = field(default_factory=time.monotonic)
+    plotting: float = 0.0  # seconds spent drawing curves.png
 
 
 def _start_session(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> _Session:
@@ -552,17 +553,18 @@ def _epochs(plan: Plan, options: Options, context: distributed.Context, reporter
 
 
 def _write_epoch(plan: Plan, session: _Session, context: distributed.Context, last: bool, **state: Any) -> None:
-    """Checkpoint and metrics CSV after an epoch, and the curves after the ``last`` epoch or
-    :data:`PLOT_EVERY_S` after the previous drawing (rank 0; every rank gives its RNG state)."""
+    """Checkpoint and metrics CSV after an epoch, and the curves after the ``last`` epoch or while
+    drawing them has taken at most :data:`PLOT_SHARE` of the run (rank 0; every rank gives its RNG state)."""
     rng = distributed.gather(rng_state(), context)
     if context.is_main:
         save_checkpoint(plan.out, make_state(plan.recipe, session.run_info, model=session.model,
                                              scaler=session.scaler, rng=rng, metrics=session.metrics, **state))
         write_csv(session.metrics, session.files["metrics"])
-        if last or time.monotonic() - session.plotted >= PLOT_EVERY_S:
+        began = time.monotonic()
+        if last or session.plotting <= PLOT_SHARE * (began - session.began):
             plot_curves(session.files["metrics"], session.files["curves"],
                         title=f"{plan.recipe.name} ({plan.recipe.model})")
-            session.plotted = time.monotonic()
+            session.plotting += time.monotonic() - began
 
 
 def _epoch(epoch: int, ddp: nn.Module, optimizer, scheduler, session: _Session, context: distributed.Context,
