@@ -20,14 +20,17 @@ package: nothing is downloaded), written as PNG ImageFolders upsampled to 32 px.
 * Identity: source validation accuracy of the source model, and right after each edit (the
   retrofit at identity, the random-init SE loaded non-strictly), with max |logit difference|.
 
-Every fine-tuning run is ``se-retrofit finetune RECIPE --data DIR ...`` (the product's ``main``, run
-by ``transfer_recipes/se_retrofit_with_noop.py``, which imports the no-op type first: the finetune
-command has no ``--import``) in a process of its own (``--jobs`` at a time, one thread each). Writes ``OUT/transfer.json`` (every curve),
-``OUT/transfer.md`` (the table) and ``OUT/transfer.png`` (validation accuracy per epoch).
+Every fine-tuning run is ``se-retrofit finetune RECIPE --data DIR ... --import transfer_noop`` (the
+product's ``main``; the no-op type comes in by the command's own ``--import``, as a user's registered
+type would). The runs are handed out seed by seed (longest first within a seed, so a partial run covers
+every arm) to ``--jobs`` worker processes, one thread each, that run one command after another through
+``transfer_recipes/finetune_many.py`` (no interpreter start and no torch/timm import per run); the two
+source models train side by side. Writes ``OUT/transfer.json`` (every curve), ``OUT/transfer.md`` (the
+table, with wall time, CPU time and load average) and ``OUT/transfer.png`` (validation accuracy per epoch).
 
-    python benchmarks/transfer.py                      # full: resnet18 2 targets x 7 arms, convnext_atto
-                                                       # few x 4 arms (--reduce), 5 seeds; --work DIR
-                                                       # reuses the finished runs in DIR
+    python benchmarks/transfer.py                      # full: resnet18 + convnext_atto, 2 targets x 7 arms,
+                                                       # 5 seeds (140 runs); --work DIR reuses finished runs
+    python benchmarks/transfer.py --report-only --work DIR   # the figures of the runs finished in DIR
     python benchmarks/transfer.py --quick              # CI: resnet18, one target, 3 arms, one seed, 2 epochs
     nice -n 10 python benchmarks/transfer.py --jobs 2 --out benchmarks/results > transfer.log 2>&1
 """
@@ -43,6 +46,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from queue import Empty, Queue
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +57,8 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RECIPES = HERE / "transfer_recipes"
-LAUNCHER = RECIPES / "se_retrofit_with_noop.py"  # se-retrofit's own main, with the no-op type imported first
+LAUNCHER = RECIPES / "finetune_many.py"  # se-retrofit's own main, one run after another in one process
+IMPORT = ("--import", "transfer_noop")  # the registered no-op type of the plain and head-only arms
 sys.path[:0] = [str(ROOT), str(RECIPES)]
 
 NOOP = {"attention": "noop", "attention_module": "transfer_noop"}
@@ -161,15 +166,17 @@ def write_recipe(recipe: dict, path: Path) -> Path:
     return path
 
 
+def child_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(ROOT), str(RECIPES), os.environ.get("PYTHONPATH", "")]))
+
+
 def finetune(recipe: Path, data: Path, out: Path, *args: str, log: Path) -> float:
-    """``se-retrofit finetune`` (the product's ``main``, through LAUNCHER: see there why) in its own
-    process (one thread); returns its wall time."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(RECIPES), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, str(LAUNCHER), "finetune", str(recipe), "--data", str(data), "--out", str(out),
-               "--device", "cpu", "--no-progress", *args]
+    """``se-retrofit finetune`` in its own process (one thread); returns its wall time."""
+    command = [sys.executable, "-m", "se_retrofit", "finetune", str(recipe), "--data", str(data), "--out", str(out),
+               "--device", "cpu", "--no-progress", *IMPORT, *args]
     began = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=child_env(), capture_output=True, text=True)
     with open(log, "a") as f:
         f.write(f"$ {' '.join(command)}\n{done.stdout}{done.stderr}(exit {done.returncode})\n")
     if done.returncode:
@@ -192,9 +199,10 @@ def read_metrics(out: Path) -> list[dict]:
 
 # --- the source model and the backbone weights handed to the target runs --------------------------
 
-def pretrain(backbone: str, work: Path, epochs: int, log: Path, per_class: int | None = None) -> Path:
-    """Train the source model with the product's command, interrupted after epoch 1 and resumed."""
-    source = make_source(work, per_class)
+def pretrain(backbone: str, work: Path, epochs: int, log: Path) -> Path:
+    """Train the source model with the product's command, interrupted after epoch 1 and resumed
+    (on the source images :func:`make_source` wrote)."""
+    source = work / "data" / "source"
     recipe = write_recipe(recipe_for("source.yaml", f"source-{backbone}", model=backbone),
                           work / "recipes" / f"source-{backbone}.yaml")
     out = work / "runs" / backbone / "source"
@@ -341,7 +349,7 @@ def prepare(job: Job, backbone_file: Path, work: Path, epochs: list[int]) -> lis
     data = make_target(work, job.setting, job.seed)
     out = work / "runs" / job.backbone / job.setting / job.arm / f"seed{job.seed}"
     return ["finetune", str(target_recipe(job, backbone_file, work, epochs)), "--data", str(data), "--out", str(out),
-            "--device", "cpu", "--no-progress", "--overwrite"]
+            "--device", "cpu", "--no-progress", "--overwrite", *IMPORT]
 
 
 def expected_epochs(argv: list[str]) -> int:
@@ -350,44 +358,56 @@ def expected_epochs(argv: list[str]) -> int:
 
 def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path, report_only: bool = False
              ) -> list[dict]:
-    """The jobs in ``workers`` processes (one thread each), each running its share through the product's
-    ``main`` one after the other (LAUNCHER --many); returns one result per job (``report_only``: runs
-    nothing, and returns the finished jobs only)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(RECIPES), os.environ.get("PYTHONPATH", "")]))
+    """The jobs in ``workers`` processes (one thread each), each taking the next job from one queue
+    (seed by seed, the longest first within a seed) and running it through the product's ``main`` (LAUNCHER); returns one result per
+    job (``report_only``: runs nothing, and returns the finished jobs only)."""
     todo = [i for i, argv in enumerate(argvs) if not finished(Path(argv[5]), expected_epochs(argv))]
     print(f"{len(jobs) - len(todo)} finished runs {'found' if report_only else 'reused'} in {log.parent}, "
           f"{len(todo)} {'unfinished (left out)' if report_only else 'to run'}", flush=True)
     if report_only:
         done = [i for i in range(len(jobs)) if i not in todo]
         jobs, argvs, todo = [jobs[i] for i in done], [argvs[i] for i in done], []
-    shares = [todo[w::workers] for w in range(workers)]
+    queue = Queue()
+    for i in sorted(todo, key=lambda i: (jobs[i].seed, -cost(jobs[i]))):  # seed by seed: a partial run covers every arm
+        queue.put(i)
     seconds = [0.0] * len(jobs)
 
     def work(w: int) -> None:
-        if not shares[w]:
-            return
-        listing = log.with_name(f"jobs-{w}.jsonl")
-        listing.write_text("".join(json.dumps(argvs[i]) + "\n" for i in shares[w]))
         with open(log.with_name(f"worker-{w}.log"), "w") as out:
-            process = subprocess.Popen([sys.executable, str(LAUNCHER), "--many", str(listing)], env=env,
+            process = subprocess.Popen([sys.executable, str(LAUNCHER)], env=child_env(), stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, stderr=out, text=True)
-            for line in process.stdout:
-                out.write(line)
-                if line.startswith("DONE "):
-                    _, took, code, number = line.split()
-                    job = jobs[shares[w][int(number)]]
-                    seconds[shares[w][int(number)]] = float(took)
+            try:
+                while True:
+                    try:
+                        i = queue.get_nowait()
+                    except Empty:
+                        break
+                    process.stdin.write(json.dumps(argvs[i]) + "\n")
+                    process.stdin.flush()
+                    line = process.stdout.readline()
+                    while line and not line.startswith("DONE "):
+                        out.write(line)
+                        line = process.stdout.readline()
+                    if not line:
+                        raise RuntimeError(f"worker {w} ended: see {out.name}")
+                    out.write(line)
+                    _, took, code = line.split()
                     if code != "0":
-                        raise RuntimeError(f"finetune failed (exit {code}) for {job}: see {out.name}")
-                    final = read_metrics(Path(argvs[shares[w][int(number)]][5]))[-1]["val_acc"]
-                    print(f"[{job.backbone} {job.setting} seed {job.seed}] {job.arm:15s} val acc {final:.3f} "
-                          f"({float(took):.0f} s)", flush=True)
-            if process.wait():
-                raise RuntimeError(f"worker {w} failed: see {out.name}")
+                        raise RuntimeError(f"finetune failed (exit {code}) for {jobs[i]}: see {out.name}")
+                    seconds[i] = float(took)
+                    final = read_metrics(Path(argvs[i][5]))[-1]["val_acc"]
+                    print(f"[{jobs[i].backbone} {jobs[i].setting} seed {jobs[i].seed}] {jobs[i].arm:15s} "
+                          f"val acc {final:.3f} ({seconds[i]:.0f} s)", flush=True)
+            finally:
+                process.stdin.close()
+                rest = process.stdout.read()
+                out.write(rest)
+                if process.wait():
+                    raise RuntimeError(f"worker {w} failed: see {out.name}")
 
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(work, range(workers)))
+    if todo:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(work, range(min(workers, len(todo)))))
     results = []
     for job, argv, took in zip(jobs, argvs, seconds):
         rows = read_metrics(Path(argv[5]))
@@ -395,6 +415,13 @@ def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path, r
                         "curve": [r["val_acc"] for r in rows], "train_loss": [r["train_loss"] for r in rows],
                         "phases": [r["phase"] for r in rows]})
     return results
+
+
+def cost(job: Job) -> float:
+    """A rough relative cost of a job (for handing out the longest first): training images, the
+    backbone (ResNet-18 about twice ConvNeXt-atto here), a frozen backbone's cheaper backward."""
+    return (SETTINGS[job.setting]["labels"] + VAL_PER_CLASS / 2) * (2 if "resnet" in job.backbone else 1) \
+        * (0.7 if job.arm in FROZEN else 1)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -470,7 +497,9 @@ def write_markdown(path: Path, result: dict) -> None:
     table, ident = result["table"], result["identity"]
     lines = [f"# Transfer on scikit-learn digits (command: `{result['command']}`)", "",
              f"Seeds {result['seeds']}; epochs per phase {result['epochs']} (frozen arms: phase 1 for all); "
-             f"wall time {result['seconds'] / 60:.1f} min with {result['jobs']} parallel runs.", "",
+             f"wall time {result['seconds'] / 60:.1f} min with {result['jobs']} parallel runs "
+             f"(CPU time {result['cpu_seconds'] / 60:.1f} min; load average at the end "
+             f"{', '.join(f'{x:.1f}' for x in result['load_average'])}).", "",
              "Final validation accuracy (mean ± std over seeds; Δ: difference from plain, paired by seed, "
              "mean ± std; * where it is more than 2 standard errors from 0). Source acc: the source model's "
              "validation accuracy on digits 0-4 before → right after the edit (max |Δ logits|).", ""]
@@ -545,7 +574,7 @@ def parse(argv=None) -> argparse.Namespace:
                                                            "about 145; --quick 60)")
     parser.add_argument("--reduce", action="append", default=[], metavar="BACKBONE:SETTINGS:ARMS",
                         help="run only these settings and arms on BACKBONE, e.g. convnext_atto:few:plain,se-post "
-                             "(repeatable; the default full run uses it for convnext_atto to fit 30 minutes)")
+                             "(repeatable)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: report the finished runs in --work (a partial run's figures)")
     parser.add_argument("--jobs", type=int, default=2, help="fine-tuning runs at a time (one thread each)")
@@ -563,13 +592,20 @@ def parse(argv=None) -> argparse.Namespace:
     args.epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else ([1, 1] if quick else [4, 8])
     args.source_epochs = args.source_epochs or (3 if quick else 8)
     args.source_images = args.source_images or (60 if quick else None)
-    if not quick and not args.reduce and "convnext_atto" in args.backbones:
-        args.reduce = ["convnext_atto:few:plain,se-post,eca,se-random"]
     args.reduced = {}
     for item in args.reduce:
         backbone, settings, arms = item.split(":")
         args.reduced[backbone] = (settings.split(","), ["plain"] + [a for a in arms.split(",") if a != "plain"])
     return args
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (user + system): the wall time the work
+    would take on one idle core."""
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
 def main(argv=None) -> dict:
@@ -587,11 +623,16 @@ def main(argv=None) -> dict:
               "epochs": args.epochs, "source_epochs": args.source_epochs, "jobs": args.jobs, "identity": {},
               "source_curves": {}, "runs": []}
     try:
-        for backbone in args.backbones:
-            if args.report_only and not finished(work / "runs" / backbone / "source", args.source_epochs):
-                print(f"[{backbone}] no finished source run in {work}: left out of the report", flush=True)
-                continue
-            source = pretrain(backbone, work, args.source_epochs, log, args.source_images)
+        backbones = [b for b in args.backbones
+                     if not args.report_only or finished(work / "runs" / b / "source", args.source_epochs)]
+        for b in sorted(set(args.backbones) - set(backbones)):
+            print(f"[{b}] no finished source run in {work}: left out of the report", flush=True)
+        make_source(work, args.source_images)
+        with ThreadPoolExecutor(max(1, min(args.jobs, len(backbones)))) as pool:  # the source models side by side
+            sources = dict(zip(backbones, pool.map(
+                lambda b: pretrain(b, work, args.source_epochs, log), backbones)))
+        jobs, argvs = [], []
+        for backbone, source in sources.items():
             result["source_curves"][backbone] = [r["val_acc"] for r in read_metrics(source)]
             result["identity"][backbone] = identity_rows(backbone, source, work, args.arms, seeds)
             for arm, row in result["identity"][backbone].items():
@@ -599,11 +640,14 @@ def main(argv=None) -> dict:
                       f"max |Δ| {max(row['max_abs_diff']):.3g}", flush=True)
             weights = backbone_weights(backbone, source, work / "weights" / f"{backbone}-backbone.safetensors")
             settings, arms = args.reduced.get(backbone, (args.settings, args.arms))
-            jobs = [Job(backbone, s, seed, a) for s in settings for seed in seeds for a in arms]
-            argvs = [prepare(job, weights, work, args.epochs) for job in jobs]
-            result["runs"] += run_jobs(jobs, argvs, args.jobs, log, args.report_only)
+            for job in [Job(backbone, s, seed, a) for s in settings for seed in seeds for a in arms]:
+                jobs.append(job)
+                argvs.append(prepare(job, weights, work, args.epochs))
+        result["runs"] = run_jobs(jobs, argvs, args.jobs, log, args.report_only)
         result["backbones"] = args.backbones = [b for b in args.backbones if b in result["identity"]]
         result["seconds"] = time.perf_counter() - began
+        result["cpu_seconds"] = cpu_seconds()
+        result["load_average"] = os.getloadavg()
         result["table"] = summarise(result["runs"], args.backbones, args.settings, args.arms)
         result["reading"] = reading(result["table"], args.backbones, args.settings, args.arms)
         (out / "transfer.json").write_text(json.dumps(result, indent=1))

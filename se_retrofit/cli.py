@@ -174,14 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``se-retrofit``: parse the arguments (no torch yet), then run the command they name."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["finetune"]:  # se-retrofit finetune RECIPE --data DIR
+    lead = 0  # se-retrofit [--import M ...] finetune|plan ...: the imports go to the subcommand
+    while lead < len(argv) and (argv[lead] == "--import" and lead + 2 < len(argv)
+                                or argv[lead].startswith("--import=")):
+        lead += 1 if "=" in argv[lead] else 2
+    if argv[lead:lead + 1] == ["finetune"]:  # se-retrofit finetune RECIPE --data DIR
         from .finetune.cli import main as finetune_main
 
-        return finetune_main(argv[1:])
-    if argv[:1] == ["plan"]:  # se-retrofit plan MODEL --sweep r=4,8,16,32 stages=4/3,4
+        return finetune_main(argv[lead + 1:] + argv[:lead])
+    if argv[lead:lead + 1] == ["plan"]:  # se-retrofit plan MODEL --sweep r=4,8,16,32 stages=4/3,4
         from .plan_cli import main as plan_main
 
-        return plan_main(argv[1:])
+        return plan_main(argv[lead + 1:] + argv[:lead])
     return run_command("se-retrofit", lambda: _run(build_parser().parse_args(argv)))
 
 

@@ -15,7 +15,7 @@ Example:
     >>> groups = se_retrofit.param_groups(model, lr=1e-3, new_lr_scale=10.0, weight_decay=1e-4)
     >>> [(g["name"], g["lr"], g["weight_decay"]) for g in groups]  # doctest: +NORMALIZE_WHITESPACE
     [('backbone', 0.001, 0.0001), ('backbone_no_decay', 0.001, 0.0), ('attention', 0.01, 0.0001),
-     ('attention_no_decay', 0.01, 0.0)]
+     ('attention_no_decay', 0.01, 0.0), ('head', 0.001, 0.0001), ('head_no_decay', 0.001, 0.0)]
     >>> optimizer = torch.optim.SGD(groups, momentum=0.9)
 """
 from __future__ import annotations
@@ -118,11 +118,13 @@ def unfreeze(model: nn.Module) -> None:
 
 def param_groups(model: nn.Module, lr: float, new_lr_scale: float = 10.0, weight_decay: float = 1e-4, *,
                  head_lr_scale: float | None = None) -> list[dict[str, Any]]:
-    """Optimiser parameter groups: backbone at ``lr``, new attention at ``lr * new_lr_scale``.
+    """Optimiser parameter groups: backbone at ``lr``, new attention at ``lr * new_lr_scale``, the
+    head at ``lr * head_lr_scale`` (``lr`` without it).
 
     Norm weights and biases (every parameter with fewer than two dimensions) go in ``*_no_decay``
-    groups with ``weight_decay=0``. With ``head_lr_scale`` the head gets groups of its own at
-    ``lr * head_lr_scale``; otherwise it trains with the backbone. Frozen parameters
+    groups with ``weight_decay=0`` (timm's ``param_groups_weight_decay`` makes that split). The head
+    (:func:`head_module_names`) has groups of its own, so after ``freeze_backbone(model,
+    train_head=True)`` the groups read ``attention`` and ``head``. Frozen parameters
     (``requires_grad=False``) are left out, as in timm; build a new optimiser after :func:`unfreeze`.
     Each group carries a ``name``; empty groups are dropped.
 
@@ -130,23 +132,29 @@ def param_groups(model: nn.Module, lr: float, new_lr_scale: float = 10.0, weight
         >>> import timm, torch, se_retrofit
         >>> model = se_retrofit.retrofit(timm.create_model("resnet18", num_classes=5))
         >>> groups = se_retrofit.param_groups(model, lr=0.01, head_lr_scale=10.0)
-        >>> [g["name"] for g in groups]
-        ['backbone', 'backbone_no_decay', 'attention', 'attention_no_decay', 'head', 'head_no_decay']
+        >>> [(g["name"], g["lr"]) for g in groups]  # doctest: +NORMALIZE_WHITESPACE
+        [('backbone', 0.01), ('backbone_no_decay', 0.01), ('attention', 0.1), ('attention_no_decay', 0.1),
+         ('head', 0.1), ('head_no_decay', 0.1)]
         >>> optimizer = torch.optim.AdamW(groups)
     """
+    from timm.optim import param_groups_weight_decay
+
     if lr <= 0 or new_lr_scale <= 0 or weight_decay < 0 or (head_lr_scale is not None and head_lr_scale <= 0):
         raise ValueError(f"param_groups needs lr > 0, new_lr_scale > 0, head_lr_scale > 0 and weight_decay >= 0; "
                          f"got lr={lr}, new_lr_scale={new_lr_scale}, head_lr_scale={head_lr_scale}, "
                          f"weight_decay={weight_decay}")
-    attention = set(attention_parameter_names(model))
-    heads = tuple(f"{h}." for h in head_module_names(model)) if head_lr_scale is not None else ()
+    attention = {id(p) for p in attention_parameters(model)}
+    heads = {id(p) for h in head_module_names(model) for p in model.get_submodule(h).parameters()}
     rates = {"backbone": lr, "attention": lr * new_lr_scale, "head": lr * (head_lr_scale or 1.0)}
+    # timm's split (1-d parameters and biases: no decay), asked with a non-zero rate so that it splits
+    # even where weight_decay is 0; then each half is cut by kind, the model's parameter order kept
+    split = param_groups_weight_decay(model, weight_decay=1.0)
+    no_decay = {id(p) for g in split if g["weight_decay"] == 0.0 for p in g["params"]}
     buckets: dict[str, list[nn.Parameter]] = {f"{k}{s}": [] for k in rates for s in ("", "_no_decay")}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        kind = "attention" if name in attention else "head" if heads and name.startswith(heads) else "backbone"
-        buckets[kind + ("_no_decay" if parameter.ndim <= 1 else "")].append(parameter)
+    for parameter in (p for p in model.parameters() if p.requires_grad):
+        key = id(parameter)
+        kind = "attention" if key in attention else "head" if key in heads else "backbone"
+        buckets[kind + ("_no_decay" if key in no_decay else "")].append(parameter)
     return [{"name": name, "params": params, "lr": rates[name.removesuffix("_no_decay")],
              "weight_decay": 0.0 if name.endswith("_no_decay") else weight_decay}
             for name, params in buckets.items() if params]

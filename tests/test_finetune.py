@@ -112,8 +112,8 @@ def test_phase_one_trains_the_new_modules_and_the_head_then_all(images, tmp_path
     _, optimizer, _ = start_phase(model, 0, recipe, steps_per_epoch=4, context=context)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if ".se." in n or n.startswith("fc.")}
-    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {
-        "backbone": 0.05, "backbone_no_decay": 0.05, "attention": 0.05, "attention_no_decay": 0.05}
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {  # the head is named as such (issue 21)
+        "head": 0.05, "head_no_decay": 0.05, "attention": 0.05, "attention_no_decay": 0.05}
     _, optimizer, _ = start_phase(model, 1, recipe, steps_per_epoch=4, context=context)
     assert all(p.requires_grad for p in model.parameters())
     assert {g["name"]: g["lr"] for g in optimizer.param_groups}["attention"] == pytest.approx(0.1)
@@ -414,3 +414,25 @@ def test_export_only_refuses_a_model_that_is_not_the_identity(tmp_path, capsys):
     assert code == 2 and err.startswith("se-retrofit: error: identity check failed: max |Δ| = ")
     assert "on trained-like statistics on a copy (the weights are random)" in err and "nothing was written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+@pytest.mark.parametrize("total, warmup", [(10, 0), (37, 5), (8, 3)])
+def test_schedule_is_timms_cosine_after_the_warm_up(total, warmup):
+    """warmup_cosine against timm's CosineLRScheduler (t_initial = steps after the warm-up, warmup_prefix):
+    the same rate at every step after the warm-up; inside it, timm starts every group at warmup_lr_init
+    (here 0) and reaches the base at step w, warmup_cosine starts at base/w and reaches it at w-1."""
+    from timm.scheduler import CosineLRScheduler
+    from se_retrofit.finetune.trainer import warmup_cosine
+
+    base = 0.05
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    timm_schedule = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=0.0, warmup_t=warmup,
+                                      warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    ours = warmup_cosine(total, warmup)
+    timm_rates = [timm_schedule._get_lr(step)[0] for step in range(total)]
+    assert [base * ours(step) for step in range(warmup, total)] == pytest.approx(timm_rates[warmup:], rel=1e-12,
+                                                                                  abs=1e-15)
+    assert [base * ours(step) for step in range(warmup)] == pytest.approx(
+        [base * (step + 1) / warmup for step in range(warmup)])
+    assert timm_rates[:warmup] == pytest.approx([base * step / warmup for step in range(warmup)])
+

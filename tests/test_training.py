@@ -80,10 +80,14 @@ def test_param_groups_cover_every_parameter_once_with_the_right_rates(edited):
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     by_name = {g["name"]: g for g in groups}
-    assert set(by_name) == {"backbone", "backbone_no_decay", "attention", "attention_no_decay"}
+    assert set(by_name) == {"backbone", "backbone_no_decay", "attention", "attention_no_decay", "head",
+                            "head_no_decay"}
     attention = {id(p) for p in se_retrofit.attention_parameters(model)}
     assert {id(p) for p in by_name["attention"]["params"] + by_name["attention_no_decay"]["params"]} == attention
     assert by_name["attention"]["lr"] == pytest.approx(0.1) and by_name["backbone"]["lr"] == 0.01
+    assert by_name["head"]["lr"] == 0.01  # no head_lr_scale: the backbone's rate, in groups of its own
+    assert {id(p) for p in by_name["head"]["params"] + by_name["head_no_decay"]["params"]} == \
+        {id(p) for p in model.get_submodule(head).parameters()}
     for group in groups:
         no_decay = group["name"].endswith("_no_decay")
         assert all((p.ndim <= 1) == no_decay for p in group["params"])
@@ -103,6 +107,40 @@ def test_param_groups_give_the_head_its_own_rate_and_skip_frozen(edited):
     assert by_name["head"]["lr"] == pytest.approx(5e-3)
     head_ids = {id(p) for p in model.get_submodule(head).parameters()}
     assert {id(p) for p in by_name["head"]["params"] + by_name["head_no_decay"]["params"]} == head_ids
+
+
+def test_param_groups_label_the_new_head_as_head_after_freezing(edited):
+    """Issue 21: after freeze_backbone(model, train_head=True) the trainable head was labelled backbone."""
+    _, model, head = edited
+    se_retrofit.freeze_backbone(model, train_head=True)
+    try:
+        groups = se_retrofit.param_groups(model, lr=0.02)
+    finally:
+        se_retrofit.unfreeze(model)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"attention", "attention_no_decay", "head", "head_no_decay"}
+    assert by_name["head"]["lr"] == by_name["head_no_decay"]["lr"] == 0.02
+    assert {id(p) for p in by_name["head"]["params"] + by_name["head_no_decay"]["params"]} == \
+        {id(p) for p in model.get_submodule(head).parameters()}
+
+
+def _hand_written_split(model, weight_decay):
+    """The rule param_groups used before timm's param_groups_weight_decay did the split: parameters
+    with fewer than two dimensions go without decay."""
+    return {id(p): 0.0 if p.ndim <= 1 else weight_decay for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("weight_decay", [0.05, 0.0])
+def test_param_groups_split_decay_as_the_hand_written_rule_did(edited, weight_decay):
+    _, model, _ = edited
+    groups = se_retrofit.param_groups(model, lr=0.01, weight_decay=weight_decay)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay == _hand_written_split(model, weight_decay)
+    order = [id(p) for p in model.parameters()]  # each group keeps the model's parameter order
+    for group in groups:
+        positions = [order.index(id(p)) for p in group["params"]]
+        assert positions == sorted(positions)
+    assert sum(g["name"].endswith("_no_decay") for g in groups) == 3  # even at weight_decay 0
 
 
 @pytest.mark.parametrize("kwargs", [dict(lr=0), dict(lr=0.1, new_lr_scale=-1), dict(lr=0.1, weight_decay=-0.1),

@@ -5,18 +5,19 @@ Examples:
     se-retrofit finetune recipes/resnet50-se-standard.yaml --data ./flowers --resume
     torchrun --nproc_per_node=4 -m se_retrofit finetune recipes/resnet50-eca.yaml --data ./flowers
     se-retrofit finetune recipes/fasterrcnn-resnet50-fpn-se.yaml --export-only --out ./detector-se
+    se-retrofit finetune my-recipe.yaml --data ./flowers --import my_attention   # your registered type
 """
 from __future__ import annotations
 
 import argparse
 import re
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
 
 from .._shell import Parser, path_argument, run_command
+from ..config import import_attention_module
 from .distributed import main_process_from_env
 from .recipe import LIMITS, load_recipe
 from .trainer import Options, plan_run, run
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="check the recipe, data and output directory and print the plan; write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines only)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE before reading the recipe: it registers your own attention type "
+                             "(the recipe's retrofit.attention_module names it; nothing is imported unless "
+                             "you pass it here); repeatable")
     return parser
 
 
@@ -99,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    for module in args.imports:
+        import_attention_module(module)
     recipe = load_recipe(args.recipe).with_overrides(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
         workers=args.workers, weights=args.weights)

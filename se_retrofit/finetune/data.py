@@ -208,7 +208,8 @@ def build_loaders(splits: Splits, transforms: tuple[Callable, Callable], *, batc
                   pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
     """Loaders for one process: training shuffled by a DistributedSampler (seeded; call
     ``loader.sampler.set_epoch(e)`` each epoch), validation split in interleaved shards
-    ``val[rank::world_size]`` with no padding, so summed metrics count every image once."""
+    ``val[rank::world_size]`` with no padding, so summed metrics count every image once, in batches
+    twice the training size (no gradients to keep: fewer, larger batches evaluate faster)."""
     train_set = ImageList(splits.train, transforms[0])
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     per_rank = len(sampler)
@@ -216,7 +217,7 @@ def build_loaders(splits: Splits, transforms: tuple[Callable, Callable], *, batc
     # a last batch of one image breaks BatchNorm in training mode: drop it then
     train = DataLoader(train_set, batch_size=batch_size, sampler=sampler,
                        drop_last=per_rank % batch_size == 1 and per_rank > 1, **common)
-    val = DataLoader(ImageList(splits.val[rank::world_size], transforms[1]), batch_size=batch_size,
+    val = DataLoader(ImageList(splits.val[rank::world_size], transforms[1]), batch_size=2 * batch_size,
                      shuffle=False, **common)
     if len(train) == 0:
         raise DataError(f"no training batch: {len(splits.train)} images over {world_size} processes")

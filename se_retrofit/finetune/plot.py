@@ -25,6 +25,9 @@ COLUMNS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+# Kept rather than timm.utils.update_summary, which appends one row in place (a kill can leave half a row)
+# under train_*/eval_* names; this file is rewritten whole and atomically from the checkpoint's rows, so a
+# resumed run's CSV holds exactly its finished epochs under the names plot_curves and the benchmarks read.
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write the rows (one per epoch, :data:`COLUMNS`) atomically; the file is rewritten whole."""
     buffer = io.StringIO()

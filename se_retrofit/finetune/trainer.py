@@ -7,7 +7,9 @@ classes, attention retrofitted from the recipe), trains each phase, and writes, 
 
 * ``OUT/recipe.yaml``: the recipe as run (overrides included);
 * ``OUT/checkpoint.pt``: after every epoch, atomically (see :mod:`.checkpoint`);
-* ``OUT/metrics.csv`` and ``OUT/curves.png``: one row per finished epoch, and their plot;
+* ``OUT/metrics.csv`` and ``OUT/curves.png``: one row per finished epoch, and their plot (redrawn
+  after the last epoch, and after others while drawing has taken at most :data:`PLOT_SHARE` of the
+  run's time: a drawing takes about half a second, as long as a whole epoch of a small dataset);
 * ``OUT/model/``: the final model in se_retrofit's saved format (:func:`se_retrofit.load` reads it).
 
 Example:
@@ -53,6 +55,7 @@ from .report import Reporter
 
 RUN_FILES = ("recipe.yaml", CHECKPOINT_FILE, "metrics.csv", "curves.png", "model")
 DETECTION_IMAGE_SIZE = 320
+PLOT_SHARE = 0.05
 
 
 class FinetuneError(RetrofitError):
@@ -263,6 +266,9 @@ def start_phase(model: nn.Module, index: int, recipe: Recipe, steps_per_epoch: i
     return distributed.wrap(model, context), optimizer, scheduler
 
 
+# Kept rather than timm's CosineLRScheduler (which gives the same cosine after the warm-up, tested): timm
+# warms every group up from one absolute warmup_lr_init (0: a first step at rate 0) and keeps no step count
+# in its state_dict, which resume restores; this warm-up starts each group at base/w and reaches it at w-1.
 def warmup_cosine(total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
     """Learning-rate factor per step: linear warm-up, then a cosine from 1 towards 0.
 
@@ -338,6 +344,8 @@ def _autocast(enabled: bool):
     return torch.autocast("cuda", dtype=torch.float16) if enabled else nullcontext()
 
 
+# Kept rather than timm.utils.accuracy and AverageMeter: those give per-batch percentages and a running mean
+# of one process; DDP needs exact sums (loss, correct, count) that one all-reduce adds across processes.
 def _batch_totals(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     n = targets.numel()
     correct = (logits.argmax(dim=1) == targets).sum()
@@ -436,6 +444,8 @@ class _Session:
     run_info: dict[str, Any]
     files: dict[str, Path]
     metrics: list[dict[str, Any]]
+    began: float = field(default_factory=time.monotonic)
+    plotting: float = 0.0  # seconds spent drawing curves.png
 
 
 def _start_session(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> _Session:
@@ -527,7 +537,8 @@ def _epochs(plan: Plan, options: Options, context: distributed.Context, reporter
                         optimizer.load_state_dict(resumed["optimizer"])
                         scheduler.load_state_dict(resumed["scheduler"])
             session.metrics.append(_epoch(epoch, ddp, optimizer, scheduler, session, context, plan, reporter))
-            _write_epoch(plan, session, context, epoch=epoch, phase=current, optimizer=optimizer,
+            last = epoch == recipe.total_epochs or options.stop_after_epoch == epoch
+            _write_epoch(plan, session, context, last, epoch=epoch, phase=current, optimizer=optimizer,
                          scheduler=scheduler)
             reporter.epoch_done(session.metrics[-1], recipe.total_epochs)
             if options.stop_after_epoch == epoch and epoch < recipe.total_epochs:
@@ -541,15 +552,19 @@ def _epochs(plan: Plan, options: Options, context: distributed.Context, reporter
     return Result(session.model, session.metrics, plan.out, final, stopped, session.files)
 
 
-def _write_epoch(plan: Plan, session: _Session, context: distributed.Context, **state: Any) -> None:
-    """Checkpoint, metrics CSV and curves after an epoch (rank 0; every rank gives its RNG state)."""
+def _write_epoch(plan: Plan, session: _Session, context: distributed.Context, last: bool, **state: Any) -> None:
+    """Checkpoint and metrics CSV after an epoch, and the curves after the ``last`` epoch or while
+    drawing them has taken at most :data:`PLOT_SHARE` of the run (rank 0; every rank gives its RNG state)."""
     rng = distributed.gather(rng_state(), context)
     if context.is_main:
         save_checkpoint(plan.out, make_state(plan.recipe, session.run_info, model=session.model,
                                              scaler=session.scaler, rng=rng, metrics=session.metrics, **state))
         write_csv(session.metrics, session.files["metrics"])
-        plot_curves(session.files["metrics"], session.files["curves"],
-                    title=f"{plan.recipe.name} ({plan.recipe.model})")
+        began = time.monotonic()
+        if last or session.plotting <= PLOT_SHARE * (began - session.began):
+            plot_curves(session.files["metrics"], session.files["curves"],
+                        title=f"{plan.recipe.name} ({plan.recipe.model})")
+            session.plotting += time.monotonic() - began
 
 
 def _epoch(epoch: int, ddp: nn.Module, optimizer, scheduler, session: _Session, context: distributed.Context,
