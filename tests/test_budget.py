@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import timm
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -227,3 +228,21 @@ def test_a_recipe_states_its_budget_and_records_it():
     assert plain.fingerprint() != recipe.fingerprint()
     with pytest.raises(RecipeError, match=r"r\.yaml: budget: cannot read budget 'speed=\+1%'"):
         Recipe.from_yaml(base + "budget: speed=+1%", source="r.yaml")
+
+
+def test_a_recipes_budget_chooses_the_sites_finetune_edits(tmp_path):
+    """``budget:`` in a recipe is applied by ``finetune`` (the saved model has the sites the budget
+    chose, within it), and a latency budget, measured and so different on a resume, is refused."""
+    from se_retrofit import finetune
+    from se_retrofit.finetune.recipe import Recipe, RecipeError
+
+    base = "name: x\nmodel: resnet18\nweights: none\nretrofit: {attention: se}\nphases: [{name: a, epochs: 1, lr: 0.1}]\n"
+    with pytest.raises(RecipeError, match="latency budget is measured"):
+        Recipe.from_yaml(base + "budget: [latency=+5%]")
+    recipe = Recipe.from_yaml(base + "budget: [params=+0.3%]\ndata: {image_size: 64}\n")
+    finetune.run(recipe, tmp_path, out=tmp_path / "run", export_only=True, weights="none")
+    model = se_retrofit.load(tmp_path / "run" / "model")
+    plain = timm.create_model("resnet18")
+    edited = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    sites = se_retrofit.record_of(model).sites
+    assert 0 < len(sites) < 8 and 0 < edited <= 0.003 * sum(p.numel() for p in plain.parameters())

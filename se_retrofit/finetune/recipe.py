@@ -230,9 +230,15 @@ def _budget(value: Any, where: str) -> tuple[str, ...]:
     from ..budget import parse_budgets
 
     try:
-        return tuple(b.text for b in parse_budgets(value))
+        budgets = parse_budgets(value)
     except RetrofitError as error:
         raise RecipeError(f"{where}: {error}") from None
+    if any(b.kind == "latency" for b in budgets):  # measured: a resume could choose other sites
+        raise RecipeError(f"{where}: a recipe's budget is in params or flops; a latency budget is measured on "
+                          "the machine that runs it, so a resumed run could choose other sites than its "
+                          "checkpoint holds (choose the sites with se-retrofit MODEL --budget latency=… "
+                          "--dry-run and write them as blocks:)")
+    return tuple(b.text for b in budgets)
 
 
 def _model(value: Any, where: str) -> str:

@@ -199,7 +199,7 @@ def build_model(plan: Plan, options: Options, *, weights: str | None = None) -> 
     base.eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        edited = retrofit_with(base, recipe.retrofit, example_input=example)
+        edited = retrofit_with(base, recipe.retrofit, example_input=example, budget=recipe.budget or None)
     shown += [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
     getattr(edited, RECORD_ATTR).base.update(name=plan.ref.name, source=plan.ref.source, weights=origin,
                                              create_kwargs=create_kwargs)
