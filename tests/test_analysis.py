@@ -13,6 +13,7 @@ from helpers import EXPECTED_BLOCKS, ResNet1d, make_model, small_input
 
 
 @pytest.mark.parametrize("source,name,expected", EXPECTED_BLOCKS, ids=[f"{s}:{n}" for s, n, _ in EXPECTED_BLOCKS])
+@pytest.mark.slow
 def test_block_counts(source, name, expected):
     blocks = se_retrofit.find_blocks(make_model(source, name))
     assert len(blocks) == expected

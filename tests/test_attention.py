@@ -168,6 +168,7 @@ def _forget_scripted_types() -> None:
 
 
 @pytest.mark.parametrize("position", ["standard", "pre", "post", "identity", "inner"])
+@pytest.mark.slow
 def test_an_edited_timm_resnet_scripts_with_the_same_output(position):
     _forget_scripted_types()
     edited = _edited_resnet18(position)

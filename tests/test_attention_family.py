@@ -38,6 +38,7 @@ def _side(name: str) -> int:
 
 
 @pytest.mark.parametrize("name,options", OWN + TIMM, ids=_ids(OWN + TIMM))
+@pytest.mark.slow
 def test_module_identity_liveness_and_script(name, options):
     for dims in get_attention(name).spatial_dims:
         module = create_attention(name, 64, spatial_dims=dims, **options)
@@ -109,6 +110,7 @@ AT_POSITIONS = [(n, o, p) for n, o in OWN[:1] + OWN[3:7] for p in POSITIONS] + [
 
 @pytest.mark.parametrize("name,options,position", AT_POSITIONS,
                          ids=[f"{i}-{p}" for i, (_, _, p) in zip(_ids([c[:2] for c in AT_POSITIONS]), AT_POSITIONS)])
+@pytest.mark.slow
 def test_own_types_are_exact_identity_at_every_position_on_resnet18(resnet18, name, options, position):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     edited = se_retrofit.retrofit(resnet18, attention=name, position=position, **options)
@@ -121,6 +123,7 @@ TIMM_ANY_SIZE = [c for c in TIMM if c[0] != "timm:bat"]
 
 
 @pytest.mark.parametrize("name,options", TIMM_ANY_SIZE, ids=_ids(TIMM_ANY_SIZE))
+@pytest.mark.slow
 def test_timm_types_are_exact_identity_on_resnet18(resnet18, name, options):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     edited = se_retrofit.retrofit(resnet18, attention=name, **options)
@@ -139,6 +142,7 @@ def test_timm_bat_needs_multiples_of_its_block_size(resnet18):
 
 
 @pytest.mark.parametrize("name", ["nonlocal", "danet", "gc", "timm:gca"])
+@pytest.mark.slow
 def test_whole_edited_model_scripts_with_the_same_output(resnet18, name):
     # TorchScript caches a compiled type per block class; edited forwards live on instances
     # (see tests/test_attention.py::test_two_edited_models_of_one_block_class_script_each_with_its_own_forward)

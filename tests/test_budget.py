@@ -65,6 +65,7 @@ def test_one_budget_per_kind():
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(a=st.floats(0, 12), b=st.floats(0, 12), fa=st.floats(0, 0.5), fb=st.floats(0, 0.5), with_flops=st.booleans())
+@pytest.mark.slow
 def test_a_larger_budget_never_edits_fewer_units(unit_costs, a, b, fa, fb, with_flops):
     costs, base_params, base_flops = unit_costs
     (a, fa), (b, fb) = sorted([(a, fa), (b, fb)])
@@ -102,6 +103,7 @@ def test_the_rule_on_any_costs_is_monotone_and_takes_the_most_units(costs, small
 @pytest.mark.parametrize("name, budget", [
     ("resnet18", ["params=+1%"]), ("resnet18", ["params=+0.2%", "flops=+0.01%"]),
     ("efficientnet_b0", ["params=+0.3%"]), ("vit_tiny_patch16_224", ["flops=+0.005%"])])
+@pytest.mark.slow
 def test_a_chosen_plan_meets_its_budget_when_counted_and_edits_at_identity(name, budget):
     kwargs = {"img_size": 64} if name.startswith("vit") else {}
     model = make_model("timm", name, **kwargs).eval()
@@ -124,6 +126,7 @@ def test_a_chosen_plan_meets_its_budget_when_counted_and_edits_at_identity(name,
     assert torch.equal(edited(X), expected)
 
 
+@pytest.mark.slow
 def test_retrofit_with_a_budget_edits_the_chosen_plan_and_leaves_the_model_alone(resnet):
     before = {k: v.clone() for k, v in resnet.state_dict().items()}
     edited = se_retrofit.retrofit(resnet, budget="params=+0.2%", example_input=X)
@@ -144,6 +147,7 @@ def test_a_fixed_r_and_a_selection_bound_the_space(resnet):
     assert {s.stage for s in choice.plan.sites} == {3, 4} and not choice.left_out
 
 
+@pytest.mark.slow
 def test_an_impossible_budget_names_the_cheapest_plan(resnet):
     with pytest.raises(ImpossibleBudgetError, match=r"no plan meets params=\+0.0001%: the cheapest plan, 1 site "
                                                     r"\(layer1\.\d, r=32\), adds \+[\d,]+ params"):
@@ -159,6 +163,7 @@ def test_an_impossible_budget_exits_2_on_the_command_line(capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_latency_budget_is_measured_and_says_so(resnet):
     choice = choose(resnet, se_retrofit.RetrofitConfig(stages=[4]), ["latency=+1000%"], X, repeats=2)
     assert choice.fits and choice.latency["ratio_min"] > 0 and choice.measured >= 1
@@ -179,6 +184,7 @@ def test_budget_on_the_command_line_reports_the_choice(capsys):
     assert report["params_planned"] == budget["cost"]["params_added"] <= 0.002 * report["params_before"]
 
 
+@pytest.mark.slow
 def test_plan_sweep_table_json_and_pareto(capsys, tmp_path):
     code = main(["plan", "resnet18", "--sweep", "r=8,16", "stages=4/3-4", "--input-size", "3,64,64", "--json"])
     result = json.loads(capsys.readouterr().out)
@@ -195,6 +201,7 @@ def test_plan_sweep_table_json_and_pareto(capsys, tmp_path):
     assert code == 0 and "Pareto front" in out and out.count("\n") > 16  # 4 r × 4 stage sets by default
 
 
+@pytest.mark.slow
 def test_plan_png_and_its_absence(capsys, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     png = tmp_path / "plan.png"
@@ -230,6 +237,7 @@ def test_a_recipe_states_its_budget_and_records_it():
         Recipe.from_yaml(base + "budget: speed=+1%", source="r.yaml")
 
 
+@pytest.mark.slow
 def test_a_recipes_budget_chooses_the_sites_finetune_edits(tmp_path):
     """``budget:`` in a recipe is applied by ``finetune`` (the saved model has the sites the budget
     chose, within it), and a latency budget, measured and so different on a resume, is refused."""

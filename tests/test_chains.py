@@ -71,6 +71,7 @@ def test_stages_select_chain_layers_by_resolution():
 
 
 @pytest.mark.parametrize("position", ["pre", "identity", "inner"])
+@pytest.mark.slow
 def test_positions_a_chain_has_not_are_refused_with_the_reason(position):
     with pytest.raises(ValueError, match=f"for all 8 chain layers, position '{position}' does not apply to a chain "
                                          r"unit \(use standard, post, stage\)$"):
@@ -147,6 +148,7 @@ def test_a_shared_activation_is_gated_at_each_of_its_calls():
     # input block, 2 downsamples, bottleneck, 3 upsample blocks: 7 UnetBasicBlocks x 2 convs
     ("DynUNet", lambda nets: nets.DynUNet(2, 1, 2, [3, 3, 3, 3], [1, 2, 2, 2], [2, 2, 2], filters=[8, 16, 32, 64]), 14),
 ])
+@pytest.mark.slow
 def test_monai_unets(name, build, count):
     nets = pytest.importorskip("monai.networks.nets")
     analysis = analyze(build(nets).eval(), torch.randn(1, 1, 32, 32))

@@ -164,6 +164,7 @@ ERRORS = [
 
 
 @pytest.mark.parametrize("args,message", ERRORS, ids=[" ".join(a) for a, _ in ERRORS])
+@pytest.mark.slow
 def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     files = {"{broken}": str(_broken(tmp_path)), "{mismatched}": str(_mismatched(tmp_path))}
@@ -212,6 +213,7 @@ def _config(args):
     return RetrofitConfig(stages=stages, blocks=args[1:2] if args[0] == "--blocks" else None)
 
 
+@pytest.mark.slow
 def test_default_output_directories_of_different_selections_differ_and_name_the_earlier_run(capsys, tmp_path,
                                                                                             monkeypatch):
     monkeypatch.chdir(tmp_path)

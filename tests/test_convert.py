@@ -23,6 +23,7 @@ def trained_se(model):
 
 @pytest.mark.parametrize("name,native", [("resnet50", "seresnet50"), ("resnet18", "seresnet18"),
                                          ("resnext50_32x4d", "seresnext50_32x4d")])
+@pytest.mark.slow
 def test_native_checkpoint_loads_strictly_and_matches(name, native):
     edited = trained_se(se_retrofit.retrofit(make_model("timm", name), example_input=PROBE)).eval()
     native_name, state = to_timm_native(edited)

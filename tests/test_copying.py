@@ -58,6 +58,7 @@ def _same_copy(copied: nn.Module, reference: nn.Module, original: nn.Module) -> 
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "vit_tiny_patch16_224", "convnext_atto"])
+@pytest.mark.slow
 def test_a_copy_is_the_deep_copy(name):
     model = as_if_pretrained(timm.create_model(name)).eval()
     copied = deepcopy_module(model)

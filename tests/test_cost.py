@@ -24,6 +24,7 @@ def _models():
 
 @pytest.mark.filterwarnings("ignore::se_retrofit.StackedAttentionWarning")
 @pytest.mark.parametrize("attention", ["se", "gc", "cbam"])
+@pytest.mark.slow
 def test_predicted_params_and_flops_equal_the_edited_models(attention):
     for name, model, x in _models() if attention == "se" else list(_models())[:1]:
         config = se_retrofit.RetrofitConfig(attention=attention)
@@ -64,6 +65,7 @@ def test_cpu_attention_flops_are_counted_as_on_meta():
     assert plain.get_total_flops() < meta_flops  # what the extra mapping adds
 
 
+@pytest.mark.slow
 def test_measure_compares_edited_and_unedited_for_inference_and_training():
     base = make_model("timm", "resnet18").eval()
     edited = se_retrofit.retrofit(base, stages=[4], example_input=SMALL)
@@ -92,6 +94,7 @@ def test_dry_run_json_reports_flops_per_site_and_in_total(capsys):
     assert report["flops_before"] + report["flops_planned"] == count_flops(edited, x)
 
 
+@pytest.mark.slow
 def test_dry_run_text_and_measure(capsys):
     code = main(["resnet18", "--weights", "none", "--dry-run", "--input-size", "3,64,64", "--stages", "4",
                  "--measure", "--repeats", "2"])

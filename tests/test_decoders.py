@@ -122,6 +122,7 @@ def test_rt_detr_counts_aifi_and_deformable_decoder_layers():
         assert torch.equal(edited(x).logits, model(x).logits)
 
 
+@pytest.mark.slow
 def test_mask2former_masked_cross_attention_from_learned_queries():
     # ResNet backbone: 4 basic layers; pixel decoder: 1 deformable encoder layer x (self-attention,
     # feed-forward) = 2; transformer decoder: decoder_layers - 1 = 2 layers x (masked cross-attention,

@@ -101,6 +101,7 @@ def test_pickling_the_generated_class_itself_fails_loudly():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64, torch.float16])
+@pytest.mark.slow
 def test_new_modules_take_the_blocks_dtype(dtype):
     base = make_model("timm", "resnet18").eval().to(dtype)
     x = small_input().to(dtype)
@@ -117,6 +118,7 @@ def test_a_model_on_meta_stays_on_meta():
     assert model(small_input().to("meta")).shape == (2, 1000)
 
 
+@pytest.mark.slow
 def test_retrofitting_twice_is_recorded_and_replayed_by_load(tmp_path):
     base, first = _edited("timm", "resnet18", "se", "standard")
     with warnings.catch_warnings():

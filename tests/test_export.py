@@ -118,6 +118,7 @@ def test_timm_export_without_a_native_twin_is_refused_and_writes_nothing(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused_unless_overwrite(edited, tmp_path):
     target = tmp_path / "model.pt2"
     target.write_bytes(b"old")
@@ -222,6 +223,7 @@ def cli(capsys, *args):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_cli_timm_format(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = cli(capsys, "resnet18", "--weights", "none", "--format", "timm", "--out", "X",

@@ -42,6 +42,7 @@ def test_identity_for_every_type_and_position(source, name, attention):
 
 @pytest.mark.parametrize("attention", TYPES)
 @pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.slow
 def test_every_new_parameter_learns_within_two_steps(attention, position):
     base = make_model("timm", "resnet18", num_classes=4)
     model = _retrofit(base, attention=attention, position=position, example_input=small_input(1))
@@ -65,6 +66,7 @@ def test_every_new_parameter_learns_within_two_steps(attention, position):
     ("bam", "stage", 357_619),         # BAM paper: ~0.36M in 3 modules
     ("eca", "standard", 86),           # ECA paper: ~80
 ])
+@pytest.mark.slow
 def test_parameter_overheads_on_resnet50(attention, position, expected):
     base = timm.create_model("resnet50")
     edited = se_retrofit.retrofit(base, attention=attention, position=position)
@@ -90,6 +92,7 @@ def test_inner_goes_after_the_spatial_conv_and_its_norm():
     assert first.anchor == "1" and first.block.endswith(".block.0")  # inside Conv2dNormActivation
 
 
+@pytest.mark.slow
 def test_block_patterns_and_exclusions():
     base = timm.create_model("resnet50")
     edited = se_retrofit.retrofit(base, blocks=["layer3.*", "layer4.0"], exclude=["layer3.5"])
@@ -102,6 +105,7 @@ def test_block_patterns_and_exclusions():
 
 @pytest.mark.parametrize("name,layout", [("test_vit", "tokens"), ("test_mambaout", "channels_last"),
                                          ("test_maxvit", "channels_last")])
+@pytest.mark.slow
 def test_token_and_channels_last_layouts_keep_identity(name, layout):
     base = as_if_pretrained(timm.create_model(name)).eval()
     x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
@@ -119,6 +123,7 @@ def test_one_stage_models_have_no_stage_transitions():
 
 
 @pytest.mark.parametrize("attention", TYPES)
+@pytest.mark.slow
 def test_one_and_three_dimensional_networks(attention):
     audio = as_if_pretrained(ResNet1d()).eval()
     signal = torch.randn(2, 1, 400)

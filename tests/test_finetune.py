@@ -64,6 +64,7 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(file))
 
 
+@pytest.mark.slow
 def test_loss_falls_and_accuracy_rises_above_chance(trained):
     rows = trained.metrics
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -120,6 +121,7 @@ def test_phase_one_trains_the_new_modules_and_the_head_then_all(images, tmp_path
     assert not (tmp_path / "unused").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_after_the_last_finished_epoch(trained, images, tmp_path, capsys):
     out = tmp_path / "resumed"
     args = [QUICK, "--data", images, "--out", out, "--epochs", "1,2", *FAST]
@@ -181,6 +183,7 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(trained, images, capsys):
 
 
 @pytest.mark.parametrize("model", ["resnet18", "torchvision:resnet18"])
+@pytest.mark.slow
 def test_export_only_writes_a_loadable_retrofitted_model(model, tmp_path, capsys):
     recipe = _write(tmp_path / "r.yaml", QUICK.read_text().replace("model: resnet18", f"model: {model}"))
     code, out, err = cli(capsys, recipe, "--export-only", "--out", tmp_path / "x", "--weights", "none",
@@ -335,6 +338,7 @@ def test_train_and_val_folders_are_used_as_given(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.slow
 def test_a_corrupt_image_is_one_line_and_leaves_nothing(workers, tmp_path, capsys):
     data = make_images(tmp_path / "data", per_class=4)
     broken = data / "red" / "001.png"

@@ -65,6 +65,7 @@ def export_args(workspace: Path, out: str) -> list[str]:
     return [str(workspace / "recipe.yaml"), "--export-only", "--num-classes", "3", "--out", str(workspace / out)]
 
 
+@pytest.mark.slow
 def test_without_import_the_recipe_is_refused_in_one_line_naming_the_option(workspace):
     result = se_retrofit_cli(workspace, "finetune", *export_args(workspace, "refused"))
     assert result.returncode == 2
@@ -74,6 +75,7 @@ def test_without_import_the_recipe_is_refused_in_one_line_naming_the_option(work
 
 
 @pytest.mark.parametrize("where", ["after", "before"])
+@pytest.mark.slow
 def test_import_runs_the_recipe_and_the_saved_model_names_its_module(workspace, where):
     out = f"exported-{where}"
     args = ["finetune", *export_args(workspace, out), "--import", MODULE] if where == "after" else \
@@ -86,6 +88,7 @@ def test_import_runs_the_recipe_and_the_saved_model_names_its_module(workspace, 
     assert f'"attention": "{ATTENTION}"' in json.dumps(config)
 
 
+@pytest.mark.slow
 def test_load_of_the_saved_model_says_what_to_import_and_loads_when_trusted(workspace):
     out = workspace / "exported-after" / "model"
     if not out.exists():
@@ -107,6 +110,7 @@ def test_load_of_the_saved_model_says_what_to_import_and_loads_when_trusted(work
     assert "sites 8" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_module_that_cannot_be_imported_is_one_line(workspace):
     result = se_retrofit_cli(workspace, "finetune", *export_args(workspace, "missing"), "--import", "no_such_i20_mod")
     assert result.returncode == 2

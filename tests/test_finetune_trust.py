@@ -129,6 +129,7 @@ def test_overwrite_refuses_files_the_tool_did_not_write(workspace, tmp_path, cap
     assert sorted(str(p) for p in out.rglob("*")) == before and os.path.lexists(kept)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_tools_own_run(stopped_run, tmp_path, capsys, workspace):
     out = tmp_path / "again"
     shutil.copytree(stopped_run, out)
@@ -137,6 +138,7 @@ def test_overwrite_replaces_the_tools_own_run(stopped_run, tmp_path, capsys, wor
     assert code == 0 and (out / "model" / "retrofit_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_can_be_retried(workspace, tmp_path, capsys):
     out = tmp_path / "killed"
     out.mkdir()
@@ -172,6 +174,7 @@ def _damage(state: dict, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["no fingerprint", "run []", "fc.weight shape", "epoch -5", "garbage rng",
                                  "metrics abc", "optimizer []", "a string"])
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_one_line_exit_2(stopped_run, tmp_path, capsys, workspace, how):
     out = tmp_path / "damaged"
     shutil.copytree(stopped_run, out)
@@ -229,6 +232,7 @@ def test_bad_torchrun_variables_are_one_line(workspace, tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("number", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES])
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_nothing(workspace, tmp_path, capsys, monkeypatch, number):
     import se_retrofit.finetune.checkpoint as checkpoint
 
@@ -242,6 +246,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(workspace, tmp_path, capsys,
     assert CHECKPOINT_FILE in lines[0] and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_is_an_error_naming_the_file(workspace, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(workspace / "data", data)
@@ -273,6 +278,7 @@ def _resume(out: Path, recipe, options, model, context) -> None:
         set_rng_state(state["rng"][0])
 
 
+@pytest.mark.slow
 def test_fuzz_mutated_checkpoints_resume_or_fail_in_one_line(stopped_run, workspace, tmp_path):
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings, strategies as st

@@ -141,6 +141,7 @@ def run(model: nn.Module, training: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("block,tokens,position,expected", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.slow
 def test_untraceable_blocks_are_edited_from_outside_at_identity_and_live(block, tokens, position, expected):
     base = build(block, tokens)
     assert len(se_retrofit.find_blocks(base, X)) == 2
@@ -266,6 +267,7 @@ HF_CASES = [(_swin, 8, 8, 4), (_swinv2, 8, 8, 4), (_whisper, 4, 4, 2), (_detr_en
 
 
 @pytest.mark.parametrize("make,found,standard,post", HF_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.slow
 def test_transformers_blocks_fx_cannot_trace(make, found, standard, post):
     torch.manual_seed(0)
     base, x = make()

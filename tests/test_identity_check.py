@@ -1,5 +1,6 @@
 """The identity check is not vacuous: on a fresh model whose branches output ~0 it still sees a
 module that is not an identity, and it leaves the models it checks untouched."""
+import pytest
 import timm
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ def test_trained_like_statistics_detect_the_non_identity_module():
     assert float(edited.layer1[0].bn2.weight.detach().abs().max()) == 0.0
 
 
+@pytest.mark.slow
 def test_trained_like_check_passes_for_every_built_in_type():
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for attention in ("se", "cbam", "bam", "eca"):

@@ -301,6 +301,7 @@ def test_residual_idiom_is_found(name):
 
 @pytest.mark.parametrize("name", RESIDUAL_IDIOMS)
 @pytest.mark.parametrize("position", ["standard", "post", "identity"])
+@pytest.mark.slow
 def test_residual_idiom_retrofits_at_identity_and_live(name, position):
     make, count = RESIDUAL_IDIOMS[name]
     torch.manual_seed(0)

@@ -61,6 +61,7 @@ def test_attention_only_load_onto_a_given_base(tmp_path, edited):
     assert "layer3.0.se.fc1.weight" not in base.state_dict()
 
 
+@pytest.mark.slow
 def test_loading_onto_a_mismatched_base_names_the_keys(tmp_path, edited):
     path = se_retrofit.save(edited, tmp_path / "out")
     with pytest.raises(se_io.VerificationError, match=r"not the saved model: layer1\.2: saved no module, rebuilt "
@@ -127,6 +128,7 @@ def test_round_trip_of_a_model_with_its_own_head(tmp_path):
 
 @pytest.mark.parametrize("attention,position", [("cbam", "standard"), ("bam", "stage"), ("eca", "inner"),
                                                 ("se", "pre")])
+@pytest.mark.slow
 def test_round_trip_for_every_type(tmp_path, attention, position):
     options = {"gate": "tanh"} if attention == "se" else {}
     model = se_retrofit.retrofit(make_model("timm", "resnet18"), attention=attention, position=position,
@@ -254,6 +256,7 @@ se_retrofit.save(model, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_staging_left_by_a_killed_save_is_removed_by_the_next_save(tmp_path, edited):
     import os
     import subprocess

@@ -29,6 +29,7 @@ JOIN_COUNTS = [
 
 
 @pytest.mark.parametrize("source,name,build,count", JOIN_COUNTS, ids=[f"{r[0]}:{r[1]}" for r in JOIN_COUNTS])
+@pytest.mark.slow
 def test_joins_found_one_per_unit_of_the_source(source, name, build, count):
     analysis = analyze(build())
     assert analysis.count("join") == count
@@ -76,6 +77,7 @@ def test_identity_and_liveness_at_every_join_position(name, position):
     assert {s.kind for s in edited.se_retrofit.sites} == {"join"}
 
 
+@pytest.mark.slow
 def test_modules_sit_in_the_unit_that_owns_them():
     torch.manual_seed(0)
     googlenet = tv.googlenet(init_weights=False, aux_logits=False)
@@ -88,6 +90,7 @@ def test_modules_sit_in_the_unit_that_owns_them():
     assert type(densenet) is type(tv.densenet121())
 
 
+@pytest.mark.slow
 def test_stage_position_puts_one_module_after_each_stage_but_the_last():
     torch.manual_seed(0)
     edited = check_identity_and_liveness(tv.shufflenet_v2_x0_5(), torch.randn(2, 3, 64, 64), position="stage")
@@ -210,6 +213,7 @@ def test_a_model_with_residual_blocks_and_joins_edits_its_residual_blocks_unless
     assert [s.kind for s in both.se_retrofit.sites] == ["residual", "join"]
 
 
+@pytest.mark.slow
 def test_a_saved_join_edit_loads_onto_a_fresh_base(tmp_path):
     torch.manual_seed(0)
     base = as_if_pretrained(tv.densenet121()).eval()

@@ -75,6 +75,7 @@ def test_a_user_type_is_imported_only_when_trusted(saved, importable):
 @pytest.mark.parametrize("key,value", [("checkpoint_path", "/tmp/x.pth"), ("pretrained", True),
                                        ("pretrained_cfg_overlay", {"file": "/tmp/x.pth"}),
                                        ("num_classes", {"nested": "object"})])
+@pytest.mark.slow
 def test_constructor_keywords_that_load_files_are_refused(saved, key, value):
     directory, _ = saved
     _edit_config(directory, base__name="resnet18", base__source="timm", base__create_kwargs={key: value})
@@ -88,6 +89,7 @@ def test_plain_constructor_keywords_still_load(tmp_path):
     assert again.num_classes == 7 and again.fc.out_features == 7
 
 
+@pytest.mark.slow
 def test_a_half_precision_model_loads_in_its_own_dtype(tmp_path):
     base = timm.create_model("resnet18").eval().to(torch.bfloat16)
     model = se_retrofit.retrofit(base, example_input=small_input().to(torch.bfloat16))

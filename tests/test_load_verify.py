@@ -47,6 +47,7 @@ NOT_REBUILT = {
 
 
 @pytest.mark.parametrize("case", sorted(NOT_REBUILT))
+@pytest.mark.slow
 def test_a_model_the_config_cannot_rebuild_is_refused_with_its_paths(tmp_path, case):
     build, first = NOT_REBUILT[case]
     edited = _edited(build())
@@ -67,6 +68,7 @@ def _reset_max(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("build", [lambda: timm.create_model("resnet18", global_pool="max"),
                                    lambda: _reset_max(timm.create_model("resnet18"))],
                          ids=["global_pool_max", "reset_classifier_max"])
+@pytest.mark.slow
 def test_the_head_as_saved_is_rebuilt_and_its_loss_is_refused(tmp_path, build):
     edited = _edited(build())
     directory = se_retrofit.save(edited, tmp_path / "m")
@@ -94,6 +96,7 @@ def test_weights_that_do_not_compute_the_saved_outputs_are_refused_with_max_delt
     assert se_retrofit.load(directory, verify=False) is not None
 
 
+@pytest.mark.slow
 def test_the_good_path_is_the_identity_in_train_and_eval(tmp_path):
     edited = _edited(timm.create_model("resnet18")).train()
     with torch.no_grad():
@@ -110,6 +113,7 @@ def test_the_good_path_is_the_identity_in_train_and_eval(tmp_path):
 
 
 @pytest.mark.parametrize("weights", ["full", "attention"])
+@pytest.mark.slow
 def test_an_edited_base_model_is_refused_not_edited_twice(tmp_path, weights):
     edited = _edited(timm.create_model("resnet18"))
     directory = se_retrofit.save(edited, tmp_path / "m")
@@ -122,6 +126,7 @@ def test_an_edited_base_model_is_refused_not_edited_twice(tmp_path, weights):
         se_retrofit.load(directory, base_model=stripped, weights=weights)
 
 
+@pytest.mark.slow
 def test_an_adapter_load_checks_the_tree_and_the_probe_only_on_the_saved_base_weights(tmp_path):
     base = make_model("timm", "resnet18")  # block outputs not zero, so the attention shows in the output
     edited = _edited(base)
@@ -143,6 +148,7 @@ def test_an_adapter_load_checks_the_tree_and_the_probe_only_on_the_saved_base_we
         se_retrofit.load(directory, base_model=base, weights="attention")
 
 
+@pytest.mark.slow
 def test_a_peft_model_is_refused_and_its_merge_loads(tmp_path):
     peft = pytest.importorskip("peft")
     edited = _edited(timm.create_model("resnet18"))
@@ -220,6 +226,7 @@ def test_a_transformers_base_is_verified_too(tmp_path):
         se_retrofit.load(directory)
 
 
+@pytest.mark.slow
 def test_a_plain_wrapper_is_unwrapped(tmp_path):
     edited = _edited(timm.create_model("resnet18"))
     directory = se_retrofit.save(torch.compile(edited), tmp_path / "m")  # compiled lazily: nothing runs here
@@ -228,6 +235,7 @@ def test_a_plain_wrapper_is_unwrapped(tmp_path):
 
 @pytest.mark.parametrize("tamper", ["verify_list", "rows_not_strings", "outputs_text", "probe_file_gone",
                                     "probe_output_gone"])
+@pytest.mark.slow
 def test_a_tampered_proof_is_a_retrofit_error(tmp_path, tamper):
     from safetensors.torch import load_file, save_file
 

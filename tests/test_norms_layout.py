@@ -55,6 +55,7 @@ def test_a_norm_is_told_by_what_it_computes(norm, kind):
     assert kinds[-1] == kind and kinds.count("norm") == (kind == "norm")
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_resnet50_has_all_projection_shortcuts():
     # torchvision's ResNet-50: 3 + 4 + 6 + 3 = 16 bottlenecks, layerN.0 projecting (conv1x1 → norm)
     model = _trained_frozen_norms(torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d))
@@ -110,6 +111,7 @@ def test_vit_b_16_every_add_has_a_layout_without_a_second_probe():
 
 
 @pytest.mark.parametrize("position", ["standard", "post"])
+@pytest.mark.slow
 def test_fixed_size_vit_is_edited_at_every_add(position):
     torch.manual_seed(0)  # vit_b_16's class, narrow: 12 layers, 24 residuals
     model = as_if_pretrained(torchvision.models.VisionTransformer(32, 8, 12, 2, 32, 64)).eval()

@@ -47,6 +47,7 @@ def test_a_new_position_is_one_registration(after_sum):
     assert [u.target for u in se.users] == ["act2"]  # and the block's activation follows it
 
 
+@pytest.mark.slow
 def test_a_position_without_a_placement_at_residual_blocks_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="position 'identity' does not apply to a join unit"):
         se_retrofit.retrofit(timm.create_model("inception_v3"), position="identity",

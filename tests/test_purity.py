@@ -117,6 +117,7 @@ ANALYSES = {
 
 @pytest.mark.parametrize("build", MODELS)
 @pytest.mark.parametrize("analysis", ANALYSES)
+@pytest.mark.slow
 def test_every_analysis_leaves_the_model_bit_identical(build, analysis):
     model = build()
     before = fingerprint(model)
@@ -135,6 +136,7 @@ FAILURES = {
 
 @pytest.mark.parametrize("build", MODELS)
 @pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.slow
 def test_a_failed_retrofit_leaves_the_model_bit_identical(build, failure):
     model = build()
     before = fingerprint(model)
@@ -144,6 +146,7 @@ def test_a_failed_retrofit_leaves_the_model_bit_identical(build, failure):
 
 
 @pytest.mark.parametrize("build", [m for m in MODELS if m is not NeedsValues])  # its forward is untraceable
+@pytest.mark.slow
 def test_a_model_with_shared_or_tied_modules_is_edited_exactly_and_left_alone(build):
     model = build()
     before = fingerprint(model)
@@ -248,6 +251,7 @@ def random_nets(draw):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_nets(), st.booleans())
+@pytest.mark.slow
 def test_random_shared_and_tied_models_stay_untouched_and_are_edited_exactly(built, training):
     net, distinct_blocks = built
     net.train(training)

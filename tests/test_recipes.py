@@ -116,6 +116,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_every_recipe_exports_a_directory_that_load_reads_back_exactly(path, tmp_path):
     """`finetune RECIPE --export-only` (random weights, no download) writes a model that load rebuilds
     from the config alone, verified (module tree and probe), with the exported weights."""

@@ -40,6 +40,7 @@ def test_identity_at_every_position_in_eval_and_train(source, name, count):
 
 
 @pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.slow
 def test_every_new_parameter_learns_within_two_steps(position):
     # On a fresh timm model each block's last BN scale is 0: no gate can learn on all-zero features.
     base = make_model("timm", "resnet18", num_classes=4)
@@ -244,6 +245,7 @@ def test_blocks_reading_training_flag_can_be_edited_twice():
         assert torch.equal(run(base, x, training), run(twice, x, training)), training
 
 
+@pytest.mark.slow
 def test_blocks_with_optional_arguments_keep_both_call_forms():
     # DLA's trees call the same block class with a shortcut (tree1) and without one (tree2)
     base = make_model("timm", "dla34").eval()
@@ -358,6 +360,7 @@ class Doubling(nn.Module):
 
 
 @pytest.mark.parametrize("position", ["standard", "post", "pre", "identity"])
+@pytest.mark.slow
 def test_an_in_place_residual_addition_stays_in_place(position):
     """timm's ResNet writes ``x += shortcut``; an fx trace records ``x + shortcut`` (one more
     block-sized tensor per block): the edited forward adds in place again, the values unchanged."""

@@ -220,6 +220,7 @@ def test_launcher_runs_timm_style_train_and_validate_scripts_by_name(edited_file
 
 @pytest.mark.parametrize("base,feature_kwargs", [("efficientnet_b0", {}), ("convnext_atto", {}),
                                                  ("convnext_atto", {"feature_cls": "getter"})])
+@pytest.mark.slow
 def test_features_only_of_architectures_with_their_own_feature_settings(base, feature_kwargs):
     """timm builds features_only for these with per-architecture settings; the registered name wraps the
     edited model with FeatureGetterNet (forward_intermediates) instead. With ``feature_cls`` given, timm

@@ -48,6 +48,7 @@ def test_head_is_found(edited):
 
 
 @pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.slow
 def test_freeze_backbone_trains_only_the_new_parts(edited, train_head):
     _, model, head = edited
     trainable = se_retrofit.freeze_backbone(model, train_head=train_head)

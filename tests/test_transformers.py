@@ -125,6 +125,7 @@ def planted_module(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["planted_evil", "planted_evil.Model", "os.system", "AutoModel", "ResNetConfig",
                                   "PreTrainedModel", "logging", "__class__", "", None, 42])
+@pytest.mark.slow
 def test_load_imports_nothing_named_by_the_file(tmp_path, planted_module, name):
     edited = se_retrofit.retrofit(small_resnet(), example_input=PROBE)
     saved = se_retrofit.save(edited, tmp_path / "saved")
