@@ -13,7 +13,7 @@ imported, there is no ``trust_remote_code``); anything else asks for ``base_mode
 drops the attention (transformers lists its weights as UNEXPECTED): an edited model's
 ``save_pretrained`` therefore warns (:class:`SavePretrainedWarning`) before saving. Save with
 :func:`se_retrofit.save`, or keep the base in transformers' format and the attention as se_retrofit's
-adapter (README, "Hugging Face transformers models").
+adapter (docs/python-api.md, "Hugging Face transformers models").
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ the base's under its own architecture name, so everything that goes through ``ti
 name works with it: ``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=...)``,
 ``checkpoint_path=``, ``num_classes=``, ``features_only=True``, timm's data config and
 ``reset_classifier``, and timm's ``train.py`` / ``validate.py`` run from a launcher that registers the
-name first (README, "Using an edited model by name in timm").
+name first (docs/fine-tuning.md, "Using an edited model by name in timm").
 
 Weights: a file saved from the edited model loads exactly (strictly); a checkpoint of the *base*
 (``pretrained=True`` with the base's hub weights, or a base state dict as ``file``) loads into the
