@@ -49,6 +49,16 @@ WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quo
 _NATIVE_TRACE = re.compile(r"^(Exception raised from |frame #\d+|C\+\+ CapturedTraceback)")
 
 
+def positive_int(high: int):
+    """A parser of a whole number from 1 to ``high`` (every option has a ceiling: a typo such as 1e20
+    must not reach a constructor)."""
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"\d{1,12}", text.strip()) or not 1 <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be a positive integer up to {high}, got {text[:40]!r}")
+        return int(text)
+    return parse
+
+
 def path_argument(text: str):
     """An argparse type for a path: refuses what no file system takes (empty, a NUL character)."""
     from pathlib import Path

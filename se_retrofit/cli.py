@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 from ._version import __version__
-from ._shell import Parser, path_argument, run_command
+from ._shell import Parser, path_argument, positive_int, run_command
 from . import cost_args
 
 # The parser is built without torch or timm (``--help`` and ``--version`` answer at once): the names
@@ -70,16 +70,6 @@ def _kinds(text: str) -> list[str]:
     return kinds
 
 
-def _positive_int(high: int):
-    """A parser of a whole number from 1 to ``high`` (every option has a ceiling: a typo such as 1e20
-    must not reach a constructor)."""
-    def parse(text: str) -> int:
-        if not re.fullmatch(r"\d{1,12}", text.strip()) or not 1 <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"must be a positive integer up to {high}, got {text[:40]!r}")
-        return int(text)
-    return parse
-
-
 def _stage_list(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or not all(re.fullmatch(r"\d{1,4}", p) and 1 <= int(p) <= 1000 for p in
@@ -116,14 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--position", choices=POSITIONS,
                         help="; ".join(f"{k}: {v}" for k, v in POSITION_HELP.items())
                         + " (default: the attention's own: standard, stage for bam)")
-    parser.add_argument("--r", type=_positive_int(4096), help="reduction ratio r (default: the type's, 16)")
-    parser.add_argument("--divisor", type=_positive_int(4096),
+    parser.add_argument("--r", type=positive_int(4096), help="reduction ratio r (default: the type's, 16)")
+    parser.add_argument("--divisor", type=positive_int(4096),
                         help="round hidden widths to a multiple of this (default: timm's; 1: exact C/r)")
     parser.add_argument("--squeeze", choices=("avg", "max", "avg+max"), help="se: how channels are pooled")
     parser.add_argument("--gate", choices=("sigmoid", "hard_sigmoid", "tanh"), help="se, cbam, eca: the gate")
     parser.add_argument("--act", help="se, cbam, bam: hidden activation by timm name (relu, silu, gelu, …)")
-    parser.add_argument("--kernel-size", type=_positive_int(255), help="cbam: spatial kernel (7); eca: 1-D kernel (adaptive)")
-    parser.add_argument("--dilation", type=_positive_int(64), help="bam: dilation of the spatial convs (4)")
+    parser.add_argument("--kernel-size", type=positive_int(255), help="cbam: spatial kernel (7); eca: 1-D kernel (adaptive)")
+    parser.add_argument("--dilation", type=positive_int(64), help="bam: dilation of the spatial convs (4)")
     parser.add_argument("--mode", choices=("embedded_gaussian", "dot", "gaussian"),
                         help="nonlocal: pairwise function (embedded_gaussian)")
     parser.add_argument("--sub-sample", action=argparse.BooleanOptionalAction,
@@ -133,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kinds of unit to edit, comma-separated: residual (blocks with a residual addition), "
                              "join (branches concatenated: Inception, DenseNet, ShuffleNet), chain (conv → "
                              "activation layers: VGG, MobileNetV1); default: the first of these the model has")
-    parser.add_argument("--every", type=_positive_int(10000),
+    parser.add_argument("--every", type=positive_int(10000),
                         help="every N-th selected block of each stage, from its first (default: every block)")
     parser.add_argument("--stages", type=_stage_list, help="stages to edit, e.g. 3,4 (default: all)")
     parser.add_argument("--blocks", type=_patterns, help="glob patterns of blocks to edit, e.g. 'layer3.*,layer4.0'")

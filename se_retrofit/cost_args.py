@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from ._shell import positive_int
 from .errors import RetrofitError
 
 
@@ -27,11 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure", action="store_true",
                         help="also measure the edited model's latency and peak memory against the unedited one "
                              "on this machine (interleaved repeats; inference and a training step)")
-    parser.add_argument("--repeats", type=_repeats, default=10,
+    parser.add_argument("--repeats", type=positive_int(10000), default=10,
                         help="--measure and latency budgets: interleaved rounds per measurement (10)")
 
-
-def _repeats(text: str) -> int:
-    if not text.strip().isdigit() or not 1 <= int(text) <= 10000:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 10000, got {text[:40]!r}")
-    return int(text)

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ._shell import Parser, UsageError, path_argument, run_command
+from ._shell import Parser, UsageError, path_argument, positive_int, run_command
 from .analysis import analyze, default_example_input
 from .attention import get_attention
 from .config import POSITIONS, RetrofitConfig, import_attention_module
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", choices=("timm", "torchvision"), help="library to take MODEL from")
     parser.add_argument("--attention", default="se", help="attention type (se, cbam, gc, eca, …)")
     parser.add_argument("--position", choices=POSITIONS, help="where in each block (default: the type's own)")
-    parser.add_argument("--divisor", type=_positive(4096), help="round hidden widths to a multiple of this")
-    parser.add_argument("--every", type=_positive(10000), help="every N-th selected block of each stage")
+    parser.add_argument("--divisor", type=positive_int(4096), help="round hidden widths to a multiple of this")
+    parser.add_argument("--every", type=positive_int(10000), help="every N-th selected block of each stage")
     parser.add_argument("--blocks", type=lambda t: [p for p in t.split(",") if p], help="glob patterns of blocks")
     parser.add_argument("--exclude", type=lambda t: [p for p in t.split(",") if p], help="blocks to leave alone")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -57,19 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="none (default: costs do not depend on the weights), pretrained, or PATH")
     parser.add_argument("--input-size", type=_size, help="probe input size C,H,W (default: the model's own)")
     parser.add_argument("--measure", action="store_true", help="also measure each plan's latency (slower)")
-    parser.add_argument("--repeats", type=_positive(10000), default=10,
+    parser.add_argument("--repeats", type=positive_int(10000), default=10,
                         help="--measure: interleaved rounds per plan (10)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--png", type=path_argument, metavar="FILE", help="plot the plans (needs matplotlib)")
     return parser
-
-
-def _positive(high: int):
-    def parse(text: str) -> int:
-        if not re.fullmatch(r"\s*\d{1,12}\s*", text) or not 1 <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"must be a positive integer up to {high}, got {text[:40]!r}")
-        return int(text)
-    return parse
 
 
 def _size(text: str) -> tuple[int, ...]:
