@@ -159,9 +159,8 @@ def predict(model: nn.Module, config: RetrofitConfig, analysis: Analysis, site_p
 
     example_input = default_example_input(model) if example_input is None else example_input
     base_params, base_flops = base or base_counts(model, example_input)
-    sites = list(site_plan.sites)
-    plan_copy = Plan(sites=list(sites), skipped=dict(site_plan.skipped), stacked=list(site_plan.stacked))
-    if not sites:
+    plan_copy = site_plan.copy()
+    if not site_plan.sites:
         return PlanCost(base_params, base_flops)
     with warnings.catch_warnings():  # the real edit warns (stacked attention, …); a count does not
         warnings.simplefilter("ignore")
@@ -170,7 +169,7 @@ def predict(model: nn.Module, config: RetrofitConfig, analysis: Analysis, site_p
             edited.to("meta")  # a module built on the default device joins the others
             counter = _count(edited, _on_meta(example_input))
         except (RuntimeError, NotImplementedError, TypeError, ValueError):
-            plan_copy = Plan(sites=list(sites), skipped=dict(site_plan.skipped), stacked=list(site_plan.stacked))
+            plan_copy = site_plan.copy()
             edited = edit_with_plan(model, config, analysis, plan_copy)
             counter = _count(edited, example_input)
     per_module = counter.get_flop_counts()

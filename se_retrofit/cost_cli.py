@@ -109,7 +109,7 @@ def apply(args: argparse.Namespace, model: nn.Module, config: RetrofitConfig, an
         from .core import edit_with_plan
         from .measure import measure
 
-        copy = Plan(sites=list(site_plan.sites), skipped=dict(site_plan.skipped), stacked=list(site_plan.stacked))
+        copy = site_plan.copy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             edited = edit_with_plan(model, config, analysis, copy)

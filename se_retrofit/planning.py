@@ -37,6 +37,11 @@ class Plan:
     stacked: list[str] = field(default_factory=list)
     choice: Any = field(default=None, repr=False, compare=False)
 
+    def copy(self) -> "Plan":
+        """A plan to hand to an edit (which moves the sites it cannot make to ``skipped``), leaving
+        this one as planned."""
+        return Plan(sites=list(self.sites), skipped=dict(self.skipped), stacked=list(self.stacked), choice=self.choice)
+
 
 def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> Plan:
     """Choose the sites for ``config``: one per selected unit (one per new branch of a join at
