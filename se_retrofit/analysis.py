@@ -71,7 +71,8 @@ from .chains import find_chain_layers
 from .gates import CallCounts, Gate, gate_problem
 from .graph import dominated
 from .joins import find_joins
-from .copying import meta_copy
+from .copying import fake_copy, meta_copy
+from .fake_runs import caches_emptied_after
 from .recording import SHAPE_ONLY, ModuleCall, Op, Recording, never_run, record
 from .tracing import TRACE_FAILURES, graph_cache, own_tensor_adds, restore_training, snapshot_training
 
@@ -572,16 +573,24 @@ def _conv_shape_only(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
 
 
 def _record_on_fake_tensors(model: nn.Module, example: torch.Tensor) -> Recording:
+    """Record a fake copy of ``model`` (:func:`~se_retrofit.copying.fake_copy`) on a fake ``example``,
+    emptying the caches the run filled: nothing fake is left where a real call would find it (see
+    :mod:`.fake_runs`)."""
     from torch._subclasses import fake_tensor
 
+    mode = fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        twin = fake_copy(model, mode)
+    except Exception as error:  # a module deepcopy refuses (a lock, a non-leaf tensor attribute)
+        raise _Uncopyable(f"the model cannot be copied ({_reason(error)})") from error
     # a model that refuses the probe's size (a fixed position embedding) fails in a meta kernel, which
     # torch logs with its traceback before raising: the error is caught and reported here instead
     logger = fake_tensor.log
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            return record(model, mode.from_tensor(example))
+        with mode, caches_emptied_after():
+            return record(twin, mode.from_tensor(example))
     finally:
         logger.setLevel(level)
 
