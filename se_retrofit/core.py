@@ -23,6 +23,10 @@ from .tracing import graph_cache
 RECORD_ATTR = "se_retrofit"
 
 
+class LeftOutWarning(UserWarning):
+    """Some units the selection chose could not be edited (see :func:`warn_left_out`)."""
+
+
 class StackedAttentionWarning(UserWarning):
     """The blocks being edited already apply channel attention of their own."""
 
@@ -147,9 +151,29 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
             from .budget import choose
 
             choice = choose(model, config, budget, example_input, analysis=analysis)
-            return edit_with_plan(model, choice.config, analysis, choice.plan, inplace=inplace)
-        site_plan = plan_sites(model, analysis, config)
-        return edit_with_plan(model, config, analysis, site_plan, inplace=inplace)
+            config, site_plan = choice.config, choice.plan
+        else:
+            site_plan = plan_sites(model, analysis, config)
+        edited = edit_with_plan(model, config, analysis, site_plan, inplace=inplace)
+    warn_left_out(site_plan)
+    return edited
+
+
+def warn_left_out(site_plan: Plan) -> None:
+    """A :class:`LeftOutWarning` where units the selection chose were left unedited (their forward
+    cannot be rewritten nor gated from outside): the edited model is not the one asked for in full.
+    The command line prints the plan, with every reason, instead."""
+    if not site_plan.skipped:
+        return
+    first, reason = next(iter(site_plan.skipped.items()))
+    more = f" (and {len(site_plan.skipped) - 1} more)" if len(site_plan.skipped) > 1 else ""
+    warnings.warn(f"{len(site_plan.skipped)} of the {len(site_plan.skipped) + len(_units(site_plan))} units "
+                  f"selected were left unedited; {first}: {reason}{more}. se_retrofit.plan(model, ...) lists each "
+                  "with its reason; pass exclude=[...] to leave them out knowingly", LeftOutWarning, stacklevel=4)
+
+
+def _units(site_plan: Plan) -> set[str]:
+    return {site.unit or site.block for site in site_plan.sites}
 
 
 def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis, site_plan: Plan, *,
