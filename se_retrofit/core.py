@@ -224,16 +224,16 @@ def refuse_token_input(example_input: Any) -> None:
         >>> refuse_token_input({"input_ids": torch.zeros(1, 8, dtype=torch.long)})
         Traceback (most recent call last):
         ...
-        se_retrofit.core.TokenModelError: the example input holds token ids ...
+        se_retrofit.core.TokenModelError: the example input holds an integer tensor ...
     """
     integer = [leaf for leaf in tree_leaves(example_input) if isinstance(leaf, torch.Tensor)
                and not leaf.is_floating_point() and not leaf.is_complex() and leaf.dtype != torch.bool]
     if integer:
         raise TokenModelError(
-            f"the example input holds token ids (an integer tensor of shape {tuple(integer[0].shape)}): "
-            "attention squeezes over every position of a block's output, padding tokens included, and "
-            "se_retrofit cannot see the attention mask, so once fine-tuning moves the gates, appending "
-            "padding would change the real tokens' outputs; pass allow_token_models=True to edit it "
+            f"the example input holds an integer tensor of shape {tuple(integer[0].shape)} (token ids, or the "
+            "lengths of padded sequences): attention squeezes over every position of a block's output, padding "
+            "included, and se_retrofit cannot see which positions are padding, so once fine-tuning moves the "
+            "gates, padding would change the real positions' outputs; pass allow_token_models=True to edit it "
             "anyway (safe where batches have no padding)")
 
 
