@@ -3,6 +3,8 @@ positions (:mod:`se_retrofit.positions`) are written in, and the gates of joins 
 (:mod:`se_retrofit.gates`), which any position may name."""
 from __future__ import annotations
 
+import operator
+import re
 from typing import Callable
 
 from torch import fx, nn
@@ -10,6 +12,7 @@ from torch import fx, nn
 from . import op_kinds as K
 from .errors import RetrofitError
 from .graph import dominated_cone, dynamic_inputs
+from .masking import PADDING_ARGUMENTS, padding_filled, real_positions_gated
 from .site import Site
 
 
@@ -26,11 +29,28 @@ def attend(graph: fx.Graph, source: fx.Node, site: Site) -> fx.Node:
     if site.batch_dim:  # (L, N, C) -> (N, L, C)
         source = graph.call_method("movedim", (source, site.batch_dim, 0))
     if site.channel_dim == 1:
-        gated = graph.call_module(site.module_name, (source,))
+        gated = _call(graph, source, site)
     else:
         moved = graph.call_method("movedim", (source, site.channel_dim, 1))
-        gated = graph.call_method("movedim", (graph.call_module(site.module_name, (moved,)), 1, site.channel_dim))
+        gated = graph.call_method("movedim", (_call(graph, moved, site), 1, site.channel_dim))
     return graph.call_method("movedim", (gated, 0, site.batch_dim)) if site.batch_dim else gated
+
+
+def _call(graph: fx.Graph, x: fx.Node, site: Site) -> fx.Node:
+    """The site's module on ``x`` (channels first); over the real positions only where the forward
+    receives the padding mask the site names (:mod:`.masking`)."""
+    mask = _placeholder(graph, site.padding_mask) if site.padding_mask else None
+    if mask is None:
+        return graph.call_module(site.module_name, (x,))
+    filled = graph.call_function(padding_filled, (x, mask, PADDING_ARGUMENTS[site.padding_mask]))
+    gated = graph.call_module(site.module_name, (graph.call_function(operator.getitem, (filled, 0)),))
+    return graph.call_function(real_positions_gated, (gated, x, graph.call_function(operator.getitem, (filled, 1))))
+
+
+def _placeholder(graph: fx.Graph, name: str) -> fx.Node | None:
+    """The forward's argument ``name`` (fx renames an argument it specialised: ``name_1``)."""
+    return next((node for node in graph.nodes if node.op == "placeholder"
+                 and re.fullmatch(rf"{name}(_\d+)?", str(node.target))), None)
 
 
 def wrap_output(graph: fx.Graph, target: fx.Node, site: Site) -> None:

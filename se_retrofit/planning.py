@@ -11,6 +11,7 @@ from .errors import RetrofitError
 from .analysis import Analysis, Block
 from .attention import AttentionSpec, get_attention
 from .config import RetrofitConfig
+from .masking import padding_argument
 from .positions import get_position
 from .site import Site
 
@@ -72,7 +73,7 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
         if unit.has_attention:
             plan.stacked.append(unit.name)
         for draft in drafts:
-            site = _sized(draft, unit, spec, config)
+            site = _masked(model, _sized(draft, unit, spec, config), spec)
             owner = model.get_submodule(site.block)
             name = _free_name(owner, spec.attr_name, taken.setdefault(site.block, set()))
             plan.sites.append(replace(site, module_name=name))
@@ -149,6 +150,16 @@ def _sized(site: Site, block: Block, spec: AttentionSpec, config: RetrofitConfig
             f"{size / 2 ** 20:,.0f} MiB at batch 1, over the limit of {config.max_attention_mib:g} MiB; use "
             f"{', '.join(hints)}, or raise max_attention_mib")
     return replace(site, attention_bytes=size)
+
+
+def _masked(model: nn.Module, site: Site, spec: AttentionSpec) -> Site:
+    """The site, squeezing over the real positions of its sequence where its forward receives the
+    padding mask and the type squeezes by statistics (:mod:`.masking`); an edit made from outside the
+    forward cannot see the mask."""
+    if site.vector or site.spatial_dims != 1 or site.gate or site.edit != "rewrite" \
+            or not getattr(spec.cls, "SQUEEZES_BY_STATISTICS", False):
+        return site
+    return replace(site, padding_mask=padding_argument(model.get_submodule(site.block)))
 
 
 def select_blocks(blocks: list[Block], patterns: list[str] | None, exclude: list[str] | None) -> list[Block]:

@@ -460,6 +460,12 @@ def _gates() -> Any:
     return ["", *GATES]
 
 
+def _padding_arguments() -> Any:
+    from .masking import PADDING_ARGUMENTS
+
+    return PADDING_ARGUMENTS
+
+
 # --- the tables ------------------------------------------------------------------------------------
 
 #: the largest number a saved site, option or constructor keyword may hold (channels, classes)
@@ -547,6 +553,7 @@ SITE: dict[str, Field] = {
     "output_leaf": Field(integer(0, 10_000), required=False),
     "batch_dim": Field(integer(0, 8), required=False),
     "vector": Field(boolean, required=False),
+    "padding_mask": Field(optional(choice(_padding_arguments, "padding mask argument")), required=False),
 }
 
 sites = list_of(section(SITE), min_length=1)

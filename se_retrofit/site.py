@@ -23,7 +23,9 @@ class Site:
     shortcut``); surgery keeps it so where the module it inserts there returns a fresh tensor.
     ``batch_dim``: where the batch is (1 for the sequence-first tokens of an ``nn.MultiheadAttention``
     with ``batch_first=False``); ``vector``: the tensor is one vector per sample ``(N, C)``, given a
-    length-1 axis for the module (built for one spatial dimension).
+    length-1 axis for the module (built for one spatial dimension). ``padding_mask``: the argument of
+    the block's forward carrying the padding mask of its sequence, over whose real positions the
+    module squeezes (:mod:`se_retrofit.masking`).
     """
 
     block: str
@@ -47,6 +49,7 @@ class Site:
     output_leaf: int = 0
     batch_dim: int = 0
     vector: bool = False
+    padding_mask: str | None = None
 
     def __post_init__(self) -> None:
         if not self.gate and self.position == "inner":  # records written before gates existed

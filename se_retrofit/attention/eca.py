@@ -33,6 +33,7 @@ class EfficientChannelAttention(nn.Module):
     """Efficient Channel Attention (Wang et al. 2020): a 1-D conv across pooled channels, ~k parameters."""
 
     writable_output = True  # returns a new product or sum: a block may add into it in place
+    SQUEEZES_BY_STATISTICS = True  # sees positions through their mean and max only: see se_retrofit.masking
 
     check_options = classmethod(check_by_building)
 

@@ -34,6 +34,7 @@ class SqueezeExcite(nn.Module):
     """Squeeze-and-Excitation (Hu et al. 2018): channel gates from globally pooled features."""
 
     writable_output = True  # returns a new product or sum: a block may add into it in place
+    SQUEEZES_BY_STATISTICS = True  # sees positions through their mean and max only: see se_retrofit.masking
 
     check_options = classmethod(check_by_building)
 
