@@ -11,7 +11,7 @@ import se_retrofit
 from se_retrofit.masking import PADDING_ARGUMENTS, padding_filled, real_positions
 from se_retrofit.site import Site
 
-from helpers import as_if_pretrained, run
+from helpers import as_if_pretrained
 
 
 class _PreNormLayer(nn.Module):
