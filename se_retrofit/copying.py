@@ -62,9 +62,31 @@ def meta_copy(module: nn.Module) -> nn.Module:
         >>> model.fc.weight.device.type
         'cpu'
     """
+    return _copy_with_tensors(module, _on_meta)
+
+
+def fake_copy(module: nn.Module, mode) -> nn.Module:
+    """A copy of ``module``'s tree whose parameters and buffers are fake tensors of ``mode`` (a
+    ``torch._subclasses.fake_tensor.FakeTensorMode``: device, shape, dtype and the Parameter type kept,
+    no data), made as :func:`meta_copy` makes its copy. A module run on fake tensors may store what it
+    computed (an anchor grid cached per module): run the copy, and the store is the copy's.
+
+    Example:
+        >>> import torchvision
+        >>> from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+        >>> model = torchvision.models.resnet18()
+        >>> twin = fake_copy(model, FakeTensorMode())
+        >>> isinstance(twin.fc.weight, FakeTensor), twin.fc.weight.device.type, isinstance(model.fc.weight, FakeTensor)
+        (True, 'cpu', False)
+    """
+    return _copy_with_tensors(module, mode.from_tensor)
+
+
+def _copy_with_tensors(module: nn.Module, replace) -> nn.Module:
+    """:func:`deepcopy_module` of ``module`` with each parameter and buffer ``t`` replaced by ``replace(t)``."""
     memo: dict[int, object] = {}
     for tensor in [*module.parameters(), *module.buffers()]:
-        memo[id(tensor)] = _on_meta(tensor)
+        memo[id(tensor)] = replace(tensor)
     memo[id(memo)] = [module]  # copy.deepcopy's keep-alive list
     return deepcopy_module(module, memo)
 

@@ -25,7 +25,8 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from . import op_kinds as K
-from .copying import meta_copy
+from .copying import fake_copy, meta_copy
+from .fake_runs import caches_emptied_after
 from .recording import ModuleCall, Op, Recording
 from .tracing import TRACE_FAILURES, optional_arguments, trace
 
@@ -176,9 +177,10 @@ def _call_as_probed(module: nn.Module, args: tuple, kwargs: dict):
     inside their fake-tensor mode for fake ones."""
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     mode = getattr(tensors[0], "fake_mode", None) if tensors else None
-    if mode is not None:
-        with mode:
-            return module(*args, **kwargs)
+    if mode is not None:  # on a fake copy, forgetting what caches kept: see :mod:`.fake_runs`
+        twin = fake_copy(module, mode)
+        with mode, caches_emptied_after():
+            return twin(*args, **kwargs)
     if tensors and tensors[0].device.type == "meta":
         return meta_copy(module)(*args, **kwargs)
     return module(*args, **kwargs)

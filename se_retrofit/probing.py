@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .copying import meta_copy
+from .copying import fake_copy, meta_copy
 from .errors import RetrofitError
+from .fake_runs import caches_emptied_after
 from .recording import Recording, record
 from .shape_only import shape_only_forward
 
@@ -143,16 +144,24 @@ class _Uncopyable(RuntimeError):
 
 
 def _record_on_fake_tensors(model: nn.Module, example: torch.Tensor) -> Recording:
+    """Record a fake copy of ``model`` (:func:`~se_retrofit.copying.fake_copy`) on a fake ``example``,
+    emptying the caches the run filled: nothing fake is left where a real call would find it (see
+    :mod:`.fake_runs`)."""
     from torch._subclasses import fake_tensor
 
+    mode = fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        twin = fake_copy(model, mode)
+    except Exception as error:  # a module deepcopy refuses (a lock, a non-leaf tensor attribute)
+        raise _Uncopyable(f"the model cannot be copied ({_reason(error)})") from error
     # a model that refuses the probe's size (a fixed position embedding) fails in a meta kernel, which
     # torch logs with its traceback before raising: the error is caught and reported here instead
     logger = fake_tensor.log
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            return record(model, mode.from_tensor(example))
+        with mode, caches_emptied_after():
+            return record(twin, mode.from_tensor(example))
     finally:
         logger.setLevel(level)
 

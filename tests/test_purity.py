@@ -6,6 +6,8 @@ blocks and tied weights; and such models are edited correctly (a shared block on
 computing exactly what the model computes, the sharing kept in the copy)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torchvision
@@ -272,3 +274,62 @@ def test_random_shared_and_tied_models_stay_untouched_and_are_edited_exactly(bui
             assert (copies[name] is copies[other]) == (module is same)
     for mode in (False, True):
         assert torch.equal(run(edited, x, mode), run(net, x, mode))
+
+
+# --- models that cache what they compute --------------------------------------------------------
+
+@functools.lru_cache
+def _offsets(channels: int) -> torch.Tensor:  # a table cached by size, as position tables are
+    return torch.linspace(-1, 1, channels).view(1, -1, 1, 1)
+
+
+class _CachingBlock(nn.Module):
+    """A residual block that caches a grid per module and size (transformers' detectors cache their
+    anchors so) and multiplies by a plain tensor attribute, which the meta probe cannot mix with meta
+    tensors: the analysis records it on fake tensors."""
+
+    def __init__(self, channels: int, size: int = 16):
+        super().__init__()
+        self.channels, self.size = channels, size
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.scale = torch.full((1, channels, 1, 1), 0.5)
+
+    @functools.lru_cache(maxsize=8)
+    def grid(self) -> torch.Tensor:
+        return torch.linspace(0, 1, self.size ** 2).view(1, 1, self.size, self.size)
+
+    def forward(self, x):
+        branch = self.bn(self.conv(x)) * self.scale + self.grid() + _offsets(self.channels)
+        return torch.relu(x + branch)
+
+
+def _caching_model() -> nn.Module:
+    torch.manual_seed(0)
+    return as_if_pretrained(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _CachingBlock(8), _CachingBlock(8))).eval()
+
+
+def _forget_caches() -> None:
+    _offsets.cache_clear()
+    _CachingBlock.grid.cache_clear()
+
+
+@pytest.mark.parametrize("step", ["analyze", "retrofit"])
+def test_a_fake_probe_leaves_no_fake_tensor_in_the_models_caches(step):
+    """RT-DETR returned fake logits after `analyze`: its anchors, cached per module, were computed on
+    fake tensors. Analysed and edited on fake tensors, a model computes real outputs afterwards."""
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = _caching_model()(x)
+    _forget_caches()
+    model = _caching_model()
+    assert se_retrofit.analyze(model, x).probes["first"] == "fake"  # the path this test is about
+    if step == "retrofit":
+        _forget_caches()  # the analysis above must not decide what retrofit meets
+        edited = se_retrofit.retrofit(model, example_input=x)
+        with torch.no_grad():
+            out = edited(x)
+        assert type(out) is torch.Tensor and torch.equal(out, expected)
+    with torch.no_grad():
+        out = model(x)
+    assert type(out) is torch.Tensor and torch.equal(out, expected)
