@@ -73,12 +73,14 @@ _AFTER_WRITER = frozenset({K.DROPOUT, K.IDENTITY, K.ACT})
 def _writer_says(residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]
                  ) -> tuple[str, int, int] | None:
     """The layout the layer writing the branch operand says, where it says one: walking back from
-    the operand through dropout, activations and a layer scale (``γ · f(x)``) to the first layer,
-    that layer's output of the sum's shape carries its channels where its kind puts them."""
+    the operand through dropout, activations, casts and a layer scale (``γ · f(x)``) to the first
+    layer, that layer's output of the sum's shape carries its channels where its kind puts them.
+    Through a transpose, or a crop or pad (Wav2Vec2's positional conv trims the frame its padding
+    added), the channels are found again by their size (:func:`_through_permutes`)."""
     op, rank = residual.branch, len(shape)
-    permuted = False  # a transpose or permute between the writer and the sum
+    permuted = False  # a transpose, permute, crop or pad between the writer and the sum
     for _ in range(12):
-        if op.shape is None or sorted(op.shape) != sorted(shape):
+        if op.shape is None or len(op.shape) != rank or (sorted(op.shape) != sorted(shape) and not permuted):
             return None
         if op not in residual.cone and op is not residual.branch:
             return None
@@ -92,7 +94,7 @@ def _writer_says(residual: _Residual, shape: tuple[int, ...], modules: dict[str,
         said = _layer_says(op, op.shape, modules)
         if said is not None or op.weights:
             return _through_permutes(said, op.shape, shape) if permuted else said
-        if op.kind == K.RESHAPE and op.name in _PERMUTES and len(op.inputs) == 1:
+        if (op.kind == K.RESHAPE and op.name in _PERMUTES or _crops_or_pads(op)) and len(op.inputs) == 1:
             permuted, op = True, op.inputs[0]
         elif op.kind == K.MUL:  # a layer scale: follow the map it scales
             maps = [i for i in op.inputs if i.shape == op.shape]
@@ -109,6 +111,15 @@ def _writer_says(residual: _Residual, shape: tuple[int, ...], modules: dict[str,
 #: reshapes that only reorder dimensions: the channels keep their size (torchaudio's Conformer
 #: convolves ``(N, C, T)`` and transposes back to ``(T, N, C)`` before its addition)
 _PERMUTES = frozenset({"transpose", "permute", "swapaxes", "swapdims", "movedim", "t"})
+
+
+def _crops_or_pads(op: Op) -> bool:
+    """A slice (``x[:, :, :-1]``, ``narrow``) or a pad of one tensor that keeps its rank."""
+    if op.kind != K.PAD and op.name not in ("__getitem__", "narrow"):
+        return False
+    source = op.inputs[0] if len(op.inputs) == 1 else None
+    return source is not None and source.shape is not None and op.shape is not None \
+        and len(source.shape) == len(op.shape)
 
 
 def _through_permutes(said: tuple[str, int, int] | None, written: tuple[int, ...], shape: tuple[int, ...]

@@ -273,6 +273,36 @@ def test_sequence_first_before_any_attention_and_a_transposed_conv_branch(positi
     _samples_stay_apart(model, edited, x)
 
 
+class _PositionalConv(nn.Module):
+    """Wav2Vec2's positional conv embedding in small: tokens ``(N, T, C)`` transposed, a grouped conv
+    of even kernel (one frame too many, trimmed), an activation, transposed back; added to the tokens."""
+
+    def __init__(self, width: int = 16, kernel: int = 4):
+        super().__init__()
+        self.conv = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=2)
+        self.trim = 1 if kernel % 2 == 0 else 0
+
+    def forward(self, x):
+        y = self.conv(x.transpose(1, 2))
+        y = y[:, :, :-self.trim] if self.trim else y
+        return x + nn.functional.gelu(y).transpose(1, 2).to(x.dtype)
+
+
+@pytest.mark.parametrize("position", ["standard", "post"])
+def test_a_conv_branch_cropped_and_transposed_says_its_layout(position):
+    # the writer is a conv on (N, C, T + 1); a crop and a transpose (and a cast) lie between it and the
+    # sum: the channels are found again by their size. Before: "layout unknown" (Wav2Vec2's encoder, 24/25)
+    model = as_if_pretrained(nn.Sequential(nn.Linear(8, 16), _PositionalConv()).eval())
+    x = torch.randn(3, 10, 8)
+    analysis = se_retrofit.analyze(model, x[:1])
+    assert [(b.layout, b.channel_dim, b.batch_dim) for b in analysis.blocks] == [(TOKENS, 2, 0)]
+    edited = se_retrofit.retrofit(model, position=position, example_input=x[:1])
+    assert len(edited.se_retrofit.edits[-1][1]) == 1
+    for training in (True, False):
+        assert torch.equal(run(edited, x, training), run(model, x, training)), training
+    _samples_stay_apart(model, edited, x)
+
+
 def test_torchaudio_conformer_every_residual_add():
     # torchaudio.models.Conformer, 2 layers: ffn1 half-step, self-attention, convolution module, ffn2
     # half-step = 4 adds per layer, 8. Its lengths argument is an integer tensor (the padding refusal,
