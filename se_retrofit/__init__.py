@@ -28,7 +28,7 @@ _WHERE = {
     "find_units": "analysis",
     "create_attention": "attention", "list_attentions": "attention", "register_attention": "attention",
     "POSITIONS": "config", "RetrofitConfig": "config", "Site": "config",
-    "StackedAttentionWarning": "core", "plan": "core", "record_of": "core", "retrofit": "core",
+    "StackedAttentionWarning": "core", "LeftOutWarning": "core", "plan": "core", "record_of": "core", "retrofit": "core",
     "retrofit_with": "core",
     "ImpossibleBudgetError": "budget",
     "load": "io", "save": "io",
@@ -71,7 +71,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
-    "Analysis", "Block", "RetrofitError", "POSITIONS", "RetrofitConfig", "Site", "StackedAttentionWarning", "analyze",
+    "Analysis", "Block", "RetrofitError", "POSITIONS", "RetrofitConfig", "Site", "StackedAttentionWarning", "LeftOutWarning", "analyze",
     "create_attention", "find_blocks", "find_units", "list_attentions", "plan", "record_of", "register_attention",
     "retrofit", "retrofit_with", "__version__", "load", "save", "fold_gate_scale", "to_timm_native",
     "attention_modules", "attention_parameters", "attention_state_dict", "freeze_backbone", "param_groups",

@@ -23,6 +23,10 @@ from .tracing import graph_cache
 RECORD_ATTR = "se_retrofit"
 
 
+class LeftOutWarning(UserWarning):
+    """Some units the selection chose could not be edited (see :func:`warn_left_out`)."""
+
+
 class StackedAttentionWarning(UserWarning):
     """The blocks being edited already apply channel attention of their own."""
 
@@ -147,9 +151,29 @@ def retrofit_with(model: nn.Module, config: RetrofitConfig, *, example_input: An
             from .budget import choose
 
             choice = choose(model, config, budget, example_input, analysis=analysis)
-            return edit_with_plan(model, choice.config, analysis, choice.plan, inplace=inplace)
-        site_plan = plan_sites(model, analysis, config)
-        return edit_with_plan(model, config, analysis, site_plan, inplace=inplace)
+            config, site_plan = choice.config, choice.plan
+        else:
+            site_plan = plan_sites(model, analysis, config)
+        edited = edit_with_plan(model, config, analysis, site_plan, inplace=inplace)
+    warn_left_out(site_plan)
+    return edited
+
+
+def warn_left_out(site_plan: Plan) -> None:
+    """A :class:`LeftOutWarning` where units the selection chose were left unedited (their forward
+    cannot be rewritten nor gated from outside): the edited model is not the one asked for in full.
+    The command line prints the plan, with every reason, instead."""
+    if not site_plan.skipped:
+        return
+    first, reason = next(iter(site_plan.skipped.items()))
+    more = f" (and {len(site_plan.skipped) - 1} more)" if len(site_plan.skipped) > 1 else ""
+    warnings.warn(f"{len(site_plan.skipped)} of the {len(site_plan.skipped) + len(_units(site_plan))} units "
+                  f"selected were left unedited; {first}: {reason}{more}. se_retrofit.plan(model, ...) lists each "
+                  "with its reason; pass exclude=[...] to leave them out knowingly", LeftOutWarning, stacklevel=4)
+
+
+def _units(site_plan: Plan) -> set[str]:
+    return {site.unit or site.block for site in site_plan.sites}
 
 
 def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis, site_plan: Plan, *,
@@ -200,16 +224,16 @@ def refuse_token_input(example_input: Any) -> None:
         >>> refuse_token_input({"input_ids": torch.zeros(1, 8, dtype=torch.long)})
         Traceback (most recent call last):
         ...
-        se_retrofit.core.TokenModelError: the example input holds token ids ...
+        se_retrofit.core.TokenModelError: the example input holds an integer tensor ...
     """
     integer = [leaf for leaf in tree_leaves(example_input) if isinstance(leaf, torch.Tensor)
                and not leaf.is_floating_point() and not leaf.is_complex() and leaf.dtype != torch.bool]
     if integer:
         raise TokenModelError(
-            f"the example input holds token ids (an integer tensor of shape {tuple(integer[0].shape)}): "
-            "attention squeezes over every position of a block's output, padding tokens included, and "
-            "se_retrofit cannot see the attention mask, so once fine-tuning moves the gates, appending "
-            "padding would change the real tokens' outputs; pass allow_token_models=True to edit it "
+            f"the example input holds an integer tensor of shape {tuple(integer[0].shape)} (token ids, or the "
+            "lengths of padded sequences): attention squeezes over every position of a block's output, padding "
+            "included, and se_retrofit cannot see which positions are padding, so once fine-tuning moves the "
+            "gates, padding would change the real positions' outputs; pass allow_token_models=True to edit it "
             "anyway (safe where batches have no padding)")
 
 

@@ -8,6 +8,8 @@ import copy
 import io
 import pickle
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -346,3 +348,31 @@ def test_a_block_called_with_another_value_than_its_trace_fixed_is_not_rewritten
     reasons = {k: v for k, v in plan.skipped.items() if k.startswith("layers.0")}
     assert first or "is_first=True" in " ".join(reasons.values())
     assert "forward" not in vars(model.layers[0]) or is_wrapped(model.layers[0])
+
+
+class _MixedNet(Net):
+    """A block pre can go into (its forward traces) and one it cannot (``len`` in its forward)."""
+
+    def __init__(self, c: int = 16):
+        super().__init__(LenConv, c)
+        self.blocks[0] = _Traceable(c)
+
+
+class _Traceable(LenConv):
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def test_retrofit_warns_when_a_selected_unit_is_left_unedited():
+    """pre goes into the traceable block and cannot go into the other: retrofit edits one, says so
+    with the reason (before: silently one of two), and stays exact; all edited: no warning."""
+    torch.manual_seed(0)
+    base = as_if_pretrained(_MixedNet()).eval()
+    with pytest.warns(se_retrofit.LeftOutWarning, match=r"1 of the 2 units selected were left unedited; "
+                                                             r"blocks\.1: its forward cannot be rewritten .* and pre cannot be placed from outside"):
+        model = se_retrofit.retrofit(base, position="pre", example_input=X)
+    assert [s.block for s in model.se_retrofit.edits[-1][1]] == ["blocks.0"]
+    assert torch.equal(model(X), base(X))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        se_retrofit.retrofit(base, position="pre", example_input=X, exclude="blocks.1")

@@ -309,7 +309,7 @@ def _bert():
 
 def test_token_model_fed_input_ids_is_refused_with_the_reason():
     ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(TokenModelError, match=r"token ids .* padding tokens included.* allow_token_models=True"):
+    with pytest.raises(TokenModelError, match=r"token ids, or the lengths of padded sequences.* padding included.* allow_token_models=True"):
         se_retrofit.retrofit(_bert(), example_input=ids)
     with pytest.raises(TokenModelError):  # a dict of inputs the same
         se_retrofit.retrofit(_bert(), example_input={"input_ids": ids})
