@@ -107,33 +107,28 @@ class Recording:
     parameters_read: set[str] = field(default_factory=set)  # names of parameters and buffers read directly
 
 
-class _Recorder(TorchFunctionMode):
+class _Values:
+    """The tensors of the forward, followed by identity: the op that made each, and which are the
+    model's weights (its parameters and buffers, and views of them made during the forward)."""
+
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.paths = {id(m): p for p, m in reversed(list(model.named_modules(remove_duplicate=False)))}  # first names
         self.params = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-        self.ops: list[Op] = []
-        self.values: dict[int, tuple[torch.Tensor, Op]] = {}   # id(tensor) -> (tensor kept alive, op)
-        self.param_views: dict[int, torch.Tensor] = {}
-        self.stack: list[tuple[str, int]] = [("", 0)]
-        self.calls: dict[int, ModuleCall] = {}
-        self.first_call: dict[str, ModuleCall] = {}
-        self.leaf: tuple[nn.Module, list[Op | None], bool] | None = None
-        self.leaf_depth = 0
-        self.counter = 0
-        self.learned: dict[int, bool] = {}
-        self.parameters_read: set[str] = set()
         self.param_names = {id(t): n for n, t in [*model.named_parameters(remove_duplicate=False),
                                                    *model.named_buffers(remove_duplicate=False)]}
-        self.starts: dict[int, int] = {}   # call number -> index of its first op
+        self.parameters_read: set[str] = set()
+        self.made: dict[int, tuple[torch.Tensor, Op]] = {}   # id(tensor) -> (tensor kept alive, op)
+        self.param_views: dict[int, torch.Tensor] = {}
 
-    # --- tensors -----------------------------------------------------------------------
     def lookup(self, tensor: torch.Tensor) -> Op | None:
-        entry = self.values.get(id(tensor))
+        entry = self.made.get(id(tensor))
         return entry[1] if entry is not None and entry[0] is tensor else None
 
     def is_weight(self, tensor: torch.Tensor) -> bool:
         return id(tensor) in self.params or self.param_views.get(id(tensor)) is tensor
+
+    def learned(self, tensor: torch.Tensor, op: Op | None) -> bool:
+        """A weight, or a value computed from weights alone (``op`` made it)."""
+        return self.is_weight(tensor) or (op is not None and op.weights and not op.dynamic)
 
     def note_parameters(self, tensors: list[torch.Tensor]) -> None:
         """Remember the parameters and buffers an operation reads, by name (see :func:`never_run`)."""
@@ -142,56 +137,131 @@ class _Recorder(TorchFunctionMode):
             if name is not None:
                 self.parameters_read.add(name)
 
+    def bind(self, tensor: torch.Tensor, op: Op) -> None:
+        self.made[id(tensor)] = (tensor, op)
+
+    def bind_result(self, tensor: torch.Tensor, op: Op) -> None:
+        self.bind(tensor, op)
+        if op.weights and not op.dynamic:
+            self.param_views[id(tensor)] = tensor
+
+    def changed_in_place(self, tensor: torch.Tensor, op: Op) -> None:
+        """The changed tensor is a new value, and so is every tensor it is a view of: writing into a slice
+        (``batched[i, :, :h, :w].copy_(image)``, torchvision's detection transform) changes the whole."""
+        while isinstance(tensor, torch.Tensor):
+            self.bind(tensor, op)
+            tensor = tensor._base
+
+
+class _ModuleCalls:
+    """Which module's forward is running: the calls open now, innermost last; every call of a module
+    that is no leaf, numbered in the order calls start (leaf modules are counted too), with the index
+    of its first op; and the first call of each path."""
+
+    def __init__(self, model: nn.Module):
+        self.paths = {id(m): p for p, m in reversed(list(model.named_modules(remove_duplicate=False)))}  # first names
+        self.stack: list[tuple[str, int]] = [("", 0)]
+        self.calls: dict[int, ModuleCall] = {}
+        self.first_call: dict[str, ModuleCall] = {}
+        self.counter = 0
+        self.learned: dict[int, bool] = {}
+        self.starts: dict[int, int] = {}   # call number -> index of its first op
+
     def has_parameters(self, module: nn.Module) -> bool:
         known = self.learned.get(id(module))
         if known is None:
             known = self.learned[id(module)] = any(True for _ in module.parameters())
         return known
 
-    def bind(self, tensor: torch.Tensor, op: Op) -> None:
-        self.values[id(tensor)] = (tensor, op)
-
-    def add_input(self, tensor: torch.Tensor) -> Op:
-        op = Op(len(self.ops), K.OTHER, "input", [], "", dynamic=True, shape=tuple(tensor.shape))
-        self.ops.append(op)
-        self.bind(tensor, op)
-        return op
-
-    # --- module hooks ------------------------------------------------------------------
-    def pre_hook(self, module, args, kwargs):
-        path = self.paths.get(id(module))
-        if path is None:
-            return
-        if self.leaf is not None:
-            self.leaf_depth += 1
-            return
-        self.counter += 1
-        if K.module_kind(module) != K.OTHER:
-            self.leaf = (module, [], False)
-            self.leaf_depth = 1
-            self._leaf_args(args, kwargs)
-            return
+    def open(self, path: str, args: tuple, kwargs: dict, first_op: int) -> None:
         call = ModuleCall(path, self.counter, args, kwargs, parent=self.stack[-1][1])
         self.calls[self.counter] = call
         self.first_call.setdefault(path, call)
         self.stack.append((path, self.counter))
-        self.starts[self.counter] = len(self.ops)
+        self.starts[self.counter] = first_op
 
-    def post_hook(self, module, args, output):
-        path = self.paths.get(id(module))
+    def close(self, path: str) -> int | None:
+        """The number of the call of ``path`` that ends, where it is the innermost one open."""
+        if self.stack[-1][0] != path:
+            return None
+        _, number = self.stack.pop()
+        return number
+
+    def forget(self, path: str, number: int) -> None:
+        """Drop call ``number`` of ``path`` (a layer recorded as one op after all)."""
+        if self.first_call.get(path) is self.calls.pop(number):
+            del self.first_call[path]
+
+
+@dataclass
+class _LeafCall:
+    """The call of a leaf module in progress (recorded as one op): the ops it reads, whether it applies
+    weights, and how deep the calls inside it nest."""
+
+    module: nn.Module
+    reads: list[Op | None] = field(default_factory=list)
+    weights: bool = False
+    depth: int = 1
+
+    def read(self, value: Any, values: _Values) -> None:
+        for tensor in _tensors(value):
+            op = values.lookup(tensor)
+            if op is not None and op not in self.reads:
+                self.reads.append(op)
+            if values.learned(tensor, op):
+                self.weights = True
+
+
+class _Recorder(TorchFunctionMode):
+    """Records the ops of one forward pass: torch functions as they run, leaf modules' calls as one op
+    each, and per-channel affine norms folded into one (:mod:`.norms`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.ops: list[Op] = []
+        self.values = _Values(model)
+        self.modules = _ModuleCalls(model)
+        self.leaf: _LeafCall | None = None
+
+    def add_input(self, tensor: torch.Tensor) -> Op:
+        op = Op(len(self.ops), K.OTHER, "input", [], "", dynamic=True, shape=tuple(tensor.shape))
+        self.ops.append(op)
+        self.values.bind(tensor, op)
+        return op
+
+    # --- module hooks ------------------------------------------------------------------
+    def pre_hook(self, module, args, kwargs):
+        path = self.modules.paths.get(id(module))
         if path is None:
             return
         if self.leaf is not None:
-            self.leaf_depth -= 1
-            if self.leaf_depth == 0:
+            self.leaf.depth += 1
+            return
+        self.modules.counter += 1
+        if K.module_kind(module) != K.OTHER:
+            self.leaf = _LeafCall(module)
+            self.leaf.read((args, kwargs), self.values)
+            return
+        self.modules.open(path, args, kwargs, len(self.ops))
+
+    def post_hook(self, module, args, output):
+        path = self.modules.paths.get(id(module))
+        if path is None:
+            return
+        if self.leaf is not None:
+            self.leaf.depth -= 1
+            if self.leaf.depth == 0:
                 self._end_leaf(module, path, output)
             return
-        if self.stack[-1][0] == path:
-            _, number = self.stack.pop()
-            if self._fold_norm(module, path, number, output):
-                return
+        number = self.modules.close(path)
+        if number is not None and self._fold_norm(module, path, number, output):
+            return
+        self._note_returned(path, output)
+
+    def _note_returned(self, path: str, output: Any) -> None:
+        """Which tensor of the module's output each recorded value is (-1: more than one)."""
         for leaf, tensor in enumerate(_tensors(output)):
-            op = self.lookup(tensor)
+            op = self.values.lookup(tensor)
             if op is not None:
                 if path in op.returned_leaf:
                     op.returned_leaf[path] = -1
@@ -199,55 +269,41 @@ class _Recorder(TorchFunctionMode):
                 op.returned_by.append(path)
                 op.returned_leaf[path] = leaf
 
-    def _leaf_args(self, args, kwargs) -> None:
-        for tensor in _tensors((args, kwargs)):
-            self._leaf_reads(tensor)
-
-    def _leaf_reads(self, tensor: torch.Tensor) -> None:
-        module, reads, weights = self.leaf
-        op = self.lookup(tensor)
-        if op is not None and op not in reads:
-            reads.append(op)
-        if self.is_weight(tensor) or (op is not None and op.weights and not op.dynamic):
-            weights = True
-        self.leaf = (module, reads, weights)
-
     def _end_leaf(self, module: nn.Module, path: str, output: Any) -> None:
-        _, reads, weights = self.leaf
-        self.leaf = None
-        weights = weights or self.has_parameters(module)
-        op = self._new_op(K.module_kind(module), path, reads, weights, output, module=path)
-        op.returned_by.append(path)
-        op.returned_leaf[path] = 0
+        leaf, self.leaf = self.leaf, None
+        weights = leaf.weights or self.modules.has_parameters(module)
+        self._layer_op(K.module_kind(module), path, leaf.reads, weights, output)
 
     def _fold_norm(self, module: nn.Module, path: str, number: int, output: Any) -> bool:
         """Keep the call of a layer that computes a per-channel affine norm (:mod:`.norms`: a frozen
         BatchNorm) as one ``norm`` operation, as a BatchNorm's is; False where it is none."""
-        start = self.starts.pop(number, len(self.ops))
+        start = self.modules.starts.pop(number, len(self.ops))
         outputs = _tensors(output)
         ops = self.ops[start:]
         if len(outputs) != 1 or not ops or channel_count(module) is None:
             return False
         sources = {a for op in ops for a in op.args if a is not None and a.dynamic and a.index < start}
-        result = self.lookup(outputs[0])
+        result = self.values.lookup(outputs[0])
         if len(sources) != 1 or not is_affine_per_channel(module, ops, *sources, result):
             return False
         (source,) = sources
         del self.ops[start:]
         source.users[:] = [user for user in source.users if user.index < start]
-        if self.first_call.get(path) is self.calls.pop(number):
-            del self.first_call[path]
-        op = self._new_op(K.NORM, path, [source], True, output, module=path)
+        self.modules.forget(path, number)
+        self._layer_op(K.NORM, path, [source], True, output)
+        return True
+
+    def _layer_op(self, kind: str, path: str, reads: list, weights: bool, output: Any) -> None:
+        """The call of the layer ``path`` as one op, the first tensor its call returns."""
+        op = self._new_op(kind, path, reads, weights, output, module=path)
         op.returned_by.append(path)
         op.returned_leaf[path] = 0
-        return True
 
     # --- functions ---------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.leaf is not None:
-            for tensor in _tensors((args, kwargs)):
-                self._leaf_reads(tensor)
+            self.leaf.read((args, kwargs), self.values)
             return func(*args, **kwargs)
         result = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
@@ -256,29 +312,19 @@ class _Recorder(TorchFunctionMode):
         tensors = _tensors((args, kwargs))
         if not tensors and not _tensors(result):
             return result
-        self.note_parameters(tensors)
-        reads, weights = [], False
-        for tensor in tensors:
-            op = self.lookup(tensor)
-            reads.append(op)
-            weights = weights or self.is_weight(tensor) or (op is not None and op.weights and not op.dynamic)
+        self.values.note_parameters(tensors)
+        reads = [self.values.lookup(tensor) for tensor in tensors]
+        weights = any(self.values.learned(tensor, op) for tensor, op in zip(tensors, reads))
         op = self._new_op(K.function_kind(func), name, reads, weights, result, kwargs=tuple(kwargs))
         if name in SHAPE_ONLY:
             op.dynamic = False
         if _in_place(name) and args and isinstance(args[0], torch.Tensor):
-            self._changed_in_place(args[0], op)
+            self.values.changed_in_place(args[0], op)
         return result
-
-    def _changed_in_place(self, tensor: torch.Tensor, op: Op) -> None:
-        """The changed tensor is a new value, and so is every tensor it is a view of: writing into a slice
-        (``batched[i, :, :h, :w].copy_(image)``, torchvision's detection transform) changes the whole."""
-        while isinstance(tensor, torch.Tensor):
-            self.bind(tensor, op)
-            tensor = tensor._base
 
     def _new_op(self, kind: str, name: str, reads: list, weights: bool, result: Any, module: str = "",
                 kwargs: tuple = ()) -> Op:
-        scope, call = self.stack[-1]
+        scope, call = self.modules.stack[-1]
         outputs = _tensors(result)
         op = Op(len(self.ops), kind, name, reads, scope, module, call,
                 dynamic=any(r is not None and r.dynamic for r in reads), weights=weights,
@@ -288,22 +334,21 @@ class _Recorder(TorchFunctionMode):
             if read is not None and op not in read.users:
                 read.users.append(op)
         if isinstance(result, torch.Tensor):
-            self._bind_result(result, op)
-        elif len(outputs) > 1:  # split, chunk, unbind: each piece is a value of its own
-            for i, tensor in enumerate(outputs):
-                item = Op(len(self.ops), K.OTHER, f"{name}[{i}]", [op], scope, call=call, dynamic=op.dynamic,
-                          weights=weights, shape=tuple(tensor.shape))
-                op.users.append(item)
-                self.ops.append(item)
-                self._bind_result(tensor, item)
+            self.values.bind_result(result, op)
+        elif len(outputs) > 1:
+            self._new_pieces(op, outputs)
         elif outputs:
-            self._bind_result(outputs[0], op)
+            self.values.bind_result(outputs[0], op)
         return op
 
-    def _bind_result(self, tensor: torch.Tensor, op: Op) -> None:
-        self.bind(tensor, op)
-        if op.weights and not op.dynamic:
-            self.param_views[id(tensor)] = tensor
+    def _new_pieces(self, op: Op, outputs: list[torch.Tensor]) -> None:
+        """split, chunk, unbind: each piece is a value of its own."""
+        for i, tensor in enumerate(outputs):
+            item = Op(len(self.ops), K.OTHER, f"{op.name}[{i}]", [op], op.scope, call=op.call, dynamic=op.dynamic,
+                      weights=op.weights, shape=tuple(tensor.shape))
+            op.users.append(item)
+            self.ops.append(item)
+            self.values.bind_result(tensor, item)
 
 
 _IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
@@ -361,7 +406,8 @@ def record(model: nn.Module, example: Any) -> Recording:
             if vars(module).keys() != attributes.keys() or any(vars(module)[k] is not v for k, v in attributes.items()):
                 vars(module).clear()
                 vars(module).update(attributes)
-    return Recording(recorder.ops, inputs, recorder.calls, recorder.first_call, recorder.parameters_read)
+    return Recording(recorder.ops, inputs, recorder.modules.calls, recorder.modules.first_call,
+                     recorder.values.parameters_read)
 
 
 def never_run(model: nn.Module, recording: Recording) -> list[str]:

@@ -192,8 +192,8 @@ class NeedsNoValues(nn.Module):
 
 def test_a_conv_that_tells_the_layout_spares_the_second_probe(monkeypatch):
     runs = []
-    original = se_retrofit.analysis._second_shapes
-    monkeypatch.setattr(se_retrofit.analysis, "_second_shapes", lambda *a: runs.append(1) or original(*a))
+    original = se_retrofit.probing._second_shapes
+    monkeypatch.setattr(se_retrofit.probing, "_second_shapes", lambda *a: runs.append(1) or original(*a))
     analysis = analyze(timm.create_model("resnet18").eval(), small_input(1))
     assert runs == [] and len(analysis.blocks) == 8 and {b.layout for b in analysis.blocks} == {"channels_first"}
 
@@ -223,26 +223,3 @@ def test_attention_options_are_checked_once_and_each_site_built_once(monkeypatch
     se_retrofit.retrofit(timm.create_model("resnet18"), example_input=small_input(1), reduction=8)
     # the options checked when the config is made and when surgery starts (64 channels), then the 8 sites
     assert sorted(built) == sorted([64, 64] + [64, 64, 128, 128, 256, 256, 512, 512])
-
-
-CONVS = [nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(3, 8, (3, 5), stride=(2, 3), dilation=(2, 1)),
-         nn.Conv2d(3, 8, 5, padding="same", dilation=2), nn.Conv2d(3, 6, 4, padding="valid", groups=3),
-         nn.Conv2d(3, 8, 3, padding=2, padding_mode="reflect"), nn.Conv1d(3, 8, 7, stride=3, padding=2),
-         nn.Conv3d(3, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))]
-
-
-@pytest.mark.parametrize("conv", CONVS, ids=[repr(c) for c in CONVS])
-@pytest.mark.parametrize("batched", [True, False])
-def test_a_conv_recorded_on_meta_tensors_has_the_shape_torch_gives(conv, batched):
-    from se_retrofit.analysis import _record_on_meta_tensors
-
-    size = {nn.Conv1d: (3, 37), nn.Conv2d: (3, 29, 31), nn.Conv3d: (3, 5, 17, 19)}[type(conv)]
-    x = torch.randn(size if not batched else (2, *size))
-    recording = _record_on_meta_tensors(nn.Sequential(conv), x)
-    assert [op.shape for op in recording.ops if op.kind == "conv"] == [tuple(conv(x).shape)]
-
-
-@pytest.mark.parametrize("shape", [(1, 5, 32, 32), (1, 3, 2, 2), (3, 32)])
-def test_an_input_a_conv_refuses_is_refused_on_meta_tensors_too(shape):
-    with pytest.raises(ValueError, match="example_input"):
-        se_retrofit.find_blocks(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1)), torch.randn(shape))
