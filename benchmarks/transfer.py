@@ -10,12 +10,13 @@ package: nothing is downloaded), written as PNG ImageFolders upsampled to 32 px.
   seed, a different draw of the labelled images: ``few`` (10 labels per class, clean) and ``shift``
   (20 labels per class, every image rotated by up to +-45 degrees and with Gaussian noise, sigma 0.2).
 * Arms, same recipe, budget and seeds (``transfer_recipes/target.yaml``: the README's phase 1, new
-  modules + head, then phase 2, everything with attention at 10x): ``plain`` (no attention: the
-  registered no-op type of ``transfer_recipes/transfer_noop.py``), ``se-standard`` and ``se-post``
-  (the retrofit, r=16), ``eca``, ``se-random`` (timm's own randomly initialised SE,
-  ``block_args=dict(attn_layer="se")``, with the source weights loaded non-strictly into it by this
-  script and handed to the recipe as its weights file; on ConvNeXt, which takes no ``attn_layer``,
-  se_retrofit's ``init: random`` SE at post), and with the backbone frozen for every epoch (phase 1
+  modules + head for 2 epochs, then phase 2, everything with attention at 10x for 4; the source
+  model trains 6 epochs; ``--epochs 4,8 --source-epochs 8`` is the earlier budget, twice as long):
+  ``plain`` (no attention: the registered no-op type of ``transfer_recipes/transfer_noop.py``),
+  ``se-standard`` and ``se-post`` (the retrofit, r=16), ``eca``, ``se-random`` (timm's own randomly
+  initialised SE, ``block_args=dict(attn_layer="se")``, with the source weights loaded non-strictly
+  into it by this script and handed to the recipe as its weights file; on ConvNeXt, which takes no
+  ``attn_layer``, se_retrofit's ``init: random`` SE at post), and with the backbone frozen for every epoch (phase 1
   only): ``head-only`` and ``se-post-frozen`` (attention-only training).
 * Identity: source validation accuracy of the source model, and right after each edit (the
   retrofit at identity, the random-init SE loaded non-strictly), with max |logit difference|.
@@ -25,8 +26,15 @@ product's ``main``; the no-op type comes in by the command's own ``--import``, a
 type would). The runs are handed out seed by seed (longest first within a seed, so a partial run covers
 every arm) to ``--jobs`` worker processes, one thread each, that run one command after another through
 ``transfer_recipes/finetune_many.py`` (no interpreter start and no torch/timm import per run); the two
-source models train side by side. Writes ``OUT/transfer.json`` (every curve), ``OUT/transfer.md`` (the
-table, with wall time, CPU time and load average) and ``OUT/transfer.png`` (validation accuracy per epoch).
+source models train side by side. Writes ``OUT/transfer.json`` (every curve, each run's wall and CPU
+time), ``OUT/transfer.md`` (the table, with wall time, CPU time and load average) and ``OUT/transfer.png``
+(validation accuracy per epoch).
+
+Time: the network's own forward and backward passes are most of it (resnet18 at 32 px, one thread:
+~50-80 ms per training image at batch 8, ~7 ms per validation image), so the budget is set in epochs.
+Measured alone at 1 thread (shared machine, CPU time in brackets): source models 265 s (175 s) for
+resnet18 and 145 s (100 s) for convnext_atto; a target run 13-66 s (7-35 s). The full default run is
+projected at about 23-26 min with ``--jobs 2`` on 2 idle cores (benchmarks/README.md).
 
     python benchmarks/transfer.py                      # full: resnet18 + convnext_atto, 2 targets x 7 arms,
                                                        # 5 seeds (140 runs); --work DIR reuses finished runs
@@ -370,7 +378,7 @@ def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path, r
     queue = Queue()
     for i in sorted(todo, key=lambda i: (jobs[i].seed, -cost(jobs[i]))):  # seed by seed: a partial run covers every arm
         queue.put(i)
-    seconds = [0.0] * len(jobs)
+    seconds, cpu_times = [0.0] * len(jobs), [0.0] * len(jobs)  # wall and CPU time of each run done here
 
     def work(w: int) -> None:
         with open(log.with_name(f"worker-{w}.log"), "w") as out:
@@ -391,13 +399,13 @@ def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path, r
                     if not line:
                         raise RuntimeError(f"worker {w} ended: see {out.name}")
                     out.write(line)
-                    _, took, code = line.split()
+                    _, took, code, cpu = line.split()
                     if code != "0":
                         raise RuntimeError(f"finetune failed (exit {code}) for {jobs[i]}: see {out.name}")
-                    seconds[i] = float(took)
+                    seconds[i], cpu_times[i] = float(took), float(cpu)
                     final = read_metrics(Path(argvs[i][5]))[-1]["val_acc"]
                     print(f"[{jobs[i].backbone} {jobs[i].setting} seed {jobs[i].seed}] {jobs[i].arm:15s} "
-                          f"val acc {final:.3f} ({seconds[i]:.0f} s)", flush=True)
+                          f"val acc {final:.3f} ({seconds[i]:.0f} s, CPU {cpu_times[i]:.0f} s)", flush=True)
             finally:
                 process.stdin.close()
                 rest = process.stdout.read()
@@ -409,9 +417,9 @@ def run_jobs(jobs: list[Job], argvs: list[list[str]], workers: int, log: Path, r
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(work, range(min(workers, len(todo)))))
     results = []
-    for job, argv, took in zip(jobs, argvs, seconds):
+    for job, argv, took, cpu in zip(jobs, argvs, seconds, cpu_times):
         rows = read_metrics(Path(argv[5]))
-        results.append({**job.__dict__, "seconds": took, "final": rows[-1]["val_acc"],
+        results.append({**job.__dict__, "seconds": took, "cpu_seconds": cpu, "final": rows[-1]["val_acc"],
                         "curve": [r["val_acc"] for r in rows], "train_loss": [r["train_loss"] for r in rows],
                         "phases": [r["phase"] for r in rows]})
     return results
@@ -568,8 +576,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS))
     parser.add_argument("--arms", nargs="+", choices=list(EDITS))
     parser.add_argument("--seeds", type=int, help="number of seeds (default 5)")
-    parser.add_argument("--epochs", help="target epochs per phase, e.g. 4,8 (default: the recipe's)")
-    parser.add_argument("--source-epochs", type=int, help="source pretraining epochs (default 8)")
+    parser.add_argument("--epochs", help="target epochs per phase, e.g. 2,4 (default: the recipe's)")
+    parser.add_argument("--source-epochs", type=int, help="source pretraining epochs (default 6)")
     parser.add_argument("--source-images", type=int, help="training images per source class (default: all, "
                                                            "about 145; --quick 60)")
     parser.add_argument("--reduce", action="append", default=[], metavar="BACKBONE:SETTINGS:ARMS",
@@ -589,8 +597,8 @@ def parse(argv=None) -> argparse.Namespace:
     if "plain" not in args.arms:
         args.arms.insert(0, "plain")
     args.seeds = args.seeds or (1 if quick else 5)
-    args.epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else ([1, 1] if quick else [4, 8])
-    args.source_epochs = args.source_epochs or (3 if quick else 8)
+    args.epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else ([1, 1] if quick else [2, 4])
+    args.source_epochs = args.source_epochs or (3 if quick else 6)
     args.source_images = args.source_images or (60 if quick else None)
     args.reduced = {}
     for item in args.reduce:

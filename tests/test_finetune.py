@@ -330,6 +330,45 @@ def test_single_folder_split_is_deterministic_and_stratified(images):
     assert not {p for p, _ in a.train} & {p for p, _ in a.val}
 
 
+def test_validation_images_are_decoded_once_when_they_fit(images, monkeypatch):
+    import timm
+    from se_retrofit.finetune import data
+    from se_retrofit.finetune.recipe import DataSpec
+
+    splits = finetune.find_splits(images, val_fraction=0.2)
+    transforms = data.build_transforms(data.data_config(timm.create_model("resnet18"), 32), DataSpec(image_size=32))
+    reads = []
+    monkeypatch.setattr(data.ImageList, "_read", lambda self, i, read=data.ImageList._read: reads.append(i)
+                        or read(self, i))
+    _, val = data.build_loaders(splits, transforms, batch_size=4, workers=0, seed=0, image_bytes=4 * 3 * 32 * 32)
+    first, second = [torch.cat([x for x, _ in val]) for _ in range(2)]
+    assert torch.equal(first, second) and sorted(reads) == list(range(len(splits.val)))  # read once each
+    reads.clear()
+    _, val = data.build_loaders(splits, transforms, batch_size=4, workers=0, seed=0,
+                                image_bytes=data.VAL_CACHE_BYTES)  # too large to keep: read every epoch
+    assert torch.equal(torch.cat([x for x, _ in val]), first) and torch.equal(torch.cat([x for x, _ in val]), first)
+    assert len(reads) == 2 * len(splits.val)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_drawing", [1e6, 0.0])
+def test_curves_are_drawn_after_the_last_epoch_and_earlier_only_within_their_share(images, tmp_path, monkeypatch,
+                                                                                    first_drawing):
+    from se_retrofit.finetune import trainer
+
+    drawn, draw = [], trainer.plot_curves  # the number of epochs in the CSV at each drawing
+    monkeypatch.setattr(trainer, "DRAWING_SECONDS", first_drawing)  # what the first drawing is taken to cost
+    monkeypatch.setattr(trainer, "plot_curves", lambda csv, *a, **k: drawn.append(len(read_rows(csv)))
+                        or draw(csv, *a, **k))
+    finetune.run(QUICK, images, out=tmp_path / "run", epochs=[1, 2], weights="none", image_size=32, workers=0,
+                 progress=False)
+    assert drawn[-1] == 3 and (tmp_path / "run" / "curves.png").stat().st_size > 0  # always after the last
+    if first_drawing:
+        assert drawn == [3]  # a drawing expected to cost more than 5% of the run so far is not made
+    else:
+        assert drawn[0] == 1  # expected to cost nothing: made after epoch 1 (then the last one's time decides)
+
+
 def test_train_and_val_folders_are_used_as_given(tmp_path):
     make_images(tmp_path / "train", per_class=3)
     make_images(tmp_path / "val", per_class=1)

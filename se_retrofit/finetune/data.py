@@ -48,6 +48,7 @@ class DataError(RetrofitError):
 
 
 Sample = tuple[str, int]
+VAL_CACHE_BYTES = 256 * 2 ** 20  # validation images kept transformed in memory when they fit (per process)
 
 
 @dataclass(frozen=True)
@@ -128,15 +129,28 @@ def _hash(path: Path) -> str:
 
 
 class ImageList(Dataset):
-    """(path, class) samples read as RGB images, as torchvision's ImageFolder reads them."""
+    """(path, class) samples read as RGB images, as torchvision's ImageFolder reads them.
 
-    def __init__(self, samples: list[Sample], transform: Callable | None = None):
+    ``cache=True`` keeps each transformed sample after its first read and returns it again
+    afterwards (only for a deterministic ``transform``: the evaluation one); with loader workers,
+    each worker keeps the samples it read."""
+
+    def __init__(self, samples: list[Sample], transform: Callable | None = None, *, cache: bool = False):
         self.samples, self.transform = samples, transform
+        self.cache: dict[int, tuple[Any, int]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        item = self._read(index)
+        if self.cache is not None:
+            self.cache[index] = item
+        return item
+
+    def _read(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
         from PIL import Image
 
@@ -204,12 +218,17 @@ def build_transforms(config: dict[str, Any], spec) -> tuple[Callable, Callable]:
 
 
 def build_loaders(splits: Splits, transforms: tuple[Callable, Callable], *, batch_size: int, workers: int,
-                  seed: int, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+                  seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                  image_bytes: int | None = None) -> tuple[DataLoader, DataLoader]:
     """Loaders for one process: training shuffled by a DistributedSampler (seeded; call
     ``loader.sampler.set_epoch(e)`` each epoch), validation split in interleaved shards
     ``val[rank::world_size]`` with no padding, so summed metrics count every image once, in batches
-    twice the training size (no gradients to keep: fewer, larger batches evaluate faster)."""
+    twice the training size (no gradients to keep: fewer, larger batches evaluate faster).
+
+    ``image_bytes``: the size of one transformed image; where this process's validation images fit
+    in :data:`VAL_CACHE_BYTES`, they are decoded and transformed once, in the first epoch, and kept
+    (the evaluation transform gives the same tensor every epoch; a small set was otherwise decoded
+    again each epoch, a tenth of an epoch on 32-px images)."""
     train_set = ImageList(splits.train, transforms[0])
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     per_rank = len(sampler)
@@ -217,7 +236,9 @@ def build_loaders(splits: Splits, transforms: tuple[Callable, Callable], *, batc
     # a last batch of one image breaks BatchNorm in training mode: drop it then
     train = DataLoader(train_set, batch_size=batch_size, sampler=sampler,
                        drop_last=per_rank % batch_size == 1 and per_rank > 1, **common)
-    val = DataLoader(ImageList(splits.val[rank::world_size], transforms[1]), batch_size=2 * batch_size,
+    val_samples = splits.val[rank::world_size]
+    cache = image_bytes is not None and len(val_samples) * image_bytes <= VAL_CACHE_BYTES
+    val = DataLoader(ImageList(val_samples, transforms[1], cache=cache), batch_size=2 * batch_size,
                      shuffle=False, **common)
     if len(train) == 0:
         raise DataError(f"no training batch: {len(splits.train)} images over {world_size} processes")

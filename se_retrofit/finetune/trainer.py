@@ -8,8 +8,10 @@ classes, attention retrofitted from the recipe), trains each phase, and writes, 
 * ``OUT/recipe.yaml``: the recipe as run (overrides included);
 * ``OUT/checkpoint.pt``: after every epoch, atomically (see :mod:`.checkpoint`);
 * ``OUT/metrics.csv`` and ``OUT/curves.png``: one row per finished epoch, and their plot (redrawn
-  after the last epoch, and after others while drawing has taken at most :data:`PLOT_SHARE` of the
-  run's time: a drawing takes about half a second, as long as a whole epoch of a small dataset);
+  after the last epoch, and after an earlier one only where the time spent drawing, that drawing
+  included, stays within :data:`PLOT_SHARE` of the run so far; a drawing is expected to take as long
+  as the last one, the first :data:`DRAWING_SECONDS`: about half a second, as long as a whole epoch
+  of a small dataset, so a short run draws once, at its end);
 * ``OUT/model/``: the final model in se_retrofit's saved format (:func:`se_retrofit.load` reads it).
 
 Example:
@@ -56,6 +58,7 @@ from .report import Reporter
 RUN_FILES = ("recipe.yaml", CHECKPOINT_FILE, "metrics.csv", "curves.png", "model")
 DETECTION_IMAGE_SIZE = 320
 PLOT_SHARE = 0.05
+DRAWING_SECONDS = 0.5  # what the first drawing of curves.png is taken to cost (later: the last one's time)
 
 
 class FinetuneError(RetrofitError):
@@ -446,6 +449,7 @@ class _Session:
     metrics: list[dict[str, Any]]
     began: float = field(default_factory=time.monotonic)
     plotting: float = 0.0  # seconds spent drawing curves.png
+    drawing: float = field(default_factory=lambda: DRAWING_SECONDS)  # what the next drawing is expected to take
 
 
 def _start_session(plan: Plan, options: Options, context: distributed.Context, reporter: Reporter) -> _Session:
@@ -464,7 +468,8 @@ def _start_session(plan: Plan, options: Options, context: distributed.Context, r
         model.to(memory_format=torch.channels_last)
     loaders = build_loaders(plan.splits, build_transforms(config, plan.recipe.data), batch_size=spec.batch_size,
                             workers=spec.workers, seed=spec.seed, rank=context.rank,
-                            world_size=context.world_size, pin_memory=context.device.type == "cuda")
+                            world_size=context.world_size, pin_memory=context.device.type == "cuda",
+                            image_bytes=4 * math.prod(config["input_size"]))
     scaler = torch.amp.GradScaler("cuda") if spec.amp and context.device.type == "cuda" else None
     if resumed and scaler is not None and resumed.get("scaler"):
         with restoring(plan.out, "gradient scaler"):
@@ -553,18 +558,20 @@ def _epochs(plan: Plan, options: Options, context: distributed.Context, reporter
 
 
 def _write_epoch(plan: Plan, session: _Session, context: distributed.Context, last: bool, **state: Any) -> None:
-    """Checkpoint and metrics CSV after an epoch, and the curves after the ``last`` epoch or while
-    drawing them has taken at most :data:`PLOT_SHARE` of the run (rank 0; every rank gives its RNG state)."""
+    """Checkpoint and metrics CSV after an epoch, and the curves after the ``last`` epoch or where
+    drawing them, this time included (expected to take as long as the last time), stays within
+    :data:`PLOT_SHARE` of the run so far (rank 0; every rank gives its RNG state)."""
     rng = distributed.gather(rng_state(), context)
     if context.is_main:
         save_checkpoint(plan.out, make_state(plan.recipe, session.run_info, model=session.model,
                                              scaler=session.scaler, rng=rng, metrics=session.metrics, **state))
         write_csv(session.metrics, session.files["metrics"])
         began = time.monotonic()
-        if last or session.plotting <= PLOT_SHARE * (began - session.began):
+        if last or session.plotting + session.drawing <= PLOT_SHARE * (began - session.began):
             plot_curves(session.files["metrics"], session.files["curves"],
                         title=f"{plan.recipe.name} ({plan.recipe.model})")
-            session.plotting += time.monotonic() - began
+            session.drawing = time.monotonic() - began
+            session.plotting += session.drawing
 
 
 def _epoch(epoch: int, ddp: nn.Module, optimizer, scheduler, session: _Session, context: distributed.Context,
