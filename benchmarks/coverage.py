@@ -152,6 +152,11 @@ HF_CONFIG_FIXES: dict[str, dict[str, object]] = {
     # class, both None by default: one each for the default config's 2 labels (the 25-label checkpoint uses
     # 0.4-0.5)
     "PPDocLayoutV2ForObjectDetection": {"class_thresholds": [0.5, 0.5], "class_order": [0, 1]},
+    # DepthPro runs only at patch_size / 0.25 px (1536): its blocks alone take minutes there; 112 px patches
+    # (8x8 DINOv2 patches of 14 px) make it 448 px; the DINOv2 encoders given as dicts take image_size from it
+    "DepthProForDepthEstimation": {"patch_size": 112, "image_model_config": {"model_type": "dinov2"},
+                                   "patch_model_config": {"model_type": "dinov2"},
+                                   "fov_model_config": {"model_type": "dinov2"}},
     # smaller than the default, whose forward alone outlasts --model-seconds on one core: EoMT-L at 640 px
     # takes 130 s a forward, 13 s at 224 px (the position embeddings and the mask grid are sized by image_size)
     **{name: {"image_size": 224} for name in ("EomtForUniversalSegmentation", "EomtDinov3ForUniversalSegmentation",
@@ -301,8 +306,8 @@ HF_SIDES: dict[str, int] = {
     "LwDetrForObjectDetection": 640,
     # RF-DETR-base: 14 px patches in 2x2 windows and a top-k of 300 patches (224 px has 256)
     "RfDetrForObjectDetection": 560,
-    # patch_size 384 at the smallest of scaled_images_ratios (0.25): 1536 px, the only size it runs at
-    "DepthProForDepthEstimation": 1536,
+    # patch_size (112 here, see HF_CONFIG_FIXES) at the smallest of scaled_images_ratios (0.25)
+    "DepthProForDepthEstimation": 448,
 }
 
 
@@ -318,7 +323,7 @@ def _hf_inputs(model, device: str, side: int | None):
                 torch.ones(1, grid * grid, dtype=torch.long, device=device),
                 torch.tensor([[grid, grid]], device=device))
     main_input = getattr(model, "main_input_name", "pixel_values")
-    if type(model).__name__.startswith("OneFormer"):  # the task prompt's tokens ("the task is semantic")
+    if type(model).__name__.startswith("OneFormer"):  # task_inputs: the task prompt's token ids (zeros here)
         return _pixels(config, device, side), torch.zeros(1, config.task_seq_len, dtype=torch.long, device=device)
     if main_input == "pixel_values_videos":  # (batch, frames, channels, height, width)
         return {main_input: _pixels(config, device, side).unsqueeze(1).expand(-1, 2, -1, -1, -1).contiguous()}
@@ -435,12 +440,14 @@ def _check(source, name, max_params, torch, se_retrofit) -> dict:
             return {**out, "status": f"skipped: {next(iter(plans['standard'].skipped.values()))}"}
         if params > max_params:
             identity, out["identity_scope"] = _block_identity(source, name, model, plans)
+            side = HF_SIDES.get(name) if source == "transformers" else None
+            out["config_changes"] = f"input {side}px" if side else ""
         else:
             base, example, reference, out["config_changes"] = _identity_model(source, name, model)
-            if source == "transformers" and name in HF_CONFIG_FIXES:
-                out["config_changes"] = " ".join([_fix_text(k, v) for k, v in HF_CONFIG_FIXES[name].items()]
-                                                 + [out["config_changes"]])
             identity, out["identity_scope"] = _identity(base, example, plans, reference), "model"
+        if source == "transformers" and name in HF_CONFIG_FIXES:
+            out["config_changes"] = " ".join([_fix_text(k, v) for k, v in HF_CONFIG_FIXES[name].items()]
+                                             + [out["config_changes"]]).strip()
         out.update({f"identity_{position}": value for position, value in identity.items()})
         out["edited"] = len({site.unit or (site.block, site.add_index) for site in plans["standard"].sites})
         worst = max(out["identity_standard"], out["identity_post"])
