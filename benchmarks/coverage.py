@@ -102,9 +102,65 @@ HF_SKIPS: dict[str, str] = {
     "ShieldGemma2ForImageClassification": "a vision-language classifier: it classifies a text prompt "
                                           "(input_ids with image tokens, from its processor), not pixel_values alone",
 }
-# Defaults transformers 5.24 ships that its own classes reject; fixed (and recorded in config_changes).
-HF_CONFIG_FIXES: dict[str, dict[str, str]] = {
-    name: {"hidden_sizes": "list"} for name in ("ConvNextBackbone", "ConvNextV2Backbone", "FocalNetBackbone")
+# PP-OCR text detectors' neck (kernel, stride, padding of each conv), as transformers' tests and the
+# PaddlePaddle checkpoints have it; the default config leaves it None.
+_PPOCR_INTRACLASS = {
+    "reduce_channel": [1, 1, 0], "return_channel": [1, 1, 0],
+    "vertical_long_to_small_conv_longratio": [[7, 1], [1, 1], [3, 0]],
+    "vertical_long_to_small_conv_midratio": [[5, 1], [1, 1], [2, 0]],
+    "vertical_long_to_small_conv_shortratio": [[3, 1], [1, 1], [1, 0]],
+    "horizontal_small_to_long_conv_longratio": [[1, 7], [1, 1], [0, 3]],
+    "horizontal_small_to_long_conv_midratio": [[1, 5], [1, 1], [0, 2]],
+    "horizontal_small_to_long_conv_shortratio": [[1, 3], [1, 1], [0, 1]],
+    "symmetric_conv_long_longratio": [[7, 7], [1, 1], [3, 3]],
+    "symmetric_conv_long_midratio": [[5, 5], [1, 1], [2, 2]],
+    "symmetric_conv_long_shortratio": [[3, 3], [1, 1], [1, 1]],
+}
+_PPOCR_NECK = {"intraclass_block_config": _PPOCR_INTRACLASS, "scale_factor_list": [1, 2, 4, 8], "kernel_list": [3, 2, 2]}
+_PPLCNETV4_DET = {  # transformers' tests/models/pp_ocrv6_{small,medium}_det: a detection layout of PP-LCNetV4
+    "out_features": ["stage1", "stage2", "stage3", "stage4"], "out_indices": [1, 2, 3, 4],
+    "stem_channels": [3, 16, 16], "stem_type": "large",
+    "block_configs": [[[3, 16, 16, 1, False]], [[3, 16, 16, 2, False], [3, 16, 16, 1, False]],
+                      [[3, 16, 16, 2, False], [3, 16, 16, 1, False]],
+                      [[3, 16, 16, 2, False]] + [[5, 16, 16, 1, False]] * 4],
+}
+# Defaults transformers 5.24 ships that its own classes reject or leave unset (None, empty), each set as the
+# real checkpoint has it; recorded in config_changes. ``list``: the default tuple as a list. A dotted key sets
+# an attribute of a sub-config; a function gives the value (a config object).
+HF_CONFIG_FIXES: dict[str, dict[str, object]] = {
+    # the default is a tuple; the backbone does `[h0] + hidden_sizes`
+    **{name: {"hidden_sizes": list} for name in ("ConvNextBackbone", "ConvNextV2Backbone", "FocalNetBackbone")},
+    "PPOCRV5ServerDetForObjectDetection": _PPOCR_NECK,
+    # PP-OCRv6 detectors: the default backbone is PP-LCNetV4's text-recognition layout (late stages stride
+    # (2, 1): 224 px gives 14x56 maps, and only its last stage out), which the detection neck cannot fuse; the
+    # v6 checkpoints are unpublished ("weights have not been uploaded yet" in transformers' tests), so the
+    # backbone of those tests (4 stages out, stride 2 each) and, for the small one, its neck widths
+    "PPOCRV6MediumDetForObjectDetection": {**_PPOCR_NECK, "backbone_config": lambda: _config("pp_lcnet_v4",
+                                                                                          **_PPLCNETV4_DET)},
+    "PPOCRV6SmallDetForObjectDetection": {"backbone_config": lambda: _config("pp_lcnet_v4", **_PPLCNETV4_DET),
+                                          "layer_list_out_channels": [16, 16, 16, 16], "neck_out_channels": 16},
+    # facebook/sapiens2-seg-0.4b's decode head (4 transposed convs, 2 convs); the default head has none
+    "Sapiens2ForSemanticSegmentation": {"head_config.upsample_out_channels": [512, 256, 128, 64],
+                                        "head_config.upsample_kernel_sizes": [4, 4, 4, 4],
+                                        "head_config.conv_out_channels": [64, 64],
+                                        "head_config.conv_kernel_sizes": [1, 1]},
+    # the class requires 4 out_indices and its error message names these (BEiT-base's 4 feature levels)
+    "BeitForSemanticSegmentation": {"out_indices": [3, 5, 7, 11]},
+    # LW-DETR tiny/small/medium project one level (P4, scale 1.0); the default () projects none
+    "LwDetrForObjectDetection": {"projector_scale_factors": [1.0]},
+    # the head filters its detections by a per-class threshold and orders them by a per-class reading-order
+    # class, both None by default: one each for the default config's 2 labels (the 25-label checkpoint uses
+    # 0.4-0.5)
+    "PPDocLayoutV2ForObjectDetection": {"class_thresholds": [0.5, 0.5], "class_order": [0, 1]},
+    # DepthPro runs only at patch_size / 0.25 px (1536): its blocks alone take minutes there; 112 px patches
+    # (8x8 DINOv2 patches of 14 px) make it 448 px; the DINOv2 encoders given as dicts take image_size from it
+    "DepthProForDepthEstimation": {"patch_size": 112, "image_model_config": {"model_type": "dinov2"},
+                                   "patch_model_config": {"model_type": "dinov2"},
+                                   "fov_model_config": {"model_type": "dinov2"}},
+    # smaller than the default, whose forward alone outlasts --model-seconds on one core: EoMT-L at 640 px
+    # takes 130 s a forward, 13 s at 224 px (the position embeddings and the mask grid are sized by image_size)
+    **{name: {"image_size": 224} for name in ("EomtForUniversalSegmentation", "EomtDinov3ForUniversalSegmentation",
+                                             "VideomtForUniversalSegmentation")},
 }
 
 
@@ -114,9 +170,16 @@ def _build_hf(name: str, **changes):
     import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(hf_architectures()[name])
-    for key in HF_CONFIG_FIXES.get(name, {}):  # the default is a tuple; the class does `[h0] + hidden_sizes`
-        setattr(config, key, list(getattr(config, key)))
+    fixes = {k: v() if callable(v) and v is not list else copy.deepcopy(v)
+             for k, v in HF_CONFIG_FIXES.get(name, {}).items()}
+    given = {k: v for k, v in fixes.items() if "." not in k and v is not list}  # so __post_init__ sees them
+    config = AutoConfig.for_model(hf_architectures()[name], **given)
+    for key, value in ((k, v) for k, v in fixes.items() if k not in given):
+        *parents, leaf = key.split(".")
+        owner = config
+        for parent in parents:
+            owner = getattr(owner, parent)
+        setattr(owner, leaf, list(getattr(owner, leaf)) if value is list else value)
     if getattr(config, "use_pretrained_backbone", False):  # DETR-style configs download a timm backbone
         config.use_pretrained_backbone = False
     for key, value in changes.items():
@@ -124,6 +187,12 @@ def _build_hf(name: str, **changes):
             raise TypeError(f"{type(config).__name__} has no {key}")
         setattr(config, key, value)
     return getattr(transformers, name)(config)
+
+
+def _config(model_type: str, **values):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **values)
 
 
 def _build(source: str, name: str, device: str, **kwargs):
@@ -146,7 +215,6 @@ def _build(source: str, name: str, device: str, **kwargs):
 @contextlib.contextmanager
 def _parameters_on_meta():
     """Create parameters on the meta device (so initialisers cost nothing); buffers stay real."""
-    import torch
     from torch import nn
 
     register = nn.Module.register_parameter
@@ -231,6 +299,18 @@ def _inputs(source: str, name: str, model, device: str, side: int | None = None)
     return torch.randn(1, *size, device=device)
 
 
+# The native input size (px) of classes whose config has no image_size for it and that do not run at 224 px.
+HF_SIDES: dict[str, int] = {
+    # the real models' resolutions: LW-DETR's windowed ViT needs a side that is a multiple of 64 (16 px patches,
+    # 4x4 windows) with at least 300 patches (its 300 queries are a top-k of them), so 320 px or more
+    "LwDetrForObjectDetection": 640,
+    # RF-DETR-base: 14 px patches in 2x2 windows and a top-k of 300 patches (224 px has 256)
+    "RfDetrForObjectDetection": 560,
+    # patch_size (112 here, see HF_CONFIG_FIXES) at the smallest of scaled_images_ratios (0.25)
+    "DepthProForDepthEstimation": 448,
+}
+
+
 def _hf_inputs(model, device: str, side: int | None):
     """``pixel_values`` of the config's size (``side`` where given), or ``input_ids`` for token models."""
     import torch
@@ -243,6 +323,13 @@ def _hf_inputs(model, device: str, side: int | None):
                 torch.ones(1, grid * grid, dtype=torch.long, device=device),
                 torch.tensor([[grid, grid]], device=device))
     main_input = getattr(model, "main_input_name", "pixel_values")
+    if type(model).__name__.startswith("OneFormer"):  # task_inputs: the task prompt's token ids (zeros here)
+        return _pixels(config, device, side), torch.zeros(1, config.task_seq_len, dtype=torch.long, device=device)
+    if main_input == "pixel_values_videos":  # (batch, frames, channels, height, width)
+        return {main_input: _pixels(config, device, side).unsqueeze(1).expand(-1, 2, -1, -1, -1).contiguous()}
+    if main_input == "input_features" and hasattr(config, "feature_projection_input_dim"):  # Wav2Vec2-BERT:
+        # one second of 80 log-mel bins at 100 frames/s, stacked in pairs (its feature extractor's stride 2)
+        return torch.randn(1, 50, config.feature_projection_input_dim, device=device)
     if main_input == "input_values" and hasattr(config, "max_length"):  # AST: (frames, mels) spectrogram
         return torch.randn(1, config.max_length, config.num_mel_bins, device=device)
     if main_input == "input_values":  # raw audio: one second at 16 kHz
@@ -255,6 +342,13 @@ def _hf_inputs(model, device: str, side: int | None):
     if main_input == "input_ids":
         length = min(getattr(config, "n_positions", 64) or 64, 64)
         return torch.zeros(1, length, dtype=torch.long, device=device)
+    return _pixels(config, device, side or HF_SIDES.get(type(model).__name__))
+
+
+def _pixels(config, device: str, side: int | None):
+    """``pixel_values`` ``side`` px square, else of the config's ``image_size``, else 224 px."""
+    import torch
+
     size = side or getattr(config, "image_size", None) or 224
     height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
     return torch.randn(1, getattr(config, "num_channels", 3) or 3, height, width, device=device)
@@ -346,17 +440,27 @@ def _check(source, name, max_params, torch, se_retrofit) -> dict:
             return {**out, "status": f"skipped: {next(iter(plans['standard'].skipped.values()))}"}
         if params > max_params:
             identity, out["identity_scope"] = _block_identity(source, name, model, plans)
+            side = HF_SIDES.get(name) if source == "transformers" else None
+            out["config_changes"] = f"input {side}px" if side else ""
         else:
             base, example, reference, out["config_changes"] = _identity_model(source, name, model)
-            if source == "transformers" and name in HF_CONFIG_FIXES:
-                out["config_changes"] = " ".join([f"{k} as a {v}" for k, v in HF_CONFIG_FIXES[name].items()]
-                                                 + [out["config_changes"]])
             identity, out["identity_scope"] = _identity(base, example, plans, reference), "model"
+        if source == "transformers" and name in HF_CONFIG_FIXES:
+            out["config_changes"] = " ".join([_fix_text(k, v) for k, v in HF_CONFIG_FIXES[name].items()]
+                                             + [out["config_changes"]]).strip()
         out.update({f"identity_{position}": value for position, value in identity.items()})
         out["edited"] = len({site.unit or (site.block, site.add_index) for site in plans["standard"].sites})
         worst = max(out["identity_standard"], out["identity_post"])
         out["status"] = "ok" if worst <= 1e-5 else f"error: identity broken (max rel Δ {worst:.2g})"
         return out
+
+
+def _fix_text(key: str, value) -> str:
+    """How config_changes names one of :data:`HF_CONFIG_FIXES`: the value where it is short."""
+    if value is list:
+        return f"{key} as a list"
+    text = "(see HF_CONFIG_FIXES)" if callable(value) else repr(value).replace(" ", "")
+    return f"{key}={text}" if len(text) <= 40 else f"{key}=(see HF_CONFIG_FIXES)"
 
 
 def _analyse(source, name, se_retrofit):
@@ -395,7 +499,8 @@ def _identity_model(source, name, analysed):
         except Exception:
             continue
     base = analysed if next(analysed.parameters()).device.type == "cpu" else _build(source, name, "cpu").eval()
-    return base, _inputs(source, name, base, "cpu"), None, "native input"
+    side = HF_SIDES.get(name) if source == "transformers" else None
+    return base, _inputs(source, name, base, "cpu"), None, f"input {side}px" if side else "native input"
 
 
 def _changes(kwargs: dict, side: int) -> str:
@@ -680,6 +785,9 @@ def _family(source: str, name: str) -> str:
 
 
 def _call(model, example):
+    """``model`` on ``example``: a tuple is positional arguments, a dict keyword arguments (as ``analyze`` takes them)."""
+    if isinstance(example, dict):
+        return model(**example)
     return model(*(example if isinstance(example, tuple) else (example,)))
 
 
