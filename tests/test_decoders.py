@@ -5,6 +5,9 @@
 RoPE table. A decoder that starts its target as ``zeros_like`` (DETR) has blocks from its first
 layer on. Fusions (FPN, U-Net, HRNet, DPN) stay out: tests/test_idioms.py and tests/test_joins.py.
 """
+import re
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -95,11 +98,8 @@ def test_detr_counts_every_decoder_sub_layer():
     names = [b.name for b in analysis.blocks]
     assert len(names) == 12 and sum(n.startswith("model.backbone.") for n in names) == 4
     assert names[-6:] == [f"model.decoder.layers.{i}{a}" for i in range(2) for a in ("", "@1", "@2")]
-    x = torch.randn(2, 3, 64, 64)
     for position in ("standard", "post"):  # the encoder layer's forward checks isfinite: fx cannot rewrite it
-        edited = se_retrofit.retrofit(model, position=position, example_input=x[:1], exclude=["model.encoder.layers.0"])
-        with torch.no_grad():
-            assert torch.equal(edited(x).logits, model(x).logits)
+        _every_unit_edited_or_said(model, position, torch.randn(2, 3, 64, 64))
 
 
 @pytest.mark.slow
@@ -116,10 +116,30 @@ def test_rt_detr_counts_aifi_and_deformable_decoder_layers():
     assert len(names) == 12 and sum(n.startswith("model.backbone.") for n in names) == 4
     assert names[4:6] == ["model.encoder.aifi.0.layers.0", "model.encoder.aifi.0.layers.0@1"]
     assert names[-6:] == [f"model.decoder.layers.{i}{a}" for i in range(2) for a in ("", "@1", "@2")]
-    x = torch.randn(2, 3, 64, 64)
-    edited = se_retrofit.retrofit(model, example_input=x[:1], exclude=["model.encoder.aifi.0.layers.0"])
-    with torch.no_grad():
-        assert torch.equal(edited(x).logits, model(x).logits)
+    for position in ("standard", "post"):
+        _every_unit_edited_or_said(model, position, torch.randn(2, 3, 64, 64))
+
+
+def _every_unit_edited_or_said(model: nn.Module, position: str, x: torch.Tensor) -> None:
+    """``retrofit`` on the whole detector, nothing excluded: each unit found is edited, or left out with
+    its reason in a LeftOutWarning (never an error); exact in train and eval; the new modules live."""
+    units = len(se_retrofit.analyze(model, x[:1]).units)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        edited = se_retrofit.retrofit(model, position=position, example_input=x[:1])
+    edited_units = len({s.unit or s.block for s in edited.se_retrofit.edits[-1][1]})
+    said = [re.match(r"(\d+) of the (\d+) units selected were left unedited; \S+: \S", str(w.message))
+            for w in caught if issubclass(w.category, se_retrofit.LeftOutWarning)]
+    left_out = int(said[0][1]) if said else 0
+    assert edited_units + left_out == units and (not said or int(said[0][2]) == units), (position, said)
+    for training in (True, False):
+        torch.manual_seed(0)
+        expected = output_tensors(model.train(training)(x))
+        torch.manual_seed(0)
+        got = output_tensors(edited.train(training)(x))
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), (position, training)
+    model.eval()
+    _assert_live(model, edited, x)
 
 
 @pytest.mark.slow
