@@ -5,7 +5,7 @@ found, or a worse status: ``ok`` to anything else, anything to ``error``), as Ma
 The expectation does not depend on the analysis, so the AFTER run's ``expected`` is used for both
 columns (an older CSV may have been written by an older expectation rule).
 
-    python benchmarks/coverage_compare.py results/coverage_named_main.csv results/coverage_named_analysis.csv
+    python benchmarks/coverage_compare.py /tmp/before.csv /tmp/after.csv --labels before after
 """
 from __future__ import annotations
 
