@@ -246,6 +246,19 @@ def _swinv2():
     return Swinv2Model(config), torch.randn(1, 3, 32, 32)
 
 
+def _donut_swin():
+    from transformers import DonutSwinConfig, DonutSwinModel
+    config = DonutSwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4)
+    return DonutSwinModel(config), torch.randn(1, 3, 32, 32)
+
+
+def _maskformer_swin():
+    from transformers import MaskFormerSwinConfig, MaskFormerSwinModel
+    config = MaskFormerSwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                  window_size=4)
+    return MaskFormerSwinModel(config), torch.randn(1, 3, 32, 32)
+
+
 def _whisper():
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -262,10 +275,12 @@ def _detr_encoder():
     return DetrEncoder(config), torch.randn(1, 10, 16)
 
 
-# expected residual adds from the sources: Swin/Swinv2 two per layer (attention, MLP) x 4 layers; Whisper's
+# expected residual adds from the sources: Swin/Swinv2/DonutSwin/MaskFormerSwin two per layer (attention, MLP)
+# x 4 layers; Whisper's
 # and DETR's encoder layers two each x 2. post gates only the sums a layer returns (Swin's MLP add, Whisper's
 # MLP add); DETR's layers are post-norm, so no module returns a sum: post is refused with the reason.
-HF_CASES = [(_swin, 8, 8, 4), (_swinv2, 8, 8, 4), (_whisper, 4, 4, 2), (_detr_encoder, 4, 4, 0)]
+HF_CASES = [(_swin, 8, 8, 4), (_swinv2, 8, 8, 4), (_donut_swin, 8, 8, 4), (_maskformer_swin, 8, 8, 4),
+            (_whisper, 4, 4, 2), (_detr_encoder, 4, 4, 0)]
 
 
 @pytest.mark.parametrize("make,found,standard,post", HF_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
