@@ -19,7 +19,6 @@ from .fake_runs import caches_emptied_after
 from .recording import Recording, record
 from .shape_only import shape_only_forward
 
-_SHAPE_A, _SHAPE_B = "shape", "shape_probe2"
 _FIRST, _SECOND = "first", "second"
 NOT_RUN = "not run"
 NOT_NEEDED = f"{NOT_RUN}: the layers told every layout"
