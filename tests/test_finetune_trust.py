@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from se_retrofit.finetune import outdir
-from se_retrofit.finetune.checkpoint import CHECKPOINT_FILE, CheckpointError, restoring
+from se_retrofit.finetune.checkpoint import CHECKPOINT_FILE, restoring
 from se_retrofit.finetune.cli import main
 from se_retrofit.finetune.recipe import load_recipe
 from se_retrofit.finetune.trainer import Options, build_model, plan_run, start_phase

@@ -3,14 +3,13 @@
 The residual ones are also retrofitted: outputs equal the original (torch.equal, train and eval)
 and every inserted module is live (perturbing its parameters moves the output).
 """
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 import se_retrofit
-from se_retrofit.analysis import CHANNELS_FIRST, TOKENS
+from se_retrofit.analysis import TOKENS
 
 from helpers import as_if_pretrained, run
 

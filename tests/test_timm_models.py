@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import timm
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import se_retrofit
-from se_retrofit.timm_models import TimmRegistrationError, register_timm_model, unregister_timm_model
+from se_retrofit.timm_models import register_timm_model, unregister_timm_model
 
 from helpers import as_if_pretrained, make_model, outputs, same_threads_env, small_input, trained_attention
 
