@@ -126,7 +126,9 @@ def _through_permutes(said: tuple[str, int, int] | None, written: tuple[int, ...
                       ) -> tuple[str, int, int] | None:
     """The layout of a sum whose branch was written as ``written`` and then had its dimensions
     reordered: the channels are where their size is, where no other dimension of the sum has it; the
-    batch too (where it is not 1, a size others can share)."""
+    batch too (where it is not 1, a size others can share). A layer writing on the last dimension (a
+    Linear) moved off the sum's last dimension mixed something else than channels (MLP-Mixer's token
+    mixing: a Linear over the tokens, transposed back): it says nothing of the sum."""
     if said is None:
         return None
     channels = written[said[1]]
@@ -136,6 +138,8 @@ def _through_permutes(said: tuple[str, int, int] | None, written: tuple[int, ...
     batch = written[said[2]]
     batch_dim = shape.index(batch) if list(shape).count(batch) == 1 else 0
     rank = len(shape)
+    if said[1] == len(written) - 1 and channel_dim != rank - 1:
+        return None
     if channel_dim == 1 and batch_dim == 0:
         return CHANNELS_FIRST, 1, 0
     if channel_dim == rank - 1:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import se_retrofit
+from se_retrofit.layout import CHANNELS_FIRST, TOKENS
 
 from helpers import make_model
 
@@ -19,3 +20,19 @@ def test_layout_from_layers_when_the_model_resizes_every_input():
     edited = se_retrofit.retrofit(model)
     x = torch.randn(1, 3, 240, 240)
     assert torch.equal(edited.eval()(x), model.eval()(x))
+
+
+def test_a_linear_over_the_tokens_does_not_say_the_channels():
+    """MLP-Mixer's token mixing, ``x + mlp(norm(x).transpose(1, 2)).transpose(1, 2)``: the Linear's
+    features are the tokens, moved to dimension 1 of the sum. Before, they were taken for channels
+    (channels-first, 196 "channels" at 224 px, so an edit made at one size failed at another); the
+    writer says nothing there, and the channel-mixing adds keep their tokens layout."""
+    import timm
+
+    model = timm.create_model("mixer_s16_224", img_size=64, num_classes=5).eval()
+    analysis = se_retrofit.analyze(model, torch.randn(1, 3, 64, 64))
+    token_mixing = [b for b in analysis.blocks if "@" not in b.name]
+    channel_mixing = [b for b in analysis.blocks if "@" in b.name]
+    assert len(token_mixing) == len(channel_mixing) == 8
+    assert all(b.layout != CHANNELS_FIRST for b in token_mixing)
+    assert all((b.layout, b.channel_dim, b.channels) == (TOKENS, 2, 512) for b in channel_mixing)
