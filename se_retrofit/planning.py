@@ -73,8 +73,9 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
         if unit.has_attention:
             plan.stacked.append(unit.name)
         for draft in drafts:
-            site = _masked(model, _sized(draft, unit, spec, config), spec)
+            site = _sized(draft, unit, spec, config)
             owner = model.get_submodule(site.block)
+            site = _masked(owner, site, spec)
             name = _free_name(owner, spec.attr_name, taken.setdefault(site.block, set()))
             plan.sites.append(replace(site, module_name=name))
     return plan
@@ -152,14 +153,14 @@ def _sized(site: Site, block: Block, spec: AttentionSpec, config: RetrofitConfig
     return replace(site, attention_bytes=size)
 
 
-def _masked(model: nn.Module, site: Site, spec: AttentionSpec) -> Site:
-    """The site, squeezing over the real positions of its sequence where its forward receives the
-    padding mask and the type squeezes by statistics (:mod:`.masking`); an edit made from outside the
-    forward cannot see the mask."""
+def _masked(owner: nn.Module, site: Site, spec: AttentionSpec) -> Site:
+    """The site, squeezing over the real positions of its sequence where the forward of ``owner`` (its
+    block) receives the padding mask and the type squeezes by statistics (:mod:`.masking`); an edit
+    made from outside the forward cannot see the mask."""
     if site.vector or site.spatial_dims != 1 or site.gate or site.edit != "rewrite" \
             or not getattr(spec.cls, "SQUEEZES_BY_STATISTICS", False):
         return site
-    return replace(site, padding_mask=padding_argument(model.get_submodule(site.block)))
+    return replace(site, padding_mask=padding_argument(owner))
 
 
 def select_blocks(blocks: list[Block], patterns: list[str] | None, exclude: list[str] | None) -> list[Block]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -127,10 +127,7 @@ def _record_on_meta_tensors(model: nn.Module, example: torch.Tensor) -> Recordin
     tensors the long way (in Python, op by op): in the copy they return an empty tensor like their
     input, and conv layers one of their output's shape. The recording holds each as one operation all
     the same (it sees layers, not their insides)."""
-    try:
-        twin = meta_copy(model)
-    except Exception as error:  # a module deepcopy refuses (a lock, a non-leaf tensor attribute)
-        raise _Uncopyable(f"the model cannot be copied ({_reason(error)})") from error
+    twin = _copied(meta_copy, model)
     for module in twin.modules():
         forward = shape_only_forward(module)
         if forward is not None:
@@ -139,7 +136,16 @@ def _record_on_meta_tensors(model: nn.Module, example: torch.Tensor) -> Recordin
 
 
 class _Uncopyable(RuntimeError):
-    """The meta copy of a model could not be made: the probe runs on fake or real tensors instead."""
+    """The meta or fake copy of a model could not be made: the probe runs on fake or real tensors instead."""
+
+
+def _copied(copy: Callable[[nn.Module], nn.Module], model: nn.Module) -> nn.Module:
+    """``copy(model)``, or an :class:`_Uncopyable` where a module refuses to be copied (a lock, a
+    non-leaf tensor attribute)."""
+    try:
+        return copy(model)
+    except Exception as error:  # whatever a module's deepcopy raises
+        raise _Uncopyable(f"the model cannot be copied ({_reason(error)})") from error
 
 
 def _record_on_fake_tensors(model: nn.Module, example: torch.Tensor) -> Recording:
@@ -149,10 +155,7 @@ def _record_on_fake_tensors(model: nn.Module, example: torch.Tensor) -> Recordin
     from torch._subclasses import fake_tensor
 
     mode = fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
-    try:
-        twin = fake_copy(model, mode)
-    except Exception as error:  # a module deepcopy refuses (a lock, a non-leaf tensor attribute)
-        raise _Uncopyable(f"the model cannot be copied ({_reason(error)})") from error
+    twin = _copied(lambda module: fake_copy(module, mode), model)
     # a model that refuses the probe's size (a fixed position embedding) fails in a meta kernel, which
     # torch logs with its traceback before raising: the error is caught and reported here instead
     logger = fake_tensor.log
