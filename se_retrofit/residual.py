@@ -33,7 +33,9 @@ What is kept out, and by which clause:
   An upsampling is part of a block's branch only inside a layer below the adding module that
   returns the shape it was given (LowFormer's and CPUBone's strided attention, down by a strided
   conv and back up by a transposed conv): that layer resamples by itself, where an FPN, a decoder
-  or an hourglass comes back up in the adding module, or in a module given a lower resolution;
+  or an hourglass comes back up in the adding module, or in a module given a lower resolution; and
+  an upsampling whose values reach the sum only through a comparison is a mask, not features
+  (EoMT's mask logits, brought up to the token grid and thresholded into its attention mask);
 * normalisation-internal adds with no learned layer in ``f`` (ConvNeXt-V2's GRN
   ``γ·(x·N(x)) + β + x``);
 * multi-branch layers whose operands are both projections of ``x`` (RepVGG's ``conv_kxk(x) +
@@ -128,11 +130,15 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
     adding module computes from what it computes the block input from (a self-attention whose queries
     are the shortcut: MViTv2's residual pooling ``q + attn(q, k, v)``). Values computed from the block
     input count as activations where it is a value the model starts itself (a decoder's first target:
-    zeros, or learned queries, used by no op after the addition); None where the branch is no such
-    cone."""
+    zeros, or learned queries, used by no op after the addition). Values computed outside the adding
+    module and passed in are side inputs too, even where computed from the block input (PP-DocLayoutV4's
+    query positions, from boxes each decoder layer refines from its own output without detaching
+    them); None where the branch is no such cone."""
     below = _descendants(block_input, branch.index)
     if branch not in below or not block_input.dynamic and any(u.index > add.index for u in block_input.users):
         return None  # a learned value used again after the addition is an embedding added, not a block input
+    if not _within(branch, add.scope):
+        return None  # the branch of a block of attention is computed in the call that adds it
     cone, entries, sides, stack = set(), [], [], [branch]
     while stack:
         op = stack.pop()
@@ -140,14 +146,11 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
             continue
         cone.add(op)
         reads = [a for a in op.args if a is not None and (a.dynamic or a in below)]
-        inside = [a for a in reads if a in below]
+        inside = [a for a in reads if a in below and (a is block_input or _within(a, add.scope))]
         if len(inside) < len(reads):
             entries.append(op)
-            sides.extend(a for a in reads if a not in below)
+            sides.extend(a for a in reads if a not in inside)
         stack.extend(inside)
-    inside = f"{add.scope}." if add.scope else ""
-    if any(not (_where(op) == add.scope or _where(op).startswith(inside)) for op in cone):
-        return None  # the branch of a block of attention is computed in the call that adds it
     if sides and _computed_here(block_input, add.scope) & set().union(*(_computed_here(a, add.scope) for a in sides)):
         return None  # keys and values split from the queries' own projection (MViTv2's residual pooling)
     attending = [op.scope for op in cone if op.name in _ATTENDING]
@@ -160,13 +163,17 @@ def _attending_cone(branch: Op, block_input: Op, add: Op) -> set[Op] | None:
     return cone
 
 
+def _within(op: Op, scope: str) -> bool:
+    """``op`` runs in the call of the module ``scope`` (or of a module below it)."""
+    return not scope or _where(op) == scope or _where(op).startswith(f"{scope}.")
+
+
 def _computed_here(op: Op, scope: str) -> set[Op]:
     """``op`` and the ops it is computed from inside the module ``scope``."""
-    inside = f"{scope}." if scope else ""
     found, stack = set(), [op]
     while stack:
         node = stack.pop()
-        if node not in found and (_where(node) == scope or _where(node).startswith(inside)):
+        if node not in found and _within(node, scope):
             found.add(node)
             stack.extend(node.inputs)
     return found
@@ -211,13 +218,20 @@ def _projection_chain(op: Op) -> list[Op]:
         inputs = chain[-1].inputs
         if not _projects(chain[-1]) or len(inputs) != 1:
             break
-        cost += chain[-1].kind not in _FREE_KINDS and chain[-1].name != _REDUCTION_VALUES
+        cost += chain[-1].kind not in _FREE_KINDS and chain[-1].name != _REDUCTION_VALUES and not _whole_slice(chain[-1])
         chain.append(inputs[0])
     return chain
 
 
 def _projects(op: Op) -> bool:
-    return op.kind in _SHORTCUT_KINDS or (not op.module and op.name in _REDUCTIONS | {_REDUCTION_VALUES})
+    return op.kind in _SHORTCUT_KINDS or _whole_slice(op) or (
+        not op.module and op.name in _REDUCTIONS | {_REDUCTION_VALUES})
+
+
+def _whole_slice(op: Op) -> bool:
+    """A slice by plain indices that keeps the whole tensor (SEW's ``pooled[..., :min_length]`` where
+    the pooled sequence is the shorter): a no-op, free like a reshape."""
+    return op.name in ("__getitem__", "narrow") and len(op.args) == 1 and op.shape == op.args[0].shape
 
 
 #: a piece of a split tensor (torchvision MViT's ``class_token, x = tensor_split(x, (1,), dim=2)``)
@@ -257,7 +271,7 @@ def _is_branch(cone: set[Op], projected: bool, add: Op, calls: dict[int, ModuleC
     """The branch applies a learned layer and does not come back up from a lower resolution; next
     to a projected shortcut it must be more than a projection itself (else: a multi-branch layer)."""
     kinds = [op.kind for op in cone]
-    if not _learns(cone, kinds) or any(op.kind == K.UPSAMPLE and not _only_gates(op)
+    if not _learns(cone, kinds) or any(op.kind == K.UPSAMPLE and not _only_gates(op) and _reaches_as_values(op, cone, add)
                                        and not _resamples_within_a_layer(op, cone, add, calls) for op in cone):
         return False
     if projected and all(kind in _SHORTCUT_KINDS for kind in kinds):
@@ -270,6 +284,26 @@ def _only_gates(op: Op, depth: int = 0) -> bool:
     attention gate brought back to full resolution (GhostNetV2's DFC attention), not features fused."""
     return bool(op.users) and depth < 4 and all(
         user.kind == K.MUL or (user.kind == K.ACT and _only_gates(user, depth + 1)) for user in op.users)
+
+
+#: comparisons: their result says where, not how much
+_COMPARISONS = frozenset({"gt", "ge", "lt", "le", "eq", "ne", "__gt__", "__ge__", "__lt__", "__le__", "__eq__", "__ne__",
+                          "greater", "greater_equal", "less", "less_equal", "not_equal"})
+
+
+def _reaches_as_values(upsample: Op, cone: set[Op], add: Op) -> bool:
+    """The upsampled values reach the addition other than through a comparison: an FPN's features
+    do; EoMT's mask logits, brought up to the tokens' grid and thresholded (``logits > 0``) into the
+    mask a block's attention reads, say only where to attend, like a mask made from sizes."""
+    seen, stack = set(), [upsample]
+    while stack:
+        op = stack.pop()
+        if op is add:
+            return True
+        if op not in seen and op.name not in _COMPARISONS:
+            seen.add(op)
+            stack.extend(user for user in op.users if user in cone or user is add)
+    return False
 
 
 def _resamples_within_a_layer(upsample: Op, cone: set[Op], add: Op, calls: dict[int, ModuleCall]) -> bool:

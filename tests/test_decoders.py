@@ -120,6 +120,23 @@ def test_rt_detr_counts_aifi_and_deformable_decoder_layers():
         _every_unit_edited_or_said(model, position, torch.randn(2, 3, 64, 64))
 
 
+@pytest.mark.slow
+def test_eomt_masked_layers_keep_their_attention_block():
+    # EoMT: 6 ViT layers x (attention, MLP) = 12. The last num_blocks = 2 layers attend under a mask the
+    # model predicts from the layer's input: mask logits brought up to the token grid (a transposed conv,
+    # an interpolation) and thresholded, ``logits > 0``. The upsampled values reach the branch only as
+    # "where to attend", so the attention add is a block, not a fusion (10 of 12 found before).
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.EomtForUniversalSegmentation(transformers.EomtConfig(
+        hidden_size=32, num_hidden_layers=6, num_attention_heads=2, image_size=32, patch_size=8, num_blocks=2,
+        num_queries=4, num_labels=3)).eval()
+    analysis = se_retrofit.analyze(model, {"pixel_values": torch.randn(1, 3, 32, 32)})
+    assert [b.name for b in analysis.blocks] == [f"layers.{i}{a}" for i in range(6) for a in ("", "@1")]
+    for position in ("standard", "post"):
+        _every_unit_edited_or_said(model, position, torch.randn(2, 3, 32, 32))
+
+
 def _every_unit_edited_or_said(model: nn.Module, position: str, x: torch.Tensor) -> None:
     """``retrofit`` on the whole detector, nothing excluded: each unit found is edited, or left out with
     its reason in a LeftOutWarning (never an error); exact in train and eval; the new modules live."""
