@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from .config import RetrofitConfig, RetrofitRecord
 from .copying import deepcopy_module
 from .errors import RetrofitError
 from .hub import BUILT_ATTR
+from .masking import PADDING_ARGUMENTS
 from .planning import NoResidualBlocksError, Plan, nothing_editable, plan_sites
 from .surgery import apply_sites
 from .tracing import graph_cache
@@ -216,7 +217,9 @@ def refuse_scripted(model: nn.Module) -> None:
 
 
 def refuse_token_input(example_input: Any) -> None:
-    """A :class:`TokenModelError` where ``example_input`` holds an integer tensor (token ids).
+    """A :class:`TokenModelError` where ``example_input`` holds an integer tensor (token ids); a padding
+    mask given by its name (``attention_mask`` beside audio or image features) is what the tool reads,
+    not token ids.
 
     Example:
         >>> import torch
@@ -225,7 +228,10 @@ def refuse_token_input(example_input: Any) -> None:
         Traceback (most recent call last):
         ...
         se_retrofit.core.TokenModelError: the example input holds an integer tensor ...
+        >>> refuse_token_input({"input_values": torch.randn(1, 400), "attention_mask": torch.ones(1, 400, dtype=torch.long)})
     """
+    if isinstance(example_input, Mapping):
+        example_input = {k: v for k, v in example_input.items() if k not in PADDING_ARGUMENTS}
     integer = [leaf for leaf in tree_leaves(example_input) if isinstance(leaf, torch.Tensor)
                and not leaf.is_floating_point() and not leaf.is_complex() and leaf.dtype != torch.bool]
     if integer:

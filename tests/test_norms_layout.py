@@ -332,3 +332,66 @@ def run_model(model: nn.Module, args: tuple, training: bool) -> torch.Tensor:
             return model(*args)[0]
     finally:
         model.eval()
+
+
+# torchvision builds every detector it ships weights for with FrozenBatchNorm2d (``is_trained``) and
+# three trainable stages; the sweep builds them untrained (BatchNorm2d). Here the builder's own path
+# for pretrained weights, with only the ResNet-50 download replaced by a fresh one of the norm it asks.
+# Every one: ResNet-50's 16 bottlenecks, the four layerN.0 projecting; the FPN's top-down adds, the
+# heads' box arithmetic are no blocks.
+DETECTORS = [("fasterrcnn_resnet50_fpn", {"box_score_thresh": 0.0}), ("maskrcnn_resnet50_fpn", {}),
+             ("keypointrcnn_resnet50_fpn", {}), ("retinanet_resnet50_fpn", {"score_thresh": 0.0}),
+             ("fcos_resnet50_fpn", {"score_thresh": 0.0})]
+
+
+def _as_built_for_pretrained_weights(name: str, options: dict, monkeypatch) -> nn.Module:
+    import importlib
+
+    builder = torchvision.models.get_model_builder(name)
+    monkeypatch.setattr(importlib.import_module(builder.__module__), "resnet50",
+                        lambda **kw: torchvision.models.resnet50(norm_layer=kw["norm_layer"]))
+    torch.manual_seed(0)
+    model = builder(weights=None, weights_backbone="DEFAULT", min_size=64, max_size=64, **options)
+    assert isinstance(model.backbone.body.layer1[0].bn1, FrozenBatchNorm2d)  # the builder chose it
+    return _trained_frozen_norms(model).eval()
+
+
+def _targets(name: str) -> list[dict]:
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0]]), "labels": torch.tensor([1])}
+    if name.startswith("mask"):
+        target["masks"] = torch.zeros(1, 64, 64, dtype=torch.uint8).index_fill_(1, torch.arange(8, 48), 1)
+    if name.startswith("keypoint"):
+        target["keypoints"] = torch.cat([torch.rand(1, 17, 2) * 32 + 8, torch.ones(1, 17, 1)], dim=2)
+    return [target]
+
+
+def _losses(model: nn.Module, images: list, targets: list) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    losses = model.train()(images, targets)
+    return [losses[k] for k in sorted(losses)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,options", DETECTORS, ids=[d[0] for d in DETECTORS])
+def test_pretrained_detectors_keep_every_block(name, options, monkeypatch):
+    from se_retrofit.outputs import output_tensors
+
+    model = _as_built_for_pretrained_weights(name, options, monkeypatch)
+    images, targets = [torch.rand(3, 64, 64)], _targets(name)
+    blocks = se_retrofit.find_blocks(model, (images,))
+    assert len(blocks) == 16 and all(b.path.startswith("backbone.body.layer") for b in blocks)
+    assert [b.shortcut for b in blocks if b.shortcut != "identity"] == [
+        f"backbone.body.layer{i}.0.downsample.1" for i in range(1, 5)]
+    for position in ("standard", "post"):
+        edited = se_retrofit.retrofit(model, position=position, example_input=(images,))
+        assert len(edited.se_retrofit.edits[-1][1]) == 16
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(output_tensors(edited.eval()(images)),
+                                                          output_tensors(model.eval()(images))))
+        losses = _losses(model, images, targets)
+        assert all(torch.equal(a, b) for a, b in zip(_losses(edited, images, targets), losses))
+        with torch.no_grad():
+            for key, param in edited.named_parameters():
+                if key not in model.state_dict():
+                    param.add_(1.0)
+        assert any(not torch.equal(a, b) for a, b in zip(_losses(edited, images, targets), losses))

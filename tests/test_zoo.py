@@ -322,3 +322,26 @@ def test_token_model_opt_in_edits_every_add_at_identity(position):
     assert len(edited.se_retrofit.edits[-1][1]) == 4  # 2 layers x (attention, feed-forward)
     for training in (True, False):
         assert torch.equal(run(edited, ids, training).last_hidden_state, run(base, ids, training).last_hidden_state)
+
+
+def test_clip_text_tower_is_counted_and_refused_until_asked():
+    # open_clip's text tower (TextTransformer, 2 ResidualAttentionBlocks x 2 adds: 4; the 5th addition
+    # is the position embedding). It takes token ids, with no padding mask the tool could read: the
+    # squeeze would average over the padding after the end-of-text token, so retrofit refuses it with
+    # the reason, and edits it when asked (allow_token_models=True), exact in train and eval, live.
+    model = pytest.importorskip("open_clip.model")
+    torch.manual_seed(0)
+    text = dict(context_length=16, vocab_size=100, width=32, heads=2, layers=2)
+    tower = as_if_pretrained(model.CustomTextCLIP(32, dict(layers=1, width=32, patch_size=16, image_size=32, head_width=16),
+                                                  text).text.eval())
+    tokens = torch.randint(1, 99, (2, 16), generator=torch.Generator().manual_seed(3))
+    analysis = se_retrofit.analyze(tower, tokens[:1])
+    assert (len(analysis.blocks), analysis.additions) == (4, 5)
+    with pytest.raises(TokenModelError, match="allow_token_models=True"):
+        se_retrofit.retrofit(tower, example_input=tokens[:1])
+    for position in ("standard", "post"):
+        edited = se_retrofit.retrofit(tower, position=position, example_input=tokens[:1], allow_token_models=True)
+        assert len(edited.se_retrofit.edits[-1][1]) == 4
+        for training in (True, False):
+            assert torch.equal(run(edited, tokens, training), run(tower, tokens, training)), (position, training)
+        _assert_live(tower, edited, tokens)
