@@ -319,6 +319,7 @@ class _Recorder(TorchFunctionMode):
         if name in SHAPE_ONLY:
             op.dynamic = False
         if _in_place(name) and args and isinstance(args[0], torch.Tensor):
+            op.shape = tuple(args[0].shape)  # ``x[mask] = 0`` returns None: its value is ``x``, changed
             self.values.changed_in_place(args[0], op)
         return result
 

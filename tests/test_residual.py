@@ -145,3 +145,24 @@ class _PositionedAttention(torch.nn.Module):
 def test_positions_refined_from_the_layer_before_are_a_side_input():
     analysis = analyze(_RefiningDecoder(), (torch.randn(2, 5, 8), torch.rand(2, 5, 4)))
     assert [b.name for b in analysis.blocks if b.name.startswith("layers")] == ["layers.0", "layers.1", "layers.2"]
+
+
+class _ZeroedPaddingConv(torch.nn.Module):
+    """Wav2Vec2's encoder: padded frames zeroed in place (``x[~mask] = 0``), then ``x + conv(x)``.
+    ``__setitem__`` returns None; the value the sum reads is ``x``, changed, of ``x``'s shape."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(width, width, 3, padding=1)
+
+    def forward(self, x, mask):
+        x = x.clone()
+        x[~mask.bool().unsqueeze(1).expand_as(x)] = 0
+        return x + self.conv(x)
+
+
+def test_a_shortcut_written_in_place_is_a_block_input():
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    analysis = analyze(_ZeroedPaddingConv(), (torch.randn(2, 8, 16), mask))
+    assert [b.name for b in analysis.blocks] == [""]
