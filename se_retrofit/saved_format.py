@@ -425,6 +425,9 @@ IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 #: a module path: dotted attribute names or indices (``layer1.0``, ``features.denseblock1``); "" is the model
 MODULE_PATH = rf"(?:(?:{IDENTIFIER}|\d+)(?:\.(?:{IDENTIFIER}|\d+))*)?"
 module_path = string(MODULE_PATH, meaning="a module path such as 'layer1.0' (names and indices joined by dots)")
+#: a unit's name: its module's path, and ``@k`` for the module's addition (or join) number k after the first
+unit_name = string(rf"{MODULE_PATH}(?:@\d+)?",
+                   meaning="a unit name such as 'layer1.0' or 'blocks.0@1' (a module path, then @ and a number)")
 python_module = string(rf"{IDENTIFIER}(?:\.{IDENTIFIER})*", max_length=200, meaning="a Python module name")
 
 
@@ -546,7 +549,7 @@ SITE: dict[str, Field] = {
     "kind": Field(choice(_unit_kinds, "unit kind"), required=False),
     "gate": Field(choice(_gates, "gate"), required=False),
     "operand": Field(integer(0, 100_000), required=False),
-    "unit": Field(module_path, required=False),
+    "unit": Field(unit_name, required=False),
     "in_place": Field(boolean, required=False),
     "edit": Field(one_of("rewrite", "wrap"), required=False),
     "wrap_module": Field(optional(module_path), required=False),
@@ -554,6 +557,7 @@ SITE: dict[str, Field] = {
     "batch_dim": Field(integer(0, 8), required=False),
     "vector": Field(boolean, required=False),
     "padding_mask": Field(optional(choice(_padding_arguments, "padding mask argument")), required=False),
+    "mask_from": Field(optional(module_path), required=False),
 }
 
 sites = list_of(section(SITE), min_length=1)

@@ -126,6 +126,18 @@ def test_round_trip_of_a_model_with_its_own_head(tmp_path):
         assert again(x).shape == (1, 10) and torch.equal(again(x), model(x))
 
 
+def test_round_trip_of_a_module_with_two_blocks(tmp_path):
+    """A transformer block adds twice (attention, then MLP): its units are ``blocks.0`` and
+    ``blocks.0@1``, and the second name must read back (the schema once took it for a damaged path)."""
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    x = torch.randn(1, 3, 32, 32)
+    model = se_retrofit.retrofit(base, example_input=x).eval()
+    assert [s.unit for s in model.se_retrofit.edits[-1][1]] == ["blocks.0", "blocks.0@1", "blocks.1", "blocks.1@1"]
+    again = se_retrofit.load(se_retrofit.save(model, tmp_path / "out"), base).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
 @pytest.mark.parametrize("attention,position", [("cbam", "standard"), ("bam", "stage"), ("eca", "inner"),
                                                 ("se", "pre")])
 @pytest.mark.slow
