@@ -12,8 +12,8 @@ padding (no mask, or a mask that masks nothing) the module sees the tokens thems
 
 Only a type whose module sees positions through their per-channel mean and max alone squeezes so
 (SE and ECA: ``SQUEEZES_BY_STATISTICS``); a type that attends over positions (GC's softmax pooling,
-CBAM's spatial map, Non-local) sees the padding as before. Edits made from outside a forward (a hook
-on a module's output) do not see the block's arguments, and squeeze over every position too.
+CBAM's spatial map, Non-local) sees the padding as before. An edit made from outside a forward (on
+a module's output, :mod:`.outside_edit`) gets the mask from the call of the block's adding module.
 
 Example:
     >>> import torch

@@ -13,6 +13,7 @@ from .attention import AttentionSpec, get_attention
 from .config import RetrofitConfig
 from .masking import padding_argument
 from .positions import get_position
+from .positions.base import WRAP
 from .site import Site
 
 
@@ -75,7 +76,7 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
         for draft in drafts:
             site = _sized(draft, unit, spec, config)
             owner = model.get_submodule(site.block)
-            site = _masked(owner, site, spec)
+            site = _masked(model, unit, site, spec)
             name = _free_name(owner, spec.attr_name, taken.setdefault(site.block, set()))
             plan.sites.append(replace(site, module_name=name))
     return plan
@@ -153,14 +154,16 @@ def _sized(site: Site, block: Block, spec: AttentionSpec, config: RetrofitConfig
     return replace(site, attention_bytes=size)
 
 
-def _masked(owner: nn.Module, site: Site, spec: AttentionSpec) -> Site:
-    """The site, squeezing over the real positions of its sequence where the forward of ``owner`` (its
-    block) receives the padding mask and the type squeezes by statistics (:mod:`.masking`); an edit
-    made from outside the forward cannot see the mask."""
-    if site.vector or site.spatial_dims != 1 or site.gate or site.edit != "rewrite" \
-            or not getattr(spec.cls, "SQUEEZES_BY_STATISTICS", False):
+def _masked(model: nn.Module, unit: Block, site: Site, spec: AttentionSpec) -> Site:
+    """The site, squeezing over the real positions of its sequence where the forward of the module
+    that adds (``unit.path``) receives the padding mask and the type squeezes by statistics
+    (:mod:`.masking`); an edit from outside a forward reads the mask from that module's call."""
+    if site.vector or site.spatial_dims != 1 or site.gate or not getattr(spec.cls, "SQUEEZES_BY_STATISTICS", False):
         return site
-    return replace(site, padding_mask=padding_argument(owner))
+    argument = padding_argument(model.get_submodule(unit.path))
+    if argument is None:
+        return site
+    return replace(site, padding_mask=argument, mask_from=unit.path if site.edit == WRAP else None)
 
 
 def select_blocks(blocks: list[Block], patterns: list[str] | None, exclude: list[str] | None) -> list[Block]:

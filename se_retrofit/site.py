@@ -25,7 +25,9 @@ class Site:
     with ``batch_first=False``); ``vector``: the tensor is one vector per sample ``(N, C)``, given a
     length-1 axis for the module (built for one spatial dimension). ``padding_mask``: the argument of
     the block's forward carrying the padding mask of its sequence, over whose real positions the
-    module squeezes (:mod:`se_retrofit.masking`).
+    module squeezes (:mod:`se_retrofit.masking`); ``mask_from``: for an edit from outside a forward
+    (``edit="wrap"``), the module whose forward receives that argument (the block's adding module), which
+    hands it to the gate.
     """
 
     block: str
@@ -50,6 +52,7 @@ class Site:
     batch_dim: int = 0
     vector: bool = False
     padding_mask: str | None = None
+    mask_from: str | None = None
 
     def __post_init__(self) -> None:
         if not self.gate and self.position == "inner":  # records written before gates existed

@@ -25,7 +25,7 @@ from .config import RetrofitConfig
 from .placement import GATES, SurgeryError
 from .positions import get_position
 from .site import Site
-from .outside_edit import OutputGate, is_wrapped, wrap_output
+from .outside_edit import OutputGate, is_wrapped, provide_masks, wrap_output
 from .positions.base import WRAP
 from .hub import first_sentence
 from .edited import EditSpec, Variant, base_class, install, takes_var_keyword
@@ -61,15 +61,27 @@ def apply_sites(model: nn.Module, sites: list[Site], config: RetrofitConfig,
     for path, block_sites in _by_block(outside).items():
         try:
             module = _module(model, path)
-            wrap_output(module, [OutputGate(s.module_name, s.output_leaf, s.channel_dim) for s in block_sites],
+            wrap_output(module, [OutputGate(s.module_name, s.output_leaf, s.channel_dim, s.padding_mask, s.mask_from)
+                                 for s in block_sites],
                         {s.module_name: _new_attention(build, s, module) for s in block_sites})
             edited += block_sites
         except SurgeryError as error:
             if skipped is None:
                 raise
             skipped.update({site.unit or site.block: str(error) for site in block_sites})
+    _hand_masks(model, [s for s in edited if s.edit == WRAP and s.padding_mask])
     order = {id(s): i for i, s in enumerate(sites)}
     return sorted(edited, key=lambda s: order.get(id(s), len(order)))
+
+
+def _hand_masks(model: nn.Module, sites: list[Site]) -> None:
+    """Make each module whose forward receives the padding mask of outside-edited sites hand it to
+    their gates during its call (:func:`.outside_edit.provide_masks`)."""
+    arguments: dict[str, set[str]] = defaultdict(set)
+    for site in sites:
+        arguments[site.mask_from].add(site.padding_mask)
+    for path, names in arguments.items():
+        provide_masks(_module(model, path), tuple((path, name) for name in sorted(names)))
 
 
 def _by_block(sites) -> dict[str, list[Site]]:
@@ -98,7 +110,8 @@ def _outside_instead(model: nn.Module, site: Site, planned: list[Site]) -> Site 
     while name in taken or getattr(owner, name, None) is not None:
         index += 1
         name = f"{site.module_name}{index}"
-    return replace(site, block=site.wrap_module, edit=WRAP, wrap_module=None, module_name=name, in_place=False)
+    return replace(site, block=site.wrap_module, edit=WRAP, wrap_module=None, module_name=name, in_place=False,
+                   mask_from=site.block if site.padding_mask else None)
 
 
 def _new_attention(build: Callable[[int, int], nn.Module], site: Site, block: nn.Module) -> nn.Module:

@@ -3,6 +3,8 @@ only (se_retrofit.masking), so once the gates move a real token's output does no
 padding its batch had; the edit stays exact at identity, padded or not."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -125,3 +127,81 @@ def test_the_site_records_the_mask_argument_and_reads_back():
     assert Site.from_dict(site.to_dict()) == site
     with pytest.raises(se_retrofit.RetrofitError, match="padding mask argument"):
         Site.from_dict({**site.to_dict(), "padding_mask": "os.system"})
+
+
+class _UntraceableLayer(_PreNormLayer):
+    """The same layer with a forward torch.fx cannot rewrite (Whisper's ``if dtype == float16``): its
+    sites are edited from outside, on the output of the branch's last module (``standard``), and the
+    layer's call hands its mask to those gates."""
+
+    def forward(self, hidden_states, attention_mask=None):
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clamp(-6.0e4, 6.0e4)
+        return super().forward(hidden_states, attention_mask)
+
+
+def _padding_gap(model: nn.Module, x: torch.Tensor) -> float:
+    padded, mask = _padded(x, 4)
+    with torch.no_grad():
+        alone = model(x, torch.ones(x.shape[:2], dtype=torch.long))
+        return (model(padded, mask)[:, :x.shape[1]] - alone).abs().max().item()
+
+
+def test_an_edit_from_outside_the_forward_squeezes_over_the_real_positions(tmp_path):
+    torch.manual_seed(0)
+    base = _Encoder()
+    base.layers = nn.ModuleList(_UntraceableLayer(16) for _ in range(2))
+    base = as_if_pretrained(base).eval()
+    x = torch.randn(2, 6, 8)
+    padded, mask = _padded(x, 4)
+    edited = se_retrofit.retrofit(base, example_input=x)
+    sites = edited.se_retrofit.edits[-1][1]
+    assert [(s.edit, s.block, s.padding_mask, s.mask_from) for s in sites[:2]] == [
+        ("wrap", "layers.0.attn", "attention_mask", "layers.0"), ("wrap", "layers.0.fc2", "attention_mask", "layers.0")]
+    assert len(sites) == 4
+    for training in (True, False):
+        torch.manual_seed(1)
+        expected = base.train(training)(padded, mask)
+        torch.manual_seed(1)
+        assert torch.equal(edited.train(training)(padded, mask), expected), training
+    edited = _gates_moved(edited.eval(), base)
+    with torch.no_grad():
+        assert not torch.allclose(edited(x), base(x), atol=1e-3)
+    assert _padding_gap(edited, x) < 1e-5
+    se_retrofit.save(edited, tmp_path / "m")
+    for copy in (se_retrofit.load(tmp_path / "m", base), pickle.loads(pickle.dumps(edited))):
+        assert _padding_gap(copy, x) < 1e-5
+        with torch.no_grad():
+            assert torch.equal(copy(padded, mask), edited(padded, mask))
+
+
+def test_wav2vec2_given_its_padding_mask_keeps_every_block_and_its_real_frames():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer", do_stable_layer_norm=True, mask_time_prob=0.0, layerdrop=0.0)
+    base = as_if_pretrained(transformers.Wav2Vec2Model(config)).eval()
+    audio = torch.randn(2, 800)
+    mask = torch.ones(2, 800, dtype=torch.long)
+    mask[1, 600:] = 0
+    given = {"input_values": audio, "attention_mask": mask}
+    assert len(se_retrofit.find_blocks(base, given)) == len(se_retrofit.find_blocks(base, audio)) == 5
+    edited = se_retrofit.retrofit(base, example_input=given)  # not refused as token ids
+    sites = edited.se_retrofit.edits[-1][1]
+    assert len(sites) == 5 and {s.padding_mask for s in sites} == {"attention_mask"}
+    assert [(s.block, s.edit, s.mask_from) for s in sites if s.edit == "wrap"] == [
+        ("encoder.pos_conv_embed", "wrap", "encoder")]  # x + pos_conv(x), after x[~mask] = 0 in place
+    for training in (True, False):
+        torch.manual_seed(1)
+        expected = base.train(training)(**given).last_hidden_state
+        torch.manual_seed(1)
+        assert torch.equal(edited.train(training)(**given).last_hidden_state, expected), training
+    edited = _gates_moved(edited.eval(), base)
+    longer = {"input_values": torch.cat([audio, torch.randn(2, 200) * 5], 1),
+              "attention_mask": torch.cat([mask, torch.zeros(2, 200, dtype=torch.long)], 1)}
+    with torch.no_grad():
+        short, long = edited(**given).last_hidden_state, edited(**longer).last_hidden_state
+        assert not torch.allclose(short, base(**given).last_hidden_state, atol=1e-3)
+    assert (short[:, :40] - long[:, :40]).abs().max() < 1e-5  # the real frames of both samples
