@@ -5,6 +5,8 @@ channels-first; a Linear, LayerNorm or ``nn.MultiheadAttention``: channels-last,
 ``batch_first`` saying where the batch is), a ``(N, C)`` sum being one vector per sample; else by
 probing with a second input size: the dimensions that change are spatial, the one non-batch
 dimension that does not is the channel dimension. The second probe runs only when it is needed.
+Where neither says (a fixed-size model whose branch is written by a Linear over the tokens, or by
+no layer), the layers that read the block input or the sum say it.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from . import op_kinds as K
+from .norms import channel_count
 from .recording import Op, Recording
 from .residual import _Residual
 
@@ -54,12 +57,12 @@ def _layout(add: Op, residual: _Residual, shapes_b: Mapping[int, tuple],
             if dim == rank - 1:
                 return _channels_last(rank)
         if len(constant) != 2:
-            return UNKNOWN, 0, 0
+            return _readers_say(add, residual, shape_a, modules) or (UNKNOWN, 0, 0)
     if _conv_says_channels_first(residual, shape_a, modules):
         return CHANNELS_FIRST, 1, 0
     if _linear_says_channels_last(residual, shape_a, modules):
         return _channels_last(rank)
-    return UNKNOWN, 0, 0
+    return _readers_say(add, residual, shape_a, modules) or (UNKNOWN, 0, 0)
 
 
 def _channels_last(rank: int, batch_dim: int = 0) -> tuple[str, int, int]:
@@ -168,6 +171,53 @@ def _layer_says(op: Op, shape: tuple[int, ...], modules: dict[str, nn.Module]) -
     else:
         return None
     return (CHANNELS_FIRST, 1, 0) if channels == shape[1] else None
+
+
+def _readers_say(add: Op, residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]
+                 ) -> tuple[str, int, int] | None:
+    """Where no layer of the branch says it and no probe could: the layers that read the block input
+    or the sum as they are (no reshape between), where they all agree. A LayerNorm over the last
+    dimension or a Linear reading it says channels-last; a conv or BatchNorm/GroupNorm reading
+    dimension 1 says channels-first (MLP-Mixer's token-mixing block, written by a Linear over the
+    tokens, reads its input through a LayerNorm over the channels, and so does the next block its sum;
+    EfficientFormer's pooling mixer ``x + γ·(pool(x) − x)`` has no layer, the conv after it does)."""
+    said = {_reader_says(op, shape, modules) for source in (residual.block_input, add)
+            for op in source.users if op is not add and op.module}
+    said.discard(None)
+    return said.pop() if len(said) == 1 else None
+
+
+def _reader_says(op: Op, shape: tuple[int, ...], modules: dict[str, nn.Module]) -> tuple[str, int, int] | None:
+    """Where the layer ``op`` reads its input's channels, for an input of ``shape``; None where it
+    reads no channels (a pooling, an activation) or its sizes fit neither place."""
+    rank, layer = len(shape), modules.get(op.module)
+    if isinstance(layer, nn.LayerNorm) and tuple(layer.normalized_shape) == (shape[-1],) \
+            or isinstance(layer, nn.Linear) and layer.in_features == shape[-1]:
+        return _channels_last(rank)
+    if isinstance(layer, nn.modules.conv._ConvNd) and rank == len(layer.kernel_size) + 2:
+        channels = layer.in_channels
+    elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        channels = layer.num_features
+    elif isinstance(layer, nn.GroupNorm):
+        channels = layer.num_channels
+    elif op.kind == K.NORM:
+        return _affine_norm_says(layer, shape)
+    else:
+        return None
+    return (CHANNELS_FIRST, 1, 0) if channels == shape[1] else None
+
+
+def _affine_norm_says(layer: nn.Module, shape: tuple[int, ...]) -> tuple[str, int, int] | None:
+    """A norm told by what it computes (:mod:`.norms`: ResMLP's ``Affine``, a frozen BatchNorm): its
+    per-channel tensors broadcast against the input put the channels where their one size is."""
+    channels, rank = channel_count(layer), len(shape)
+    tensors = [t for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)) if t.numel() == channels]
+    if not channels or not tensors:
+        return None
+    dims = {rank - tensors[0].dim() + d for d, size in enumerate(tensors[0].shape) if size == channels}
+    if dims == {1} and shape[1] == channels:
+        return CHANNELS_FIRST, 1, 0
+    return _channels_last(rank) if dims == {rank - 1} and shape[-1] == channels else None
 
 
 #: functional maps that write the last dimension (``F.linear``; transformers' ``Conv1D`` as ``addmm``)

@@ -36,3 +36,41 @@ def test_a_linear_over_the_tokens_does_not_say_the_channels():
     assert len(token_mixing) == len(channel_mixing) == 8
     assert all(b.layout != CHANNELS_FIRST for b in token_mixing)
     assert all((b.layout, b.channel_dim, b.channels) == (TOKENS, 2, 512) for b in channel_mixing)
+
+
+# Fixed-size models (no second probe) whose blocks' branches are written by no layer that says the
+# layout: the layers reading the block input or the sum say it. MLP-Mixer's token mixing and ResMLP's
+# (its norm is an ``Affine``: alpha * x + beta, told by what it computes) read their input through a
+# norm over the channels; EfficientFormer's pooling mixer ``x + γ·(pool(x) − x)`` has no layer at all,
+# and the conv MLP after it reads the sum. Before, half of each model was skipped "layout unknown".
+READ_LAYOUTS = [("mixer_s16_224", dict(img_size=64), 64, 16, (TOKENS, 2, 512)),
+                ("resmlp_12_224", dict(img_size=64), 64, 24, (TOKENS, 2, 384)),
+                ("efficientformer_l1", {}, 224, 30, None)]
+
+
+@pytest.mark.parametrize("name,options,size,count,layout", READ_LAYOUTS, ids=[r[0] for r in READ_LAYOUTS])
+def test_the_layers_reading_a_sum_say_its_layout(name, options, size, count, layout):
+    import timm
+
+    from helpers import as_if_pretrained
+
+    torch.manual_seed(0)
+    model = as_if_pretrained(timm.create_model(name, num_classes=0, **options)).eval()  # features: heads start at 0
+    x = torch.randn(2, 3, size, size)
+    analysis = se_retrofit.analyze(model, x[:1])
+    assert len(analysis.blocks) == count and all(b.layout != "unknown" for b in analysis.blocks)
+    if layout:
+        assert {(b.layout, b.channel_dim, b.channels) for b in analysis.blocks} == {layout}
+    edited = se_retrofit.retrofit(model, example_input=x[:1])
+    assert len(edited.se_retrofit.edits[-1][1]) == count
+    for training in (True, False):
+        torch.manual_seed(1)
+        expected = model.train(training)(x)
+        torch.manual_seed(1)
+        assert torch.equal(edited.train(training)(x), expected), training
+    edited.eval()
+    with torch.no_grad():
+        for param in se_retrofit.attention_parameters(edited):
+            param.add_(torch.randn_like(param))
+        assert not torch.equal(edited(x), model.eval()(x))
+        assert torch.allclose(edited(x)[:1], edited(x[:1]), atol=1e-5)  # the squeeze stays within a sample
