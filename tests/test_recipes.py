@@ -135,3 +135,18 @@ def test_every_recipe_exports_a_directory_that_load_reads_back_exactly(path, tmp
     exported = result.model.state_dict()
     assert again.state_dict().keys() == exported.keys()
     assert all(torch.equal(again.state_dict()[k], v.cpu()) for k, v in exported.items())
+
+
+def test_each_schema_mistake_gets_one_line_naming_its_key():
+    """benchmarks/schema_choice.py's case for keeping the hand-written checks over pydantic: the same
+    mistakes, one line each, naming the key where it sits in the recipe (and the key meant)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "schema_choice.py"
+    spec = importlib.util.spec_from_file_location("se_retrofit_schema_choice", script)
+    schema_choice = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(schema_choice)
+    for mistake in schema_choice.MISTAKES.values():
+        message = schema_choice.hand_written_message(mistake)
+        assert "\n" not in message and f"phases[1].{next(iter(mistake))}" in message, message
+    assert schema_choice.hand_written_message({"learning_rate": 0.001}).endswith("did you mean 'lr'?")
