@@ -187,17 +187,9 @@ def _decoder(builder: str, size: int = 64, **config):
 
 
 def _mask2former():
-    import transformers
-    backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-                                         layer_type="basic", out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = transformers.Mask2FormerConfig(
-        backbone_config=backbone, use_pretrained_backbone=False, hidden_dim=32, feature_size=32, mask_feature_size=32,
-        encoder_feedforward_dim=64, dim_feedforward=64, decoder_layers=3, encoder_layers=1, num_attention_heads=2,
-        num_queries=5, common_stride=4)
-    _seeded()
-    model = as_if_pretrained(transformers.Mask2FormerForUniversalSegmentation(config).eval())
+    from test_decoders import mask2former
     x = torch.randn(2, 3, 64, 64)
-    return model, x[:1], x, {}
+    return mask2former(), x[:1], x, {}
 
 
 def _conformer():

@@ -159,12 +159,9 @@ def _every_unit_edited_or_said(model: nn.Module, position: str, x: torch.Tensor)
     _assert_live(model, edited, x)
 
 
-@pytest.mark.slow
-def test_mask2former_masked_cross_attention_from_learned_queries():
-    # ResNet backbone: 4 basic layers; pixel decoder: 1 deformable encoder layer x (self-attention,
-    # feed-forward) = 2; transformer decoder: decoder_layers - 1 = 2 layers x (masked cross-attention,
-    # self-attention, feed-forward) = 6, the first reading the learned queries repeated per sample.
-    # Additions 0 and 1 of each decoder layer add position embeddings to queries and keys.
+def mask2former() -> nn.Module:
+    """A small Mask2Former (ResNet backbone, 1 pixel-decoder encoder layer, 3 decoder layers), with
+    trained-looking norms (benchmarks/named_models.py builds it too)."""
     transformers = pytest.importorskip("transformers")
     backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
                                          layer_type="basic", out_features=["stage1", "stage2", "stage3", "stage4"])
@@ -173,7 +170,16 @@ def test_mask2former_masked_cross_attention_from_learned_queries():
         encoder_feedforward_dim=64, dim_feedforward=64, decoder_layers=3, encoder_layers=1, num_attention_heads=2,
         num_queries=5, common_stride=4)
     torch.manual_seed(0)
-    model = as_if_pretrained(transformers.Mask2FormerForUniversalSegmentation(config).eval())
+    return as_if_pretrained(transformers.Mask2FormerForUniversalSegmentation(config).eval())
+
+
+@pytest.mark.slow
+def test_mask2former_masked_cross_attention_from_learned_queries():
+    # ResNet backbone: 4 basic layers; pixel decoder: 1 deformable encoder layer x (self-attention,
+    # feed-forward) = 2; transformer decoder: decoder_layers - 1 = 2 layers x (masked cross-attention,
+    # self-attention, feed-forward) = 6, the first reading the learned queries repeated per sample.
+    # Additions 0 and 1 of each decoder layer add position embeddings to queries and keys.
+    model = mask2former()
     analysis = se_retrofit.analyze(model, torch.randn(1, 3, 64, 64))
     names = [b.name for b in analysis.blocks]
     assert len(names) == 12 and sum(n.startswith("model.pixel_level_module.encoder.") for n in names) == 4

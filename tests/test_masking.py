@@ -82,6 +82,15 @@ def test_padding_does_not_reach_the_real_tokens_once_the_gates_move(position):
     assert torch.allclose(with_padding, alone, atol=1e-5), (with_padding - alone).abs().max()
 
 
+def _encoder_of(layer: type) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An encoder of two ``layer`` s with trained-looking norms, tokens, and those tokens padded."""
+    torch.manual_seed(0)
+    base = _Encoder()
+    base.layers = nn.ModuleList(layer(16) for _ in range(2))
+    x = torch.randn(2, 6, 8)
+    return (as_if_pretrained(base).eval(), x, *_padded(x, 4))
+
+
 class _UnnamedMaskLayer(_PreNormLayer):
     def forward(self, hidden_states, batch_mask=None):  # a name se_retrofit does not know for a padding mask
         return super().forward(hidden_states, batch_mask)
@@ -90,12 +99,7 @@ class _UnnamedMaskLayer(_PreNormLayer):
 def test_without_the_mask_the_squeeze_sees_the_padding():
     """What the mask-aware squeeze prevents: where the tool cannot tell the argument is the padding
     mask, the squeeze averages over the padding, and padding moves the real tokens."""
-    torch.manual_seed(0)
-    base = _Encoder()
-    base.layers = nn.ModuleList(_UnnamedMaskLayer(16) for _ in range(2))
-    base = as_if_pretrained(base).eval()
-    x = torch.randn(2, 6, 8)
-    padded, mask = _padded(x, 4)
+    base, x, padded, mask = _encoder_of(_UnnamedMaskLayer)
     edited = se_retrofit.retrofit(base, example_input=x)
     assert {s.padding_mask for s in edited.se_retrofit.edits[-1][1]} == {None}
     edited = _gates_moved(edited.eval(), base)
@@ -148,12 +152,7 @@ def _padding_gap(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def test_an_edit_from_outside_the_forward_squeezes_over_the_real_positions(tmp_path):
-    torch.manual_seed(0)
-    base = _Encoder()
-    base.layers = nn.ModuleList(_UntraceableLayer(16) for _ in range(2))
-    base = as_if_pretrained(base).eval()
-    x = torch.randn(2, 6, 8)
-    padded, mask = _padded(x, 4)
+    base, x, padded, mask = _encoder_of(_UntraceableLayer)
     edited = se_retrofit.retrofit(base, example_input=x)
     sites = edited.se_retrofit.edits[-1][1]
     assert [(s.edit, s.block, s.padding_mask, s.mask_from) for s in sites[:2]] == [
