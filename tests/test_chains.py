@@ -154,3 +154,47 @@ def test_monai_unets(name, build, count):
     analysis = analyze(build(nets).eval(), torch.randn(1, 1, 32, 32))
     assert (analysis.count("chain"), analysis.count("join"), len(analysis.blocks)) == (count, 0, 0)
     assert all(not u.gate_errors for u in analysis.units)
+
+
+class _SamePaddedLayer(nn.Module):
+    """HF MobileNetV1's ConvLayer: TF "same" padding computed from the input's size, which fx cannot
+    trace (``if in_height % stride == 0``), then conv → norm → activation (a child called once)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.stride = stride
+        self.conv, self.norm, self.act = nn.Conv2d(cin, cout, 3, stride), nn.BatchNorm2d(cout), nn.ReLU6()
+
+    def forward(self, x):
+        pad = 1 if x.shape[-1] % self.stride == 0 else 2
+        return self.act(self.norm(self.conv(nn.functional.pad(x, (pad, pad, pad, pad)))))
+
+
+@pytest.mark.parametrize("position", ["standard", "post"])
+def test_a_chain_layer_fx_cannot_rewrite_is_gated_after_its_activation_from_outside(position):
+    model = nn.Sequential(_SamePaddedLayer(3, 8), _SamePaddedLayer(8, 16, 2), _SamePaddedLayer(16, 16, 2)).eval()
+    analysis = analyze(model, torch.randn(1, 3, 16, 16))
+    assert analysis.count("chain") == 3 and all(dict(u.gate_errors) for u in analysis.units)
+    edited = check_identity_and_liveness(model, torch.randn(2, 3, 16, 16), position=position)
+    assert [(s.block, s.edit) for s in edited.se_retrofit.sites] == [(f"{i}.act", "wrap") for i in range(3)]
+    assert edited(torch.randn(1, 3, 21, 21)).shape == model(torch.randn(1, 3, 21, 21)).shape  # another size
+
+
+def test_hf_mobilenet_v1_every_chain_layer_edited():
+    # transformers' MobileNetV1: 13 depthwise-separable pairs, each layer padding TF-style from its input
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.MobileNetV1ForImageClassification(
+        transformers.MobileNetV1Config(depth_multiplier=0.25, image_size=64, num_labels=3)).eval()
+    wrapped = _LogitsOnly(model)
+    edited = check_identity_and_liveness(wrapped, torch.randn(2, 3, 64, 64))
+    assert len(edited.se_retrofit.sites) == 13 and {s.edit for s in edited.se_retrofit.sites} == {"wrap"}
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits

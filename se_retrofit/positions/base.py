@@ -6,6 +6,7 @@ from typing import Callable
 
 from ..analysis import CHANNELS_FIRST, FEATURES, RESIDUAL, SUPPORTED_LAYOUTS, Block
 from ..errors import RetrofitError
+from ..gates import CHILD, Gate
 from ..site import Site
 
 #: how a site is edited: its block's forward rewritten, or a module's output gated from outside
@@ -45,16 +46,22 @@ class Position:
             return self._residual_sites(unit)
         gates = unit.gates_for(self.gate_position or self.name)
         error = dict(unit.gate_errors).get(self.gate_position or self.name)
-        if gates and error:
-            return f"its forward cannot be rewritten ({error})"
         if not gates:
             usable = ", ".join(p for p in _REGISTRY if unit.gates_for(p))
             return f"position {self.name!r} does not apply to a {unit.kind} unit (use {usable})"
+        outside = [_child_path(g) for g in gates] if error else []
+        if error and not all(outside):
+            return (f"its forward cannot be rewritten ({error}), and its modules go where only a rewrite can put "
+                    "them (not after one child layer's single call)")
         channel_dim = 1 if unit.layout == CHANNELS_FIRST else -1
-        return [Site(block=g.module, add_index=g.index, shortcut_arg=0, position=self.name, channels=g.channels,
-                     spatial_dims=len(unit.spatial), stage=unit.stage, module_name="", channel_dim=channel_dim,
-                     anchor=g.anchor or None, kind=unit.kind, gate=g.how, operand=g.operand, unit=unit.name)
-                for g in gates]
+        sites = [Site(block=g.module, add_index=g.index, shortcut_arg=0, position=self.name, channels=g.channels,
+                      spatial_dims=len(unit.spatial), stage=unit.stage, module_name="", channel_dim=channel_dim,
+                      anchor=g.anchor or None, kind=unit.kind, gate=g.how, operand=g.operand, unit=unit.name)
+                 for g in gates]
+        if error:  # after a child layer that runs once: its output, gated from outside (MobileNetV1's TF padding)
+            return [replace(site, block=path, anchor=None, gate="", add_index=0, operand=0, edit=WRAP, output_leaf=0)
+                    for site, path in zip(sites, outside)]
+        return sites
 
     def _residual_sites(self, block: Block) -> list[Site] | str:
         if self.residual is None:
@@ -84,6 +91,14 @@ class Position:
             return (f"{self.name} cannot be placed from outside a forward (standard and post can, where the "
                     "block's modules allow)")
         return self.outside(block)
+
+
+def _child_path(gate: Gate) -> str | None:
+    """The layer whose output a ``child`` gate gates (a child that runs once in the whole forward, so
+    every call of it is that place), or None for the other gates."""
+    if gate.how != CHILD:
+        return None
+    return f"{gate.module}.{gate.anchor}" if gate.module else gate.anchor
 
 
 class PositionError(RetrofitError):
