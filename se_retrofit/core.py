@@ -190,6 +190,7 @@ def edit_with_plan(model: nn.Module, config: RetrofitConfig, analysis: Analysis,
     target = model if inplace else deepcopy_module(model)
     # a block that turns out not to be editable is skipped with its reason, never an error
     site_plan.sites[:] = apply_sites(target, site_plan.sites, config, skipped=site_plan.skipped)
+    site_plan.explain_skipped()
     if not site_plan.sites:
         raise NoResidualBlocksError(nothing_editable(analysis, site_plan))
     previous = getattr(model, RECORD_ATTR, None)

@@ -13,7 +13,7 @@ from .attention import AttentionSpec, get_attention
 from .config import RetrofitConfig
 from .masking import padding_argument
 from .positions import get_position
-from .positions.base import WRAP
+from .positions.base import REWRITE, WRAP
 from .site import Site
 
 
@@ -38,11 +38,22 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)
     stacked: list[str] = field(default_factory=list)
     choice: Any = field(default=None, repr=False, compare=False)
+    no_outside: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def copy(self) -> "Plan":
         """A plan to hand to an edit (which moves the sites it cannot make to ``skipped``), leaving
         this one as planned."""
-        return Plan(sites=list(self.sites), skipped=dict(self.skipped), stacked=list(self.stacked), choice=self.choice)
+        return Plan(sites=list(self.sites), skipped=dict(self.skipped), stacked=list(self.stacked), choice=self.choice,
+                    no_outside=dict(self.no_outside))
+
+    def explain_skipped(self) -> None:
+        """Add to the reason of each unit an edit skipped, its forward found not rewritable only then
+        (in a mode or for an argument the analysis did not try), why no edit from outside could do it."""
+        for unit, reason in self.skipped.items():
+            why = self.no_outside.get(unit)
+            if why and why not in reason and "cannot be rewritten" in reason:
+                head, sep, tail = reason.partition("; leave it out")
+                self.skipped[unit] = f"{head}, and {why}{sep}{tail}"
 
 
 def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> Plan:
@@ -73,6 +84,10 @@ def plan_sites(model: nn.Module, analysis: Analysis, config: RetrofitConfig) -> 
             continue
         if unit.has_attention:
             plan.stacked.append(unit.name)
+        if any(d.edit == REWRITE and d.wrap_module is None and not d.gate for d in drafts):
+            why = position.outside_place(unit)
+            if isinstance(why, str):
+                plan.no_outside[unit.name] = why
         for draft in drafts:
             site = _sized(draft, unit, spec, config)
             owner = model.get_submodule(site.block)
