@@ -94,11 +94,6 @@ HF_SKIPS: dict[str, str] = {
     "DinatForImageClassification": "needs the natten library (compiled neighbourhood-attention kernels), "
                                    "not installed",
     "DinatBackbone": "needs the natten library (compiled neighbourhood-attention kernels), not installed",
-    "PerceiverForImageClassificationFourier": "the default config does not build: qk_channels (261) must be "
-                                              "divisible by num_heads (8)",
-    "PerceiverForImageClassificationConvProcessing": "the default config does not build: qk_channels (322) must "
-                                                     "be divisible by num_heads (8)",
-    "TimmBackbone": "the default config names no timm model (backbone=None): it wraps one, see the timm sweep",
     "ShieldGemma2ForImageClassification": "a vision-language classifier: it classifies a text prompt "
                                           "(input_ids with image tokens, from its processor), not pixel_values alone",
 }
@@ -161,6 +156,13 @@ HF_CONFIG_FIXES: dict[str, dict[str, object]] = {
     # takes 130 s a forward, 13 s at 224 px (the position embeddings and the mask grid are sized by image_size)
     **{name: {"image_size": 224} for name in ("EomtForUniversalSegmentation", "EomtDinov3ForUniversalSegmentation",
                                              "VideomtForUniversalSegmentation")},
+    # the default config does not build (its 8 cross-attention heads do not divide the 261 / 322 channels of
+    # the preprocessed pixels); deepmind's checkpoints, as transformers' convert_perceiver_to_pytorch.py builds
+    # them: one cross-attention head, d_model the preprocessor's channels
+    "PerceiverForImageClassificationFourier": {"num_cross_attention_heads": 1, "d_model": 261},
+    "PerceiverForImageClassificationConvProcessing": {"num_cross_attention_heads": 1, "d_model": 322},
+    # the default config names no timm model (backbone=None): it wraps one; resnet18, random weights
+    "TimmBackbone": {"backbone": "resnet18"},
 }
 
 
