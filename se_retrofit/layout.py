@@ -164,13 +164,16 @@ def _layer_says(op: Op, shape: tuple[int, ...], modules: dict[str, nn.Module]) -
         return _channels_last(rank)
     if isinstance(layer, nn.modules.conv._ConvNd) and not isinstance(layer, nn.modules.conv._ConvTransposeNd):
         channels = layer.out_channels if rank == len(layer.kernel_size) + 2 else None
-    elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        channels = layer.num_features
-    elif isinstance(layer, nn.GroupNorm):
-        channels = layer.num_channels
     else:
-        return None
-    return (CHANNELS_FIRST, 1, 0) if channels == shape[1] else None
+        channels = _norm_channels(layer)
+    return (CHANNELS_FIRST, 1, 0) if channels is not None and channels == shape[1] else None
+
+
+def _norm_channels(layer: nn.Module | None) -> int | None:
+    """The channels a BatchNorm or GroupNorm normalises (on dimension 1); None for other layers."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return layer.num_features
+    return layer.num_channels if isinstance(layer, nn.GroupNorm) else None
 
 
 def _readers_say(add: Op, residual: _Residual, shape: tuple[int, ...], modules: dict[str, nn.Module]
@@ -196,14 +199,10 @@ def _reader_says(op: Op, shape: tuple[int, ...], modules: dict[str, nn.Module]) 
         return _channels_last(rank)
     if isinstance(layer, nn.modules.conv._ConvNd) and rank == len(layer.kernel_size) + 2:
         channels = layer.in_channels
-    elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        channels = layer.num_features
-    elif isinstance(layer, nn.GroupNorm):
-        channels = layer.num_channels
-    elif op.kind == K.NORM:
-        return _affine_norm_says(layer, shape)
     else:
-        return None
+        channels = _norm_channels(layer)
+    if channels is None:
+        return _affine_norm_says(layer, shape) if op.kind == K.NORM else None
     return (CHANNELS_FIRST, 1, 0) if channels == shape[1] else None
 
 
